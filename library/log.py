@@ -1,0 +1,60 @@
+"""Logging set-up shared by every script (sd-scripts' --console_log_* options)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+_configured = False
+
+
+def setup_logging(level: str | None = None, log_file: str | None = None, simple: bool = False) -> None:
+    """Configure the root logger once.
+
+    Rich output on a terminal; a plain ``LEVEL name: message`` format when ``simple`` is set, when
+    writing to a file, or when stderr is not a TTY (CI logs stay readable).
+    """
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    lvl = getattr(logging, (level or "INFO").upper())
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        simple = True
+    elif not simple and sys.stderr.isatty():
+        try:
+            from rich.logging import RichHandler
+
+            handler = RichHandler(show_path=False)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        except ImportError:
+            handler = logging.StreamHandler(sys.stderr)
+            simple = True
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        simple = True
+    if simple:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.setLevel(lvl)
+    root.addHandler(handler)
+    # third-party chatter at INFO drowns our own lines
+    for noisy in ("diffusers", "transformers", "accelerate", "PIL", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+
+
+def add_logging_arguments(parser) -> None:
+    """sd-scripts' ``add_logging_arguments`` (spec cli-options §1)."""
+    parser.add_argument("--console_log_level", type=str, default=None,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        help="console log level (default INFO)")
+    parser.add_argument("--console_log_file", type=str, default=None,
+                        help="write the log to this file instead of the console")
+    parser.add_argument("--console_log_simple", action="store_true",
+                        help="plain log lines (no rich formatting)")
+
+
+def setup_logging_from_args(args) -> None:
+    setup_logging(getattr(args, "console_log_level", None), getattr(args, "console_log_file", None),
+                  getattr(args, "console_log_simple", False))
