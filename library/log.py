@@ -7,6 +7,21 @@ import sys
 _configured = False
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (test capture and redirection swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: str | None = None, log_file: str | None = None, simple: bool = False) -> None:
     """Configure the root logger once.
 
@@ -29,10 +44,10 @@ def setup_logging(level: str | None = None, log_file: str | None = None, simple:
             handler = RichHandler(show_path=False)
             handler.setFormatter(logging.Formatter("%(message)s"))
         except ImportError:
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _StderrHandler()
             simple = True
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         simple = True
     if simple:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))

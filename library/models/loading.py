@@ -199,7 +199,7 @@ def load_vae(path: str, family: str, dtype: torch.dtype = torch.float32):
         try:
             return AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=dtype)
         except (OSError, ValueError) as e:
-            raise UserError(f"{path}: cannot load VAE ({str(e).splitlines()[0][:200]})") from None
+            raise UserError(f"{path}: --vae: cannot load a VAE ({str(e).splitlines()[0][:200]})") from None
     reader = CheckpointReader(path)
     keys = reader.keys()
     if any(k.startswith(VAE_PREFIX) for k in keys):
@@ -207,7 +207,7 @@ def load_vae(path: str, family: str, dtype: torch.dtype = torch.float32):
     elif "encoder.down.0.block.0.conv1.weight" in keys:
         prefix = ""
     else:
-        raise UserError(f"{path}: --vae file has no VAE in the original (LDM) layout")
+        raise UserError(f"{path}: --vae: file has no VAE in the original (LDM) layout")
     logger.info("loading VAE %s", path)
     vae = _build_vae(reader, prefix, family, dtype)
     reader.close()
