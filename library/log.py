@@ -57,6 +57,30 @@ def setup_logging(level: str | None = None, log_file: str | None = None, simple:
     # third-party chatter at INFO drowns our own lines
     for noisy in ("diffusers", "transformers", "accelerate", "PIL", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    quiet_known_warnings()
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(f in msg for f in self.fragments)
+
+
+def quiet_known_warnings() -> None:
+    """Drop third-party warnings that fire on correct use (we cast frozen models on purpose)."""
+    drop = _DropMessages("that should be kept in float32")
+    for name in ("diffusers.models.modeling_utils", "diffusers"):
+        logging.getLogger(name).addFilter(drop)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.get_logger("diffusers.models.modeling_utils").addFilter(drop)
+    except ImportError:
+        pass
 
 
 def add_logging_arguments(parser) -> None:

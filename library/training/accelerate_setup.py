@@ -1,0 +1,107 @@
+"""Accelerator, precision and tracker set-up shared by every trainer (spec cli-options §4.2-§4.3, §6)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import time
+
+import torch
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, "no": torch.float32, None: None}
+
+
+def weight_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The dtype frozen weights are cast to: the mixed-precision dtype (sd-scripts)."""
+    return DTYPES[getattr(args, "mixed_precision", "no") or "no"]
+
+
+def save_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    return DTYPES[getattr(args, "save_precision", None)]
+
+
+def logging_dir(args: argparse.Namespace) -> str | None:
+    if not getattr(args, "logging_dir", None):
+        return None
+    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
+    return os.path.join(args.logging_dir, f"{args.log_prefix or ''}{stamp}")
+
+
+def make_accelerator(args: argparse.Namespace):
+    """accelerate.Accelerator configured from sd-scripts' options."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    log_with = getattr(args, "log_with", None)
+    log_dir = logging_dir(args)
+    if log_with is None and log_dir:
+        log_with = "tensorboard"
+    if log_with in ("tensorboard", "all") and not log_dir:
+        raise UserError(f"--log_with {log_with} needs --logging_dir")
+    if log_with in ("wandb", "all"):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--log_with wandb needs wandb: pip install wandb") from None
+        if getattr(args, "wandb_api_key", None):
+            wandb.login(key=args.wandb_api_key)
+    handlers = []
+    if getattr(args, "ddp_timeout", None):
+        handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
+    if getattr(args, "ddp_gradient_as_bucket_view", False) or getattr(args, "ddp_static_graph", False):
+        handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=args.ddp_gradient_as_bucket_view,
+                                                      static_graph=args.ddp_static_graph))
+    kwargs = {}
+    if getattr(args, "deepspeed", False):
+        kwargs["deepspeed_plugin"] = _deepspeed_plugin(args)
+    if getattr(args, "torch_compile", False):
+        kwargs["dynamo_backend"] = args.dynamo_backend
+    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       mixed_precision=args.mixed_precision,
+                       log_with=["tensorboard", "wandb"] if log_with == "all" else log_with,
+                       project_dir=log_dir, kwargs_handlers=handlers, **kwargs)
+
+
+def _deepspeed_plugin(args: argparse.Namespace):
+    """accelerate's DeepSpeed plugin as sd-scripts configures it (spec cli-options §6)."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise UserError("--deepspeed needs deepspeed: pip install deepspeed") from None
+    from accelerate import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(zero_stage=args.zero_stage, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                             gradient_clipping=args.max_grad_norm, offload_optimizer_device=args.offload_optimizer_device,
+                             offload_optimizer_nvme_path=args.offload_optimizer_nvme_path,
+                             offload_param_device=args.offload_param_device,
+                             offload_param_nvme_path=args.offload_param_nvme_path, zero3_init_flag=args.zero3_init_flag,
+                             zero3_save_16bit_model=args.zero3_save_16bit_model)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    plugin.deepspeed_config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * world
+    if args.mixed_precision == "fp16":
+        plugin.deepspeed_config.setdefault("fp16", {})["initial_scale_power"] = 0
+    if args.fp16_master_weights_and_gradients:
+        plugin.deepspeed_config["fp16_master_weights_and_gradients"] = True
+    args.max_data_loader_n_workers = 1  # sd-scripts forces one worker with DeepSpeed
+    return plugin
+
+
+def set_attention(unet, args: argparse.Namespace) -> None:
+    """SDPA by default (diffusers' AttnProcessor2_0); --xformers only where installed."""
+    if getattr(args, "xformers", False):
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise UserError("--xformers needs the xformers package (GPU only): pip install xformers, or use --sdpa") from None
+        unet.enable_xformers_memory_efficient_attention()
+        return
+    # --sdpa and --mem_eff_attn both map to torch's scaled_dot_product_attention, which picks a
+    # memory-efficient or flash kernel itself; diffusers uses it by default.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())

@@ -1,0 +1,79 @@
+"""Text conditioning for training: caption ids -> U-Net inputs (spec losses-and-noise §9).
+
+SD1/SD2: last hidden state, or ``hidden_states[-clip_skip]`` + final layer norm; long captions are
+re-joined. SDXL: TE1 ``hidden_states[11]`` and TE2 ``hidden_states[-2]`` (no final LN) concatenated,
+TE2's projected pooled output of the first chunk, and the size/crop ids the U-Net embeds itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+
+from library.sampling.long_prompts import join_chunked_hidden_states
+
+
+@dataclass
+class TextConditioning:
+    """What the U-Net needs besides the noisy latents and timesteps."""
+
+    context: torch.Tensor  # (B, T, D)
+    added_cond_kwargs: Optional[dict] = None  # SDXL: text_embeds (pooled) and time_ids
+
+
+def _final_layer_norm(te) -> torch.nn.Module:
+    # transformers >= 5.6 flattened CLIPTextModel (no `.text_model`); WithProjection keeps it
+    return getattr(te, "text_model", te).final_layer_norm
+
+
+def encode_sd(te, input_ids: torch.Tensor, clip_skip: Optional[int], max_token_length: Optional[int]) -> torch.Tensor:
+    """SD1/SD2 hidden states of (B, n, 77) ids, spec §9."""
+    b, n, length = input_ids.shape
+    ids = input_ids.reshape(b * n, length).to(te.device)
+    if clip_skip is None or clip_skip <= 1:
+        h = te(ids)[0]
+    else:
+        h = te(ids, output_hidden_states=True).hidden_states[-clip_skip]
+        h = _final_layer_norm(te)(h)
+    h = h.reshape(b, n * length, h.shape[-1])
+    return join_chunked_hidden_states(h, max_token_length) if max_token_length else h
+
+
+def encode_sdxl(te1, te2, ids1: torch.Tensor, ids2: torch.Tensor,
+                max_token_length: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL context (B, T, D1+D2) and pooled embedding (B, P), spec §9."""
+    b, n, length = ids1.shape
+    flat1 = ids1.reshape(b * n, length).to(te1.device)
+    flat2 = ids2.reshape(b * n, length).to(te2.device)
+    h1 = te1(flat1, output_hidden_states=True).hidden_states[11]
+    out2 = te2(flat2, output_hidden_states=True)
+    h2 = out2.hidden_states[-2]
+    # pooled output of the first chunk of each caption (eos_token_id 2: transformers takes argmax = EOS)
+    pool = out2.text_embeds.reshape(b, n, -1)[:, 0]
+    h1 = h1.reshape(b, n * length, -1)
+    h2 = h2.reshape(b, n * length, -1)
+    if max_token_length:
+        h1, h2 = join_chunked_hidden_states(h1, max_token_length), join_chunked_hidden_states(h2, max_token_length)
+    return torch.cat([h1, h2], dim=-1), pool
+
+
+def sdxl_time_ids(batch: Mapping[str, Any], device, dtype) -> torch.Tensor:
+    """(orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample, spec §9 / dataset §7.4."""
+    return torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1).to(device, dtype)
+
+
+def text_conditioning(family: str, text_encoders: list, batch: Mapping[str, Any], *, clip_skip: Optional[int],
+                      max_token_length: Optional[int], device, dtype) -> TextConditioning:
+    """U-Net conditioning for a batch (cached TE outputs are used when the batch carries them)."""
+    if family != "sdxl":
+        ctx = encode_sd(text_encoders[0], batch["input_ids"], clip_skip, max_token_length)
+        return TextConditioning(ctx.to(dtype))
+    if batch.get("text_encoder_outputs1_list") is not None:
+        h1, h2 = batch["text_encoder_outputs1_list"], batch["text_encoder_outputs2_list"]
+        ctx, pool = torch.cat([h1, h2], dim=-1).to(device), batch["text_encoder_pool2_list"].to(device)
+    else:
+        ctx, pool = encode_sdxl(text_encoders[0], text_encoders[1], batch["input_ids"], batch["input_ids2"],
+                                max_token_length)
+    added = {"text_embeds": pool.to(dtype), "time_ids": sdxl_time_ids(batch, device, dtype)}
+    return TextConditioning(ctx.to(dtype), added)

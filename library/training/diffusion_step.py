@@ -1,0 +1,96 @@
+"""One diffusion training forward: batch -> latents -> noise -> U-Net -> weighted loss.
+
+Shared by every method; the method only decides what trains and how text is conditioned.
+Randomness comes from generators derived from (seed, global step, micro-step, process), so a resumed
+run draws exactly what an uninterrupted run would (spec losses-and-noise §3 order).
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from library.errors import UserError
+
+from .losses import LossConfig, conditional_loss, loss_mask_from_batch, reduce_and_weight
+from .noise import NoiseConfig, compute_target, make_noisy_latents
+from .noise_schedule import TrainingSchedule
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed derived from the run seed and step coordinates (stable across runs and platforms)."""
+    h = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class StepRandom:
+    """Per-micro-step random sources: a torch generator on the device and a Python RNG."""
+
+    generator: torch.Generator
+    rng: random.Random
+
+    @classmethod
+    def for_step(cls, seed: int, global_step: int, micro_step: int, process: int, device) -> "StepRandom":
+        """Also reseeds torch's global RNG: dropout inside networks (ours or plug-ins) draws from it, and
+        data loaders consume it, so a per-step seed keeps a resumed run identical to a straight one."""
+        s = step_seed(seed, global_step, micro_step, process)
+        torch.manual_seed(step_seed(seed, global_step, micro_step, process, 1))
+        g = torch.Generator(device=device)
+        g.manual_seed(s)
+        return cls(g, random.Random(s))
+
+
+@dataclass
+class DiffusionObjective:
+    """The fixed pieces of the objective: schedule, noise and loss options, latent scaling."""
+
+    sched: TrainingSchedule
+    noise_cfg: NoiseConfig
+    loss_cfg: LossConfig
+    latent_scale: float
+
+    @classmethod
+    def from_args(cls, args: Any, method: str, latent_scale: float) -> "DiffusionObjective":
+        from .noise_schedule import build_training_schedule
+
+        sched = build_training_schedule(bool(getattr(args, "zero_terminal_snr", False)),
+                                        bool(getattr(args, "v_parameterization", False)))
+        return cls(sched, NoiseConfig.from_args(args), LossConfig.from_args(args, method), latent_scale)
+
+
+def batch_latents(batch: Mapping[str, Any], vae, scale: float, device, dtype, generator: torch.Generator) -> torch.Tensor:
+    """Scaled latents: cached ones (stored unscaled) or a VAE sample of the images, spec losses §2."""
+    if batch.get("latents") is not None:
+        latents = batch["latents"].to(device)
+    else:
+        with torch.no_grad():
+            images = batch["images"].to(device, vae.dtype)
+            latents = vae.encode(images).latent_dist.sample(generator=generator)
+    if torch.isnan(latents).any():
+        raise UserError("VAE latents contain NaN: the VAE overflows in this precision; use --no_half_vae")
+    return (latents * scale).to(dtype)
+
+
+def diffusion_loss(unet_fn: Callable, latents: torch.Tensor, cond, batch: Mapping[str, Any],
+                   obj: DiffusionObjective, rand: StepRandom) -> torch.Tensor:
+    """Noise, predict, weighted loss (spec losses §3-§8). ``unet_fn(noisy, t, cond) -> prediction``."""
+    noisy = make_noisy_latents(latents, obj.noise_cfg, obj.sched, rand.generator, rand.rng)
+    pred = unet_fn(noisy.noisy_latents, noisy.timesteps, cond)
+    target = compute_target(latents, noisy.noise, noisy.timesteps, obj.sched, obj.noise_cfg.v_parameterization)
+    elem = conditional_loss(pred.float(), target.float(), obj.loss_cfg.loss_type, noisy.huber_c)
+    mask = loss_mask_from_batch(batch, tuple(latents.shape[-2:])) if obj.loss_cfg.masked_loss else None
+    if obj.loss_cfg.masked_loss and mask is None:
+        raise UserError("--masked_loss needs mask images: a ControlNet-style subset (conditioning_data_dir) "
+                        "or alpha_mask = true")
+    weights = batch.get("loss_weights")
+    return reduce_and_weight(elem, noisy.timesteps, weights, obj.sched, obj.loss_cfg, mask)
+
+
+def call_unet(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+    """Diffusers U-Net forward with our conditioning object."""
+    kwargs = {"added_cond_kwargs": cond.added_cond_kwargs} if cond.added_cond_kwargs is not None else {}
+    return unet(noisy.to(cond.context.dtype), timesteps, cond.context, **kwargs).sample

@@ -1,0 +1,151 @@
+"""THE training loop, shared by every trainer: the method object is the only per-trainer part.
+
+    for each epoch:  for each batch:  loss = method.loss(batch)  ->  backward  ->  step  ->  after_step
+Accumulation, clipping, logging, sample images, saving and stopping are the same for everyone.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpointing import Checkpointer, TrainState
+from .diffusion_step import StepRandom
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingMethod(Protocol):
+    """What differs between trainers (style-examples "Applied" §1)."""
+
+    module: torch.nn.Module  # the prepared trainable module (accumulation context)
+
+    def loss(self, batch: dict, rand: StepRandom) -> torch.Tensor: ...
+    def trainable_parameters(self) -> Iterable[torch.nn.Parameter]: ...
+    def lr_log_names(self, n_groups: int) -> list[str]: ...
+    def on_epoch_start(self, epoch: int) -> None: ...
+    def after_optimizer_step(self, state: TrainState) -> dict: ...
+
+
+class LossRecorder:
+    """Moving average over the current epoch's positions (sd-scripts' LossRecorder, spec losses §10)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.total = 0.0
+
+    def add(self, epoch: int, step: int, loss: float) -> None:
+        if epoch == 0 or step >= len(self.losses):
+            self.losses.append(loss)
+        else:
+            self.total -= self.losses[step]
+            self.losses[step] = loss
+        self.total += loss
+
+    @property
+    def moving_average(self) -> float:
+        return self.total / max(1, len(self.losses))
+
+
+@dataclass
+class LoopPlan:
+    """Step arithmetic (spec cli-options §4.2): batches per epoch per process, steps, epochs."""
+
+    batches_per_epoch: int
+    grad_accum: int
+    max_train_steps: int
+    num_epochs: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, batches_per_epoch: int) -> "LoopPlan":
+        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        max_steps = args.max_train_steps
+        if getattr(args, "max_train_epochs", None):
+            max_steps = args.max_train_epochs * steps_per_epoch
+            logger.info("--max_train_epochs %d -> %d steps", args.max_train_epochs, max_steps)
+        return cls(batches_per_epoch, args.gradient_accumulation_steps, max_steps, math.ceil(max_steps / steps_per_epoch))
+
+
+@dataclass
+class LoopHooks:
+    """Optional side jobs: sample images, extra logs. ``sample(epoch_or_None, global_step)``."""
+
+    sample: Optional[Callable[[Optional[int], int], None]] = None
+    on_log: list[Callable[[dict, int], None]] = field(default_factory=list)
+
+
+def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int], Iterable], set_epoch: Callable[[int], None],
+          optimizer, lr_scheduler, plan: LoopPlan, checkpointer: Checkpointer, args: argparse.Namespace,
+          state: TrainState, hooks: LoopHooks = LoopHooks()) -> TrainState:
+    """Run until ``plan.max_train_steps`` optimizer steps. ``make_loader(epoch, skip)`` yields batches."""
+    # 1. progress, sampling before the first step
+    bar = tqdm(total=plan.max_train_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+               desc="steps", smoothing=0)
+    if hooks.sample and getattr(args, "sample_at_first", False) and state.global_step == 0:
+        hooks.sample(0, 0)
+    recorder = LossRecorder()
+    seed, rank = args.seed, accelerator.process_index
+    # 2. epochs
+    for epoch in range(state.epoch, plan.num_epochs):
+        if state.global_step >= plan.max_train_steps:
+            break
+        state.epoch = epoch
+        set_epoch(epoch + 1)  # sd-scripts' datasets count epochs from 1
+        method.on_epoch_start(epoch)
+        skip = state.batches_in_epoch
+        for i, batch in enumerate(make_loader(epoch, skip), start=skip):
+            # 3. one micro-step: forward + backward; accelerate steps the optimizer on sync
+            rand = StepRandom.for_step(seed, state.global_step, i % plan.grad_accum, rank, accelerator.device)
+            with accelerator.accumulate(method.module):
+                loss = method.loss(batch, rand)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(list(method.trainable_parameters()), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch = i + 1
+            current = loss.detach().item()
+            recorder.add(epoch, i, current)
+            if not accelerator.sync_gradients:
+                continue
+            # 4. after an optimizer step: bookkeeping, logs, samples, saves
+            state.global_step += 1
+            bar.update(1)
+            logs = {"loss/current": current, "loss/average": recorder.moving_average}
+            logs.update(method.after_optimizer_step(state))
+            logs.update(_lr_logs(method, lr_scheduler, optimizer))
+            bar.set_postfix(avr_loss=f"{recorder.moving_average:.4f}")
+            accelerator.log(logs, step=state.global_step)
+            for fn in hooks.on_log:
+                fn(logs, state.global_step)
+            if hooks.sample and args.sample_every_n_steps and not args.sample_every_n_epochs \
+                    and state.global_step % args.sample_every_n_steps == 0:
+                hooks.sample(None, state.global_step)
+            checkpointer.after_step(state)
+            if state.global_step >= plan.max_train_steps:
+                break
+        # 5. end of epoch
+        finished_epoch = state.batches_in_epoch >= plan.batches_per_epoch
+        accelerator.log({"loss/epoch": recorder.moving_average}, step=epoch + 1)
+        if finished_epoch:
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            checkpointer.after_epoch(epoch + 1, state)
+            if hooks.sample and args.sample_every_n_epochs and (epoch + 1) % args.sample_every_n_epochs == 0:
+                hooks.sample(epoch + 1, state.global_step)
+    bar.close()
+    return state
+
+
+def _lr_logs(method: TrainingMethod, lr_scheduler, optimizer) -> dict:
+    lrs = lr_scheduler.get_last_lr()
+    logs = {name: float(lr) for name, lr in zip(method.lr_log_names(len(lrs)), lrs)}
+    group0 = optimizer.param_groups[0]
+    if "d" in group0:  # D-Adaptation / Prodigy: the effective LR is d * lr
+        logs["lr/d*lr"] = float(group0["d"] * group0["lr"])
+    return logs

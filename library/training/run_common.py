@@ -1,0 +1,187 @@
+"""Steps every trainer shares: base models, data, latent encoding, data loaders, sampling, trackers."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from library.errors import UserError
+from library.models.bundle import SDModels
+
+from . import accelerate_setup as setup
+
+logger = logging.getLogger(__name__)
+
+
+def load_base_models(args: argparse.Namespace, acc, wdtype: torch.dtype, sdxl: bool,
+                     train_unet: bool = False, train_text_encoder: bool = False) -> SDModels:
+    """Load, merge --base_weights, freeze what does not train, cast to the training dtype, move to the device."""
+    from library.models.loading import load_models
+
+    if not args.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required")
+    models = load_models(args.pretrained_model_name_or_path, v2=args.v2, sdxl=sdxl,
+                         v_parameterization=args.v_parameterization, vae=args.vae, dtype=torch.float32,
+                         tokenizer_cache_dir=args.tokenizer_cache_dir)
+    _merge_base_weights(args, models)
+    for m, trains in ((models.unet, train_unet), (models.vae, False),
+                      *((te, train_text_encoder) for te in models.text_encoders)):
+        m.requires_grad_(trains)
+        m.eval()
+    vae_dtype = torch.float32 if getattr(args, "no_half_vae", False) else wdtype
+    models.vae.to(acc.device, vae_dtype)
+    if not train_unet:
+        models.unet.to(acc.device, wdtype)
+    if not train_text_encoder:
+        for te in models.text_encoders:
+            te.to(acc.device, wdtype)
+    setup.set_attention(models.unet, args)
+    if getattr(args, "fp8_base", False):
+        # weights stored in fp8, computed in the training dtype, layer by layer (diffusers' layerwise casting)
+        models.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=wdtype)
+    return models
+
+
+def _merge_base_weights(args: argparse.Namespace, models: SDModels) -> None:
+    """--base_weights / --base_weights_multiplier: networks merged into the base model before training."""
+    files = getattr(args, "base_weights", None) or []
+    mults = list(getattr(args, "base_weights_multiplier", None) or [])
+    if len(mults) > len(files):
+        raise UserError("--base_weights_multiplier has more values than --base_weights files")
+    from .network_host import NetworkHost
+
+    te_arg = models.text_encoders if models.is_sdxl else models.text_encoders[0]
+    for i, path in enumerate(files):
+        mult = mults[i] if i < len(mults) else 1.0
+        host = NetworkHost("networks.lora")
+        host.create_from_weights(mult, path, models.vae, te_arg, models.unet, for_inference=True)
+        host.merge_to(te_arg, models.unet, host.weights_sd, torch.float32, "cpu")
+        logger.info("merged base weights %s x %s", path, mult)
+
+
+def build_data(args: argparse.Namespace, script: str, models: SDModels, acc):
+    """Dataset group of the run (scanned before any training step)."""
+    from library.config.dataset_blueprint import dataset_params_from_args
+    from library.data.dataset import build_dataset_group
+
+    params = dataset_params_from_args(args, script)
+    group = build_dataset_group(params, models.tokenizers, seed=args.seed, max_train_steps=args.max_train_steps,
+                                max_token_length=args.max_token_length, debug_dataset=args.debug_dataset)
+    if len(group) == 0:
+        raise UserError("no training images found (check --train_data_dir / --dataset_config)")
+    if args.debug_dataset:
+        _debug_dataset(group)
+    return group, params
+
+
+def _debug_dataset(group) -> None:
+    """--debug_dataset: print the first batches and exit without training."""
+    group.set_current_epoch(1)
+    for i in range(min(len(group), 4)):
+        batch = group[i]
+        shapes = {k: tuple(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        print(f"batch {i}: captions={batch.get('captions')} tensors={shapes}")
+    sys.exit(0)
+
+
+def encode_latents_fn(models: SDModels, acc, args: argparse.Namespace) -> Callable[[torch.Tensor], torch.Tensor]:
+    """VAE sample (unscaled) of images in [-1, 1], for latent caching (spec dataset-config §10)."""
+    gen = torch.Generator(device=acc.device)
+    gen.manual_seed(args.seed or 0)
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = images.to(acc.device, models.vae.dtype)
+            return models.vae.encode(x).latent_dist.sample(generator=gen).float().cpu()
+
+    return encode
+
+
+def make_loader_factory(group, args: argparse.Namespace, acc) -> Callable[[int, int], Iterable]:
+    """``(epoch, skip) -> batches`` for this process, moved to the device."""
+    from library.data.dataset import make_dataloader
+
+    workers = min(args.max_data_loader_n_workers, max(1, (__import__("os").cpu_count() or 1)))
+
+    def loader(epoch: int, skip: int):
+        dl = make_dataloader(group, workers, args.persistent_data_loader_workers, epoch=epoch + 1, skip=skip,
+                             process_index=acc.process_index, num_processes=acc.num_processes)
+        for batch in dl:
+            yield {k: (v.to(acc.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    return loader
+
+
+def make_sample_hook(args: argparse.Namespace, models: SDModels, acc, wdtype: torch.dtype,
+                     prompt_replacer: Optional[Callable[[str], str]] = None):
+    """Sample images during training (spec generation §4), or None when not asked for."""
+    if not args.sample_prompts:
+        if args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first:
+            raise UserError("--sample_every_n_* / --sample_at_first need --sample_prompts")
+        return None
+    from library.sampling.prompt_file import load_sample_prompts
+
+    prompts = load_sample_prompts(args.sample_prompts, args.sample_sampler)
+
+    def sample(epoch: Optional[int], steps: int) -> None:
+        from library.sampling.pipeline import sample_images_for_training
+
+        mine = prompts[acc.process_index::acc.num_processes]
+        sample_images_for_training(models, mine, output_dir=args.output_dir or ".", output_name=args.output_name,
+                                   epoch=epoch, steps=steps, default_sampler=args.sample_sampler,
+                                   v_parameterization=args.v_parameterization, clip_skip=args.clip_skip,
+                                   device=acc.device, dtype=wdtype, ti_replacer=prompt_replacer)
+
+    return sample
+
+
+def tracker_init(acc, args: argparse.Namespace, default_name: str) -> None:
+    if not acc.is_main_process or not acc.log_with:
+        return
+    import toml
+
+    init_kwargs = {}
+    if getattr(args, "wandb_run_name", None):
+        init_kwargs["wandb"] = {"name": args.wandb_run_name}
+    if getattr(args, "log_tracker_config", None):
+        init_kwargs = toml.load(args.log_tracker_config)
+    config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
+              if k not in ("wandb_api_key", "huggingface_token")}
+    acc.init_trackers(args.log_tracker_name or default_name, config=config, init_kwargs=init_kwargs)
+
+
+def training_facts(args, models: SDModels, group, plan, opt_name: str, acc):
+    from .metadata import TrainingFacts
+
+    return TrainingFacts(family=models.family, num_train_images=group.num_train_images,
+                         num_reg_images=group.num_reg_images, num_batches_per_epoch=plan.batches_per_epoch,
+                         num_epochs=plan.num_epochs, optimizer_name=opt_name, datasets=dataset_facts(group),
+                         v_parameterization=args.v_parameterization, num_processes=acc.num_processes)
+
+
+def dataset_facts(group) -> list:
+    """The dataset group as the metadata module describes it (spec file-formats §b.1)."""
+    from .metadata import DatasetFacts, SubsetFacts
+
+    out = []
+    for d in group.datasets:
+        p = d.params
+        plain_buckets = d.bucketed and not d.train_resolution_buckets
+        subsets = [SubsetFacts(img_count=n, num_repeats=s.num_repeats, image_dir=s.image_dir,
+                               metadata_file=s.metadata_file, class_tokens=s.class_tokens, is_reg=s.is_reg,
+                               color_aug=s.color_aug, flip_aug=s.flip_aug, random_crop=s.random_crop,
+                               shuffle_caption=s.shuffle_caption, keep_tokens=s.keep_tokens,
+                               keep_tokens_separator=s.keep_tokens_separator,
+                               secondary_separator=s.secondary_separator, enable_wildcard=s.enable_wildcard,
+                               caption_prefix=s.caption_prefix, caption_suffix=s.caption_suffix)
+                   for s, n in zip(d.subsets, d.img_counts)]
+        out.append(DatasetFacts(kind=d.style, batch_size=p.batch_size, num_train_images=d.num_train_images,
+                                num_reg_images=d.num_reg_images, resolution=p.resolution,
+                                enable_bucket=bool(d.bucketed), bucket_no_upscale=bool(p.bucket_no_upscale),
+                                min_bucket_reso=p.min_bucket_reso if plain_buckets else None,
+                                max_bucket_reso=p.max_bucket_reso if plain_buckets else None,
+                                tag_frequency=d.tag_frequency, bucket_info=d.bucket_info(), subsets=subsets))
+    return out
