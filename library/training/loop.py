@@ -104,6 +104,8 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
             with accelerator.accumulate(method.module):
                 loss = method.loss(batch, rand)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and accelerator.num_processes > 1 and getattr(method, "manual_grad_sync", False):
+                    _all_reduce_grads(accelerator, method.trainable_parameters())
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(list(method.trainable_parameters()), args.max_grad_norm)
                 optimizer.step()
@@ -140,6 +142,14 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
                 hooks.sample(epoch + 1, state.global_step)
     bar.close()
     return state
+
+
+def _all_reduce_grads(accelerator, params: Iterable[torch.nn.Parameter]) -> None:
+    """Mean of the gradients over processes. Networks patch the U-Net instead of being called through
+    their DDP wrapper, so DDP never syncs them (sd-scripts all-reduces by hand too, spec losses §8)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
 def _lr_logs(method: TrainingMethod, lr_scheduler, optimizer) -> dict:

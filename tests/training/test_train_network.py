@@ -136,3 +136,16 @@ def test_bad_options_exit_2(tiny_sd, shapes_data, tmp_path, capsys, bad, msg):
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
     assert not (tmp_path / "o" / "lora.safetensors").exists()
+
+
+def test_two_processes_on_cpu(tiny_sd, shapes_data, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=1 trains over gloo."""
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        str(ROOT / "train_network.py"), *base_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 2)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 batches per epoch" in r.stderr  # 6 batches split over 2 processes
+    assert (out / "lora.safetensors").exists()

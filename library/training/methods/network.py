@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 class NetworkMethod:
     """Trains ``host.network`` on frozen U-Net / text encoders."""
 
+    manual_grad_sync = True  # the network is never called through its DDP wrapper
+
     def __init__(self, host: NetworkHost, models: SDModels, objective: DiffusionObjective, args: argparse.Namespace,
                  accelerator, weight_dtype: torch.dtype, train_unet: bool, train_text_encoder: bool):
         self.host, self.models, self.obj, self.args = host, models, objective, args
