@@ -1,7 +1,7 @@
 """Text conditioning for training: caption ids -> U-Net inputs (spec losses-and-noise §9).
 
 SD1/SD2: last hidden state, or ``hidden_states[-clip_skip]`` + final layer norm; long captions are
-re-joined. SDXL: TE1 ``hidden_states[11]`` and TE2 ``hidden_states[-2]`` (no final LN) concatenated,
+re-joined. SDXL: TE1 ``hidden_states[11]`` (= [-2]) and TE2 ``hidden_states[-2]`` (no final LN) concatenated,
 TE2's projected pooled output of the first chunk, and the size/crop ids the U-Net embeds itself.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ class TextConditioning:
 
 
 def _final_layer_norm(te) -> torch.nn.Module:
+    te = getattr(te, "module", te)  # a trained text encoder may come wrapped by DDP (train_db, TI)
     # transformers >= 5.6 flattened CLIPTextModel (no `.text_model`); WithProjection keeps it
     return getattr(te, "text_model", te).final_layer_norm
 
@@ -46,7 +47,9 @@ def encode_sdxl(te1, te2, ids1: torch.Tensor, ids2: torch.Tensor,
     b, n, length = ids1.shape
     flat1 = ids1.reshape(b * n, length).to(te1.device)
     flat2 = ids2.reshape(b * n, length).to(te2.device)
-    h1 = te1(flat1, output_hidden_states=True).hidden_states[11]
+    # sd-scripts writes hidden_states[11]: for the real 12-layer TE1 that is the penultimate layer, which
+    # [-2] names for any depth (tiny test models have fewer layers)
+    h1 = te1(flat1, output_hidden_states=True).hidden_states[-2]
     out2 = te2(flat2, output_hidden_states=True)
     h2 = out2.hidden_states[-2]
     # pooled output of the first chunk of each caption (eos_token_id 2: transformers takes argmax = EOS)

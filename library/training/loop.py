@@ -24,6 +24,8 @@ class TrainingMethod(Protocol):
     """What differs between trainers (style-examples "Applied" §1)."""
 
     module: torch.nn.Module  # the prepared trainable module (accumulation context)
+    # optional: ``modules`` (all prepared trainable modules, e.g. U-Net and text encoder, for the
+    # accumulation context) and ``loss_log_keys`` (names of the current / average loss; None skips one)
 
     def loss(self, batch: dict, rand: StepRandom) -> torch.Tensor: ...
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]: ...
@@ -101,7 +103,7 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
         for i, batch in enumerate(make_loader(epoch, skip), start=skip):
             # 3. one micro-step: forward + backward; accelerate steps the optimizer on sync
             rand = StepRandom.for_step(seed, state.global_step, i % plan.grad_accum, rank, accelerator.device)
-            with accelerator.accumulate(method.module):
+            with accelerator.accumulate(*getattr(method, "modules", (method.module,))):
                 loss = method.loss(batch, rand)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and accelerator.num_processes > 1 and getattr(method, "manual_grad_sync", False):
@@ -119,7 +121,7 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
             # 4. after an optimizer step: bookkeeping, logs, samples, saves
             state.global_step += 1
             bar.update(1)
-            logs = {"loss/current": current, "loss/average": recorder.moving_average}
+            logs = _loss_logs(method, current, recorder.moving_average)
             logs.update(method.after_optimizer_step(state))
             logs.update(_lr_logs(method, lr_scheduler, optimizer))
             bar.set_postfix(avr_loss=f"{recorder.moving_average:.4f}")
@@ -150,6 +152,15 @@ def _all_reduce_grads(accelerator, params: Iterable[torch.nn.Parameter]) -> None
     for p in params:
         if p.grad is not None:
             p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
+def _loss_logs(method: TrainingMethod, current: float, average: float) -> dict:
+    """N/X log ``loss/current`` and ``loss/average``; D/F/T log only ``loss`` (spec cli-options §13)."""
+    current_key, average_key = getattr(method, "loss_log_keys", ("loss/current", "loss/average"))
+    logs = {current_key: current} if current_key else {}
+    if average_key:
+        logs[average_key] = average
+    return logs
 
 
 def _lr_logs(method: TrainingMethod, lr_scheduler, optimizer) -> dict:

@@ -69,7 +69,11 @@ def build_data(args: argparse.Namespace, script: str, models: SDModels, acc):
 
     params = dataset_params_from_args(args, script)
     group = build_dataset_group(params, models.tokenizers, seed=args.seed, max_train_steps=args.max_train_steps,
-                                max_token_length=args.max_token_length, debug_dataset=args.debug_dataset)
+                                max_token_length=args.max_token_length, debug_dataset=args.debug_dataset,
+                                te_cache_expected=bool(getattr(args, "cache_text_encoder_outputs", False)),
+                                latents_cache_expected=bool(args.cache_latents))
+    if models.is_sdxl:
+        group.verify_bucket_reso_steps(32)
     if len(group) == 0:
         raise UserError("no training images found (check --train_data_dir / --dataset_config)")
     if args.debug_dataset:
@@ -98,6 +102,39 @@ def encode_latents_fn(models: SDModels, acc, args: argparse.Namespace) -> Callab
             return models.vae.encode(x).latent_dist.sample(generator=gen).float().cpu()
 
     return encode
+
+
+def encode_text_fn(models: SDModels, acc, args: argparse.Namespace, wdtype: torch.dtype):
+    """SDXL: raw captions -> {hidden_state1, hidden_state2, pool2} for the TE-output cache (spec §10.1)."""
+    from library.data.batch import get_input_ids
+
+    from .conditioning import encode_sdxl
+
+    te1, te2 = models.text_encoders
+    tok1, tok2 = models.tokenizers
+
+    def encode(captions: list[str]) -> dict:
+        ids1 = torch.stack([get_input_ids(c, tok1, args.max_token_length) for c in captions])
+        ids2 = torch.stack([get_input_ids(c, tok2, args.max_token_length) for c in captions])
+        with torch.no_grad(), acc.autocast():
+            ctx, pool = encode_sdxl(te1, te2, ids1, ids2, args.max_token_length)
+        d1 = te1.config.hidden_size
+        return {"hidden_state1": ctx[..., :d1].float().cpu(), "hidden_state2": ctx[..., d1:].float().cpu(),
+                "pool2": pool.float().cpu()}
+
+    return encode
+
+
+def cache_latents_if_asked(args: argparse.Namespace, group, models: SDModels, acc) -> None:
+    """--cache_latents / --cache_latents_to_disk: encode every image once before training."""
+    if not args.cache_latents:
+        return
+    from library.data.latent_cache import cache_latents
+
+    with torch.no_grad():
+        cache_latents(group, encode_latents_fn(models, acc, args), args.vae_batch_size, args.cache_latents_to_disk,
+                      acc.is_main_process)
+    acc.wait_for_everyone()
 
 
 def make_loader_factory(group, args: argparse.Namespace, acc) -> Callable[[int, int], Iterable]:

@@ -19,7 +19,7 @@ from .lr_schedules import build_lr_scheduler
 from .methods.network import NetworkMethod
 from .network_host import NetworkHost, parse_network_args
 from .optimizers import build_optimizer
-from .run_common import (build_data, encode_latents_fn, load_base_models, make_loader_factory, make_sample_hook,
+from .run_common import (build_data, encode_latents_fn, encode_text_fn, load_base_models, make_loader_factory, make_sample_hook,
                          tracker_init, training_facts)
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,12 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> str:
         with torch.no_grad():
             cache_latents(group, encode_latents_fn(models, acc, args), args.vae_batch_size,
                           args.cache_latents_to_disk, acc.is_main_process)
+        acc.wait_for_everyone()
+    if sdxl and args.cache_text_encoder_outputs:
+        from library.data.te_cache import cache_text_encoder_outputs
+
+        cache_text_encoder_outputs(group, encode_text_fn(models, acc, args, wdtype),
+                                   args.cache_text_encoder_outputs_to_disk, acc.is_main_process)
         acc.wait_for_everyone()
     # 3. network
     host = NetworkHost(args.network_module or "networks.lora")

@@ -1,0 +1,112 @@
+"""U-Net (+ text encoder) trained in full: the method object shared by train_db.py and fine_tune.py.
+
+What trains: every U-Net parameter, and the text encoder's while ``te_stop_step`` is not reached
+(spec cli-options §12 D/F). How a batch becomes a loss: the shared diffusion objective with the method's
+loss letter (D: prior weights and masks, no v_pred_like_loss; F: neither, spec losses §8). Both modules
+are the ones accelerate prepared, called through their wrappers, so DDP syncs their gradients itself.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Iterable, Optional
+
+import torch
+
+from library.models.bundle import SDModels
+
+from ..checkpointing import TrainState
+from ..conditioning import TextConditioning, encode_sd, text_conditioning
+from ..diffusion_step import DiffusionObjective, StepRandom, batch_latents, call_unet, diffusion_loss
+
+logger = logging.getLogger(__name__)
+
+LR_NAMES = ("lr/unet", "lr/text_encoder1", "lr/text_encoder2")  # spec cli-options §13, D/F
+
+
+class FullModelMethod:
+    """Trains ``models.unet`` and (optionally, until a step) ``models.text_encoders[0]``."""
+
+    loss_log_keys = ("loss", None)  # D/F log only `loss` per step (spec cli-options §13)
+
+    def __init__(self, models: SDModels, objective: DiffusionObjective, args: argparse.Namespace, accelerator,
+                 weight_dtype: torch.dtype, train_text_encoder: bool, te_stop_step: Optional[int] = None,
+                 pad_per_batch: bool = False):
+        self.models, self.obj, self.args, self.acc = models, objective, args, accelerator
+        self.weight_dtype = weight_dtype
+        self.te_training = train_text_encoder
+        self.te_stop_step = te_stop_step
+        self.pad_per_batch = pad_per_batch  # train_db --no_token_padding
+        self.unet: torch.nn.Module = models.unet
+        self.text_encoder: torch.nn.Module = models.text_encoders[0]
+        self.module: torch.nn.Module = self.unet
+        self.modules: tuple = (self.unet,)
+
+    def attach(self, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module]) -> None:
+        """Use the prepared (possibly DDP-wrapped) modules for forward passes and accumulation."""
+        self.unet = self.module = unet
+        if text_encoder is not None:
+            self.text_encoder = text_encoder
+        self.modules = (unet, text_encoder) if text_encoder is not None and self.te_training else (unet,)
+
+    # --- loss ---------------------------------------------------------------------------------
+    def loss(self, batch: dict, rand: StepRandom) -> torch.Tensor:
+        with torch.set_grad_enabled(self.te_training and torch.is_grad_enabled()), self.acc.autocast():
+            cond = self._conditioning(batch)
+        latents = batch_latents(batch, self.models.vae, self.obj.latent_scale, self.acc.device, self.weight_dtype,
+                                rand.generator)
+        with self.acc.autocast():
+            return diffusion_loss(lambda x, t, c: call_unet(self.unet, x, t, c), latents, cond, batch, self.obj, rand)
+
+    def _conditioning(self, batch: dict) -> TextConditioning:
+        a = self.args
+        if self.pad_per_batch:
+            return TextConditioning(encode_sd(self.text_encoder, self._ids_padded_to_longest(batch["captions"]),
+                                              a.clip_skip, None).to(self.weight_dtype))
+        return text_conditioning(self.models.family, [self.text_encoder], batch, clip_skip=a.clip_skip,
+                                 max_token_length=a.max_token_length, device=self.acc.device, dtype=self.weight_dtype)
+
+    def _ids_padded_to_longest(self, captions: list[str]) -> torch.Tensor:
+        """--no_token_padding as sd-scripts intended: pad to the longest caption of the batch (<= 77 tokens).
+
+        (B, 1, L) so that the encoder sees one chunk per caption, spec losses §9.
+        """
+        tok = self.models.tokenizers[0]
+        ids = tok(captions, padding="longest", truncation=True, max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids
+        return ids[:, None, :].to(self.acc.device)
+
+    # --- loop hooks ------------------------------------------------------------------------------
+    def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
+        params = [p for p in self.models.unet.parameters() if p.requires_grad]
+        if self.te_training:
+            params += [p for p in self.models.text_encoders[0].parameters() if p.requires_grad]
+        return params
+
+    def lr_log_names(self, n_groups: int) -> list[str]:
+        return list(LR_NAMES[:n_groups])
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.models.unet.train()
+        # diffusers / transformers checkpoint only in training mode, so a frozen TE trains too then (sd-scripts)
+        if self.te_training or self.args.gradient_checkpointing:
+            self.models.text_encoders[0].train()
+
+    def after_optimizer_step(self, state: TrainState) -> dict:
+        return self.sync_step(state.global_step)
+
+    def sync_step(self, global_step: int) -> dict:
+        """Stop text-encoder training once ``global_step`` reaches ``--stop_text_encoder_training`` (D).
+
+        Also called right after ``--resume``, so a resumed run freezes the text encoder at the same step.
+        """
+        if not self.te_training or self.te_stop_step is None or global_step < self.te_stop_step:
+            return {}
+        logger.info("stop text encoder training at step %d", global_step)
+        te = self.models.text_encoders[0]
+        te.requires_grad_(False)
+        if not self.args.gradient_checkpointing:
+            te.eval()
+        self.te_training = False
+        self.modules = (self.unet,)
+        return {}

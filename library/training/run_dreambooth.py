@@ -1,0 +1,20 @@
+"""train_db.py: DreamBooth checks, then the shared whole-model run (spec cli-options §12 D)."""
+from __future__ import annotations
+
+import argparse
+
+from library.errors import UserError
+
+from .methods.dreambooth import DreamBoothMethod, text_encoder_schedule
+from .run_full_model import FullModelScript, run as run_full_model
+
+SCRIPT = FullModelScript("train_db", "dreambooth", DreamBoothMethod.from_args)
+
+
+def run(args: argparse.Namespace) -> str:
+    """Train U-Net (+ text encoder) with DreamBooth folders and regularization images; returns the final path."""
+    if args.no_token_padding and args.max_token_length is not None:
+        # per-batch padding gives one chunk of <= 77 tokens: there is nothing to extend to 150 / 225
+        raise UserError("--no_token_padding cannot be combined with --max_token_length")
+    train_te, _ = text_encoder_schedule(args.stop_text_encoder_training)
+    return run_full_model(args, SCRIPT, train_text_encoder=train_te)

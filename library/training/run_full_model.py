@@ -1,0 +1,126 @@
+"""train_db.py / fine_tune.py: numbered steps from parsed options to a saved whole model.
+
+The two scripts differ only by their checks, by whether the text encoder trains, and by the method
+object (``methods.dreambooth`` / ``methods.finetune``); ``run_dreambooth`` and ``run_finetune`` decide
+those and call :func:`run`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from library.errors import UserError
+from library.models.bundle import SDModels
+
+from . import accelerate_setup as setup
+from .checkpointing import Checkpointer, TrainState, load_state
+from .checks import verify_training_args
+from .full_model_saving import FullModelSaver, resolve_save_format
+from .loop import LoopHooks, LoopPlan, train
+from .lr_schedules import build_lr_scheduler
+from .methods.full_model import FullModelMethod
+from .modelspec import modelspec_from_args
+from .optimizers import build_optimizer
+from .run_common import (build_data, cache_latents_if_asked, load_base_models, make_loader_factory, make_sample_hook,
+                         tracker_init)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FullModelScript:
+    """What differs between train_db.py and fine_tune.py at the orchestration level."""
+
+    name: str  # script name for the dataset-config rules and checks
+    tracker: str  # default --log_tracker_name (spec cli-options §4.3)
+    make_method: Callable[[SDModels, argparse.Namespace, object, torch.dtype], FullModelMethod]
+    after_load: Optional[Callable[[SDModels, argparse.Namespace], None]] = None
+
+
+def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: bool) -> str:
+    """Train the U-Net (and text encoder) in full; returns the path of the final model."""
+    # 1. options and seed
+    verify_training_args(args, script.name)
+    if getattr(args, "weighted_captions", False):
+        raise UserError(f"--weighted_captions is not supported by {script.name}.py here yet")
+    if args.seed is None:
+        # sd-scripts leaves D/F unseeded; a drawn seed keeps that randomness and makes the run repeatable
+        args.seed = random.randint(0, 2**32 - 1)
+        logger.info("no --seed given: using %d", args.seed)
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)
+    # 2. accelerator, models, data
+    acc = setup.make_accelerator(args)
+    wdtype = setup.weight_dtype(args)
+    models = load_base_models(args, acc, wdtype, sdxl=False, train_unet=True, train_text_encoder=train_text_encoder)
+    if script.after_load:
+        script.after_load(models, args)
+    group, _ = build_data(args, script.name, models, acc)
+    cache_latents_if_asked(args, group, models, acc)
+    # 3. what trains
+    unet, te = models.unet, models.text_encoders[0]
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        te.gradient_checkpointing_enable()
+    if args.full_fp16:  # --full_bf16 is parsed but unused by train_db / fine_tune (spec pitfall 12)
+        unet.to(wdtype)
+        if train_text_encoder:
+            te.to(wdtype)
+    groups = param_groups(models, train_text_encoder, args.learning_rate, args.learning_rate_te)
+    # 4. optimizer, scheduler, prepare
+    optimizer, _, extra = build_optimizer(groups, args.optimizer_type, args.learning_rate, args.optimizer_args,
+                                          args.use_8bit_adam, args.use_lion_optimizer)
+    plan = LoopPlan.from_args(args, -(-len(group) // acc.num_processes))
+    args.max_train_steps = plan.max_train_steps
+    group.set_max_train_steps(plan.max_train_steps)
+    lr_sched = build_lr_scheduler(optimizer, extra.get("lr_scheduler") or args.lr_scheduler, args.lr_warmup_steps,
+                                  plan.max_train_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power,
+                                  args.lr_scheduler_type, args.lr_scheduler_args, acc.num_processes)
+    if train_text_encoder:
+        unet, te, optimizer, lr_sched = acc.prepare(unet, te, optimizer, lr_sched)
+    else:
+        unet, optimizer, lr_sched = acc.prepare(unet, optimizer, lr_sched)
+    # 5. method, saving, sampling, resume
+    method = script.make_method(models, args, acc, wdtype)
+    method.attach(unet, te if train_text_encoder else None)
+    checkpointer = _checkpointer(args, acc, models, plan)
+    state = load_state(acc, args.resume) if args.resume else TrainState()
+    method.sync_step(state.global_step)  # --stop_text_encoder_training 0, or a resume past the stop step
+    tracker_init(acc, args, script.tracker)
+    hooks = LoopHooks(sample=make_sample_hook(args, models, acc, wdtype))
+    # 6. train, final save
+    logger.info("training: %d steps, %d epochs, %d batches per epoch, text encoder %s", plan.max_train_steps,
+                plan.num_epochs, plan.batches_per_epoch, "trained" if train_text_encoder else "frozen")
+    state = train(acc, method, make_loader_factory(group, args, acc), group.set_current_epoch, optimizer, lr_sched,
+                  plan, checkpointer, args, state, hooks)
+    path = checkpointer.at_end(state)
+    acc.end_training()
+    return path
+
+
+def param_groups(models: SDModels, train_text_encoder: bool, learning_rate: float,
+                 learning_rate_te: Optional[float]) -> list:
+    """sd-scripts' groups: one list of every trained parameter, or [U-Net @ lr, TE @ lr_te] with --learning_rate_te."""
+    unet_params = list(models.unet.parameters())
+    if not train_text_encoder:
+        return unet_params
+    te_params = list(models.text_encoders[0].parameters())
+    if learning_rate_te is None:
+        return unet_params + te_params
+    return [{"params": unet_params, "lr": learning_rate}, {"params": te_params, "lr": learning_rate_te}]
+
+
+def _checkpointer(args: argparse.Namespace, acc, models: SDModels, plan: LoopPlan) -> Checkpointer:
+    """Whole-model files in the format of spec cli-options §7, with modelspec for .safetensors (§b.3)."""
+    fmt = resolve_save_format(args.save_model_as, args.use_safetensors,
+                              os.path.isfile(args.pretrained_model_name_or_path))
+    saver = FullModelSaver(models, args, fmt, setup.save_dtype(args),
+                           lambda: modelspec_from_args(args, models.family, "checkpoint"))
+    return Checkpointer(args, acc, saver, fmt.ext, plan.num_epochs)
