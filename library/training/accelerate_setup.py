@@ -36,6 +36,7 @@ def make_accelerator(args: argparse.Namespace):
     """accelerate.Accelerator configured from sd-scripts' options."""
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    _reset_accelerate_state()
     log_with = getattr(args, "log_with", None)
     log_dir = logging_dir(args)
     if log_with is None and log_dir:
@@ -64,6 +65,17 @@ def make_accelerator(args: argparse.Namespace):
                        mixed_precision=args.mixed_precision,
                        log_with=["tensorboard", "wandb"] if log_with == "all" else log_with,
                        project_dir=log_dir, kwargs_handlers=handlers, **kwargs)
+
+
+def _reset_accelerate_state() -> None:
+    """accelerate keeps its state in process-wide singletons; a second run in the same process (tests,
+    notebooks, the demo) with another precision must start from a clean state."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def _deepspeed_plugin(args: argparse.Namespace):

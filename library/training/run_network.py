@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> str:
     train_unet, train_te = not args.network_train_text_encoder_only, not args.network_train_unet_only
     host.prepare_network(args)
     host.apply_to(te_arg, models.unet, train_te, train_unet)
-    if args.network_weights and not args.dim_from_weights:
+    if args.network_weights:
         info = host.load_weights(args.network_weights)
         logger.info("loaded network weights %s: %s", args.network_weights, info)
     if args.gradient_checkpointing:

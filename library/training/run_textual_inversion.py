@@ -1,0 +1,143 @@
+"""train_textual_inversion.py: numbered steps from parsed options to a saved embedding (SD 1.x / 2.x).
+
+spec cli-options §12 T, losses-and-noise §10, file-formats §c. SDXL embeddings belong to
+sdxl_train_textual_inversion.py, which this project does not provide.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+from typing import Optional
+
+import torch
+
+from library.errors import UserError
+
+from . import accelerate_setup as setup
+from . import ti_tokens
+from .checkpointing import Checkpointer, TrainState, load_state
+from .checks import verify_training_args
+from .loop import LoopHooks, LoopPlan, train
+from .lr_schedules import build_lr_scheduler
+from .methods.textual_inversion import TextualInversionMethod
+from .modelspec import modelspec_from_args
+from .optimizers import build_optimizer
+from .run_common import (build_data, cache_latents_if_asked, load_base_models, make_loader_factory, make_sample_hook,
+                         tracker_init)
+
+logger = logging.getLogger(__name__)
+
+SCRIPT = "train_textual_inversion"
+
+
+def run(args: argparse.Namespace) -> str:
+    """Train a Textual Inversion embedding; returns the path of the final file."""
+    # 1. options, seed, base model family
+    _verify(args)
+    if args.seed is None:  # sd-scripts leaves T unseeded; a drawn seed keeps that and makes the run repeatable
+        args.seed = random.randint(0, 2**32 - 1)
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)
+    _reject_sdxl(args.pretrained_model_name_or_path)
+    # 2. accelerator, models, new tokens, data
+    acc = setup.make_accelerator(args)
+    wdtype = setup.weight_dtype(args)
+    models = load_base_models(args, acc, wdtype, sdxl=False, train_text_encoder=True)
+    te, tokenizer = models.text_encoders[0], models.tokenizers[0]
+    strings = ti_tokens.token_strings(args.token_string, args.num_vectors_per_token)
+    init_ids = ti_tokens.init_word_ids(tokenizer, args.init_word, args.num_vectors_per_token)
+    token_ids = ti_tokens.add_tokens(tokenizer, strings)
+    ti_tokens.grow_embeddings(te, tokenizer, token_ids, init_ids, _initial_weights(args))
+    logger.info("tokens %s -> ids %s", strings, token_ids)
+    data_replacement, prompt_replacement = ti_tokens.caption_replacement(strings, args.use_object_template,
+                                                                         args.use_style_template)
+    group, _ = build_data(args, SCRIPT, models, acc)  # after add_tokens: captions tokenize with the new tokens
+    if data_replacement:
+        group.add_replacement(*data_replacement)
+    cache_latents_if_asked(args, group, models, acc)
+    # 3. what trains: the input embeddings only (old rows restored after each step)
+    te.requires_grad_(False)
+    te.get_input_embeddings().requires_grad_(True)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train()  # diffusers only checkpoints in training mode
+        te.gradient_checkpointing_enable()
+    if args.full_fp16 or args.full_bf16:  # T casts without checking --mixed_precision (spec pitfall 12)
+        te.to(wdtype)
+    # 4. optimizer, scheduler, prepare
+    optimizer, _, extra = build_optimizer([te.get_input_embeddings().weight], args.optimizer_type, args.learning_rate,
+                                          args.optimizer_args, args.use_8bit_adam, args.use_lion_optimizer)
+    plan = LoopPlan.from_args(args, -(-len(group) // acc.num_processes))
+    args.max_train_steps = plan.max_train_steps
+    group.set_max_train_steps(plan.max_train_steps)
+    lr_sched = build_lr_scheduler(optimizer, extra.get("lr_scheduler") or args.lr_scheduler, args.lr_warmup_steps,
+                                  plan.max_train_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power,
+                                  args.lr_scheduler_type, args.lr_scheduler_args, acc.num_processes)
+    prepared_te, optimizer, lr_sched = acc.prepare(te, optimizer, lr_sched)
+    # 5. method, saving, sampling, resume
+    method = TextualInversionMethod.from_args(models, args, acc, wdtype, token_ids)
+    method.attach(prepared_te)
+    method.save_dtype = setup.save_dtype(args)
+    method.save_metadata = lambda: modelspec_from_args(args, models.family, "textual-inversion")
+    ext = "." + (args.save_model_as or "pt")
+    checkpointer = Checkpointer(args, acc, method.save, ext, plan.num_epochs)
+    state = load_state(acc, args.resume) if args.resume else TrainState()
+    tracker_init(acc, args, "textual_inversion")
+    replacer = (lambda s: s.replace(*prompt_replacement)) if prompt_replacement else None
+    hooks = LoopHooks(sample=make_sample_hook(args, models, acc, wdtype, prompt_replacer=replacer))
+    # 6. train, final save
+    logger.info("training: %d steps, %d epochs, %d batches per epoch", plan.max_train_steps, plan.num_epochs,
+                plan.batches_per_epoch)
+    state = train(acc, method, make_loader_factory(group, args, acc), group.set_current_epoch, optimizer, lr_sched,
+                  plan, checkpointer, args, state, hooks)
+    path = checkpointer.at_end(state)
+    acc.end_training()
+    return path
+
+
+def _verify(args: argparse.Namespace) -> None:
+    """Script checks (spec cli-options §12 T, §13); ``output_name`` defaults to the token string."""
+    verify_training_args(args, SCRIPT)
+    if not args.token_string:
+        raise UserError("--token_string is required (the new word the embedding is trained for)")
+    if args.num_vectors_per_token < 1:
+        raise UserError(f"--num_vectors_per_token must be at least 1, got {args.num_vectors_per_token}")
+    if args.use_object_template and args.use_style_template:
+        raise UserError("--use_object_template and --use_style_template exclude each other")
+    if args.output_name is None:
+        args.output_name = args.token_string
+
+
+def _initial_weights(args: argparse.Namespace) -> Optional[torch.Tensor]:
+    """--weights: the first tensor of an embedding file, 1-D as (1, d) (spec file-formats §c)."""
+    if args.weights is None:
+        return None
+    from .ti_embedding import load_embedding
+
+    logger.info("initial embedding from %s", args.weights)
+    return load_embedding(args.weights, for_trainer=True)
+
+
+def _reject_sdxl(path: Optional[str]) -> None:
+    """SDXL models need sdxl_train_textual_inversion.py (two text encoders), which is not provided here."""
+    if not path:
+        raise UserError("--pretrained_model_name_or_path is required")
+    if os.path.isdir(path):
+        sdxl = os.path.isdir(os.path.join(path, "text_encoder_2"))
+    elif os.path.isfile(path):
+        from library.models.architectures import detect_family
+        from library.models.checkpoint_io import CheckpointReader
+
+        reader = CheckpointReader(path)
+        try:
+            sdxl = detect_family(reader.keys(), path) == "sdxl"
+        finally:
+            reader.close()
+    else:
+        return  # load_base_models names the missing path
+    if sdxl:
+        raise UserError(f"{path} is an SDXL model: SDXL embeddings need sdxl_train_textual_inversion.py, "
+                        "which this project does not provide; train_textual_inversion.py takes SD 1.x / 2.x")
