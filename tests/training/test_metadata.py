@@ -108,6 +108,7 @@ def test_commit_hash():
                               check=True).stdout.decode().strip()
     except (OSError, subprocess.CalledProcessError):
         head = "(unknown)"
+    md.project_commit_hash.cache_clear()  # cached per process; commits may land while tests run
     assert md.project_commit_hash() == head
     assert head == "(unknown)" or re.fullmatch(r"[0-9a-f]{40}", head)
 

@@ -1,0 +1,45 @@
+"""Reading and writing LoRA state-dict files (spec file-formats §a.2 "Files", §b.2 hashes)."""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+
+from library.errors import UserError
+from library.fileio import atomic_path
+from library.training.model_hashes import precalculate_safetensors_hashes
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    return os.path.splitext(str(path))[1].lower() == ".safetensors"
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a ``.ckpt``/``.pt`` plain dict (weights-only load)."""
+    if not os.path.isfile(path):
+        raise UserError(f"network weights file not found: {path}")
+    try:
+        if is_safetensors(path):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot read network weights {path}: {e}") from None
+
+
+def save_state_dict_file(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                         metadata: Mapping[str, str] | None) -> None:
+    """Write atomically; safetensors get ``metadata`` plus ``sshs_*`` of exactly the tensors written."""
+    state_dict = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        if is_safetensors(path):
+            from safetensors.torch import save_file
+
+            meta = dict(metadata or {})
+            # hashed after any dtype cast, so they match the file's data region (pitfall 10)
+            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = precalculate_safetensors_hashes(state_dict, meta)
+            save_file(state_dict, tmp, meta)
+        else:
+            torch.save(state_dict, tmp)  # .ckpt/.pt: a plain dict of tensors, no metadata
