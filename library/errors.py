@@ -9,6 +9,7 @@ from typing import Callable, TypeVar
 logger = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3
 
 F = TypeVar("F", bound=Callable)
 
@@ -20,6 +21,15 @@ class UserError(Exception):
     """
 
     exit_code = EXIT_BAD_INPUT
+
+
+class NonFiniteError(UserError):
+    """Training produced a NaN / Inf: the message names where, the step and the likely remedy; exit code 3.
+
+    A separate code lets scripts that drive training (sweeps, schedulers) tell a diverged run from bad input.
+    """
+
+    exit_code = EXIT_NON_FINITE
 
 
 def exit_on_user_error(main: F) -> F:

@@ -60,6 +60,9 @@ class SubsetParams:
     caption_tag_dropout_rate: float = 0.0
     token_warmup_min: int = 1
     token_warmup_step: float = 0
+    # validation (later sd-scripts' keys): the share of this subset's images held out, and the split's seed
+    validation_split: float = 0.0
+    validation_seed: int | None = None
     # style-specific: DreamBooth
     is_reg: bool = False
     class_tokens: str | None = None
@@ -96,7 +99,7 @@ _COMMON = (
     "image_dir", "num_repeats", "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator",
     "secondary_separator", "enable_wildcard", "color_aug", "flip_aug", "face_crop_aug_range", "random_crop",
     "caption_prefix", "caption_suffix", "caption_dropout_rate", "caption_dropout_every_n_epochs",
-    "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
+    "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step", "validation_split", "validation_seed",
 )
 # the parameters each style resolves; the others keep their defaults (upstream has one class per style)
 SUBSET_FIELDS = {

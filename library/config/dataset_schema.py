@@ -12,7 +12,8 @@ Validation uses voluptuous with extra keys forbidden at every level, like sd-scr
 * ints are not accepted for bool keys nor bools for int keys; ints are accepted for float keys
   (``network_multiplier = 1``), which upstream rejects;
 * ``resolution`` may also be written as ``"W,H"`` or ``"S"``.
-[v0.9.0+] ``alpha_mask`` is accepted in DreamBooth and fine-tuning subsets.
+[v0.9.0+] ``alpha_mask`` is accepted in DreamBooth and fine-tuning subsets; ``validation_split`` and
+``validation_seed`` (later sd-scripts) at every level.
 """
 from __future__ import annotations
 
@@ -51,6 +52,13 @@ def _float(v: Any) -> float:
     return float(_number(v))
 
 
+def _fraction(v: Any) -> float:
+    value = _float(v)
+    if not 0.0 <= value <= 1.0:
+        raise vol.Invalid("expected a number from 0.0 to 1.0")
+    return value
+
+
 def _str(v: Any) -> str:
     if not isinstance(v, str):
         raise vol.Invalid("expected a string")
@@ -84,6 +92,8 @@ SUBSET_COMMON: dict[str, Callable] = {
     "random_crop": _bool, "shuffle_caption": _bool, "keep_tokens": _int, "keep_tokens_separator": _str,
     "secondary_separator": _str, "enable_wildcard": _bool, "token_warmup_min": _int, "token_warmup_step": _number,
     "caption_prefix": _str, "caption_suffix": _str,
+    # later sd-scripts' validation keys (docs/beyond-sd-scripts.md): valid in a subset, dataset or [general]
+    "validation_split": _fraction, "validation_seed": _int,
 }
 DROPOUT = {"caption_dropout_every_n_epochs": _int, "caption_dropout_rate": _number, "caption_tag_dropout_rate": _number}
 DB_ASCENDABLE = {"caption_extension": _str, "class_tokens": _str, "cache_info": _bool}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from library.config.options_beyond import add_beyond_arguments
 from library.config.options_common import Container, section
 from library.config.options_dataset import add_config_arguments, add_dataset_arguments, add_masked_loss_arguments
 from library.config.options_scripts import (
@@ -157,6 +158,7 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     own[script](parser)
     if script == "sdxl_train_network":
         add_sdxl_training_arguments(parser)
+    add_beyond_arguments(parser)
     return parser
 
 
@@ -165,5 +167,5 @@ __all__ = [
     "add_training_arguments", "add_masked_loss_arguments", "add_deepspeed_arguments", "add_sd_saving_arguments",
     "add_optimizer_arguments", "add_config_arguments", "add_custom_train_arguments", "add_sdxl_training_arguments",
     "add_network_trainer_arguments", "add_dreambooth_arguments", "add_finetune_arguments",
-    "add_textual_inversion_arguments",
+    "add_textual_inversion_arguments", "add_beyond_arguments",
 ]

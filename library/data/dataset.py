@@ -31,6 +31,7 @@ from library.data.images import scan_images
 from library.data.latent_cache import check_latent_cacheable
 from library.data.te_cache import caption_randomness, check_te_cacheable
 from library.data.train_dataset import ItemContext, TrainDataset
+from library.data.validation_split import wants_validation
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -185,13 +186,16 @@ class DatasetGroup(Dataset):
 
 def build_dataset_group(params: list[DatasetParams], tokenizers: list, *, seed: int | None, max_train_steps: int,
                         max_token_length: int | None, debug_dataset: bool = False, te_cache_expected: bool = False,
-                        latents_cache_expected: bool = False, scan: str | bool = "header") -> DatasetGroup:
+                        latents_cache_expected: bool = False, scan: str | bool = "header",
+                        part: str = "train") -> DatasetGroup | None:
     """Build every dataset of a run (spec dataset-config §1-§7) and check its images.
 
     ``seed`` is the run's ``--seed``; the dataset seed is derived as sd-scripts does (``dataset_seed``).
     ``max_token_length`` (``--max_token_length``: None, 150 or 225) overrides the params' copy.
     ``te_cache_expected``/``latents_cache_expected`` refuse settings those caches cannot honour now,
     before any model is loaded. ``scan``: "header" (default), "full", or "none"/False.
+    ``part``: "train" (default) or "validation" (the held-out images of ``validation_split``; None when
+    no subset holds any out).
     """
     scan_mode = {True: "header", False: "none"}.get(scan, scan) if isinstance(scan, bool) else scan
     if scan_mode not in SCAN_MODES:
@@ -199,8 +203,14 @@ def build_dataset_group(params: list[DatasetParams], tokenizers: list, *, seed: 
     s = dataset_seed(seed)
     datasets = []
     for i, p in enumerate(params):
-        logger.info("dataset %d: %s style, %d subsets", i, p.style, len(p.subsets))
-        datasets.append(build_dataset(p, i, s))
+        if part == "validation" and not wants_validation(p.subsets):
+            continue
+        logger.info("dataset %d: %s style, %d subsets (%s)", i, p.style, len(p.subsets), part)
+        dataset = build_dataset(p, i, s, part=part, run_seed=seed)
+        if dataset is not None:
+            datasets.append(dataset)
+    if part == "validation" and not datasets:
+        return None
     if not any(d.images for d in datasets):
         raise UserError("no training images found in any dataset: check the folders and the dataset config")
     for dataset in datasets:

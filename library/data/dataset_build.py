@@ -17,13 +17,19 @@ from library.data.image_info import ImageInfo, bad_files_error, read_sizes
 from library.data.latent_cache import npz_shapes
 from library.data.repeats import balance_reg_images
 from library.data.train_dataset import TrainDataset
+from library.data.validation_split import select_part
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-def build_dataset(params: DatasetParams, index: int, seed: int) -> TrainDataset:
-    """Discover, size, balance and bucket the images of dataset ``index`` (spec §4-§7)."""
+def build_dataset(params: DatasetParams, index: int, seed: int, *, part: str = "train",
+                  run_seed: int | None = None) -> TrainDataset | None:
+    """Discover, size, balance and bucket the images of dataset ``index`` (spec §4-§7).
+
+    ``part``: "train" or "validation" (``validation_split``, seeded by ``validation_seed`` or ``run_seed``);
+    None when that part has no image.
+    """
     where = f"datasets[{index}]"
     # 1. images and captions per subset; empty subsets are dropped as sd-scripts does
     subsets, found = _discover(params, where)
@@ -37,6 +43,11 @@ def build_dataset(params: DatasetParams, index: int, seed: int) -> TrainDataset:
     for subset, subset_images in zip(subsets, found):
         if subset.cache_info and not subset_images.known_sizes:
             write_info_cache(subset, subset_images.infos)
+    # 2b. the validation split: by image, before repeats and balancing, so no image is in both parts
+    subsets, found = select_part(subsets, found, part, run_seed)
+    infos = [info for images in found for info in images.infos]
+    if not infos:
+        return None
     # 3. fine-tuning: prepared npz latents and train_resolution buckets (§5)
     bucket_set, bucketed = _bucket_set(params, subsets, infos, train_reso, where)
     # 4. reg balancing: reg images repeat until they match the train images (§4.3)

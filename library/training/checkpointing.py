@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol, Sequence
 
 from library.errors import UserError
 
@@ -44,7 +44,20 @@ class TrainState:
         return cls(max(0, d.get("current_step", 1) - 1), max(0, d.get("current_epoch", 1) - 1), 0)
 
 
-def save_state(accelerator, folder: str, state: TrainState) -> None:
+class StateExtra(Protocol):
+    """Something beyond accelerate's objects that a state folder carries (the EMA): ``ema.safetensors``."""
+
+    def save_to_folder(self, folder: str) -> None: ...
+
+
+class Companion(Protocol):
+    """A file written beside every saved model (EMA weights, run receipt) and pruned with it."""
+
+    def after_save(self, stem: str, ext: str, event: str, epoch: int, global_step: int) -> None: ...
+    def paths(self, stem: str, ext: str) -> list[str]: ...
+
+
+def save_state(accelerator, folder: str, state: TrainState, extras: Sequence[StateExtra] = ()) -> None:
     """accelerator.save_state into a temporary folder, then rename (all processes call this)."""
     tmp = folder + ".saving"
     if accelerator.is_main_process and os.path.exists(tmp):
@@ -53,6 +66,8 @@ def save_state(accelerator, folder: str, state: TrainState) -> None:
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for extra in extras:
+            extra.save_to_folder(tmp)
         with open(os.path.join(tmp, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(state.to_json(), f, indent=2)
         if os.path.exists(folder):
@@ -102,6 +117,8 @@ class Checkpointer:
         self.out = args.output_dir or "."
         self.every_epochs = names.save_every_n_epochs_from_ratio(num_epochs, getattr(args, "save_n_epoch_ratio", None),
                                                                  args.save_every_n_epochs)
+        self.companions: list[Companion] = []  # written beside every model, pruned with it
+        self.state_extras: list[StateExtra] = []  # written into every state folder
 
     def _path(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -110,6 +127,17 @@ class Checkpointer:
         if self.acc.is_main_process:
             os.makedirs(self.out, exist_ok=True)
             self.save_model(self._path(name + self.ext), event, epoch, step)
+            for companion in self.companions:
+                companion.after_save(self._path(name), self.ext, event, epoch, step)
+
+    def _remove_model(self, name: str) -> None:
+        _remove(self._path(name + self.ext))
+        for companion in self.companions:
+            for path in companion.paths(self._path(name), self.ext):
+                _remove(path)
+
+    def _save_state(self, folder: str, state: TrainState) -> None:
+        save_state(self.acc, self._path(folder), state, self.state_extras)
 
     def after_step(self, state: TrainState) -> None:
         a, step = self.args, state.global_step
@@ -118,11 +146,11 @@ class Checkpointer:
         self.acc.wait_for_everyone()
         self._model(names.step_name(a.output_name, step), "step", state.epoch, step)
         if a.save_state:
-            save_state(self.acc, self._path(names.step_state_name(a.output_name, step)), state)
+            self._save_state(names.step_state_name(a.output_name, step), state)
         if self.acc.is_main_process:
             r = names.step_to_remove(step, a.save_every_n_steps, a.save_last_n_steps)
             if r is not None:
-                _remove(self._path(names.step_name(a.output_name, r) + self.ext))
+                self._remove_model(names.step_name(a.output_name, r))
             r = names.step_to_remove(step, a.save_every_n_steps, a.save_last_n_steps, state=True,
                                      save_last_n_steps_state=a.save_last_n_steps_state)
             if r is not None:
@@ -136,11 +164,11 @@ class Checkpointer:
         self.acc.wait_for_everyone()
         self._model(names.epoch_name(a.output_name, epoch_done), "epoch", epoch_done - 1, state.global_step)
         if a.save_state:
-            save_state(self.acc, self._path(names.epoch_state_name(a.output_name, epoch_done)), state)
+            self._save_state(names.epoch_state_name(a.output_name, epoch_done), state)
         if self.acc.is_main_process:
             r = names.epoch_to_remove(epoch_done, self.every_epochs, a.save_last_n_epochs)
             if r is not None:
-                _remove(self._path(names.epoch_name(a.output_name, r) + self.ext))
+                self._remove_model(names.epoch_name(a.output_name, r))
             r = names.epoch_to_remove(epoch_done, self.every_epochs, a.save_last_n_epochs, state=True,
                                       save_last_n_epochs_state=a.save_last_n_epochs_state)
             if r is not None:
@@ -152,5 +180,5 @@ class Checkpointer:
         path = self._path(names.last_name(a.output_name) + self.ext)
         self._model(names.last_name(a.output_name), "final", self.num_epochs, state.global_step)
         if a.save_state or getattr(a, "save_state_on_train_end", False):
-            save_state(self.acc, self._path(names.last_state_name(a.output_name)), state)
+            self._save_state(names.last_state_name(a.output_name), state)
         return path

@@ -15,6 +15,7 @@ import torch
 
 from library.errors import UserError
 
+from . import nonfinite_guard
 from .losses import LossConfig, conditional_loss, loss_mask_from_batch, reduce_and_weight
 from .noise import NoiseConfig, compute_target, make_noisy_latents
 from .noise_schedule import TrainingSchedule
@@ -32,6 +33,8 @@ class StepRandom:
 
     generator: torch.Generator
     rng: random.Random
+    # validation: latents -> NoisyLatents with fixed noise and timesteps instead of random draws
+    fixed: Optional[Callable[[torch.Tensor], Any]] = None
 
     @classmethod
     def for_step(cls, seed: int, global_step: int, micro_step: int, process: int, device) -> "StepRandom":
@@ -70,16 +73,24 @@ def batch_latents(batch: Mapping[str, Any], vae, scale: float, device, dtype, ge
         with torch.no_grad():
             images = batch["images"].to(device, vae.dtype)
             latents = vae.encode(images).latent_dist.sample(generator=generator)
-    if torch.isnan(latents).any():
-        raise UserError("VAE latents contain NaN: the VAE overflows in this precision; use --no_half_vae")
+    # checked by the loop's non-finite guard together with the loss: no device sync here
+    nonfinite_guard.watch("VAE latents", latents)
     return (latents * scale).to(dtype)
 
 
 def diffusion_loss(unet_fn: Callable, latents: torch.Tensor, cond, batch: Mapping[str, Any],
                    obj: DiffusionObjective, rand: StepRandom) -> torch.Tensor:
-    """Noise, predict, weighted loss (spec losses §3-§8). ``unet_fn(noisy, t, cond) -> prediction``."""
-    noisy = make_noisy_latents(latents, obj.noise_cfg, obj.sched, rand.generator, rand.rng)
+    """Noise, predict, weighted loss (spec losses §3-§8). ``unet_fn(noisy, t, cond) -> prediction``.
+
+    ``rand.fixed`` (validation) replaces the random noise and timesteps by given ones.
+    """
+    nonfinite_guard.watch("text-encoder output", cond.context)
+    if cond.added_cond_kwargs is not None:
+        nonfinite_guard.watch("text-encoder output", cond.added_cond_kwargs.get("text_embeds"))
+    noisy = rand.fixed(latents) if rand.fixed is not None else \
+        make_noisy_latents(latents, obj.noise_cfg, obj.sched, rand.generator, rand.rng)
     pred = unet_fn(noisy.noisy_latents, noisy.timesteps, cond)
+    nonfinite_guard.watch("U-Net output", pred)
     target = compute_target(latents, noisy.noise, noisy.timesteps, obj.sched, obj.noise_cfg.v_parameterization)
     elem = conditional_loss(pred.float(), target.float(), obj.loss_cfg.loss_type, noisy.huber_c)
     mask = loss_mask_from_batch(batch, tuple(latents.shape[-2:])) if obj.loss_cfg.masked_loss else None

@@ -1,7 +1,8 @@
 """THE training loop, shared by every trainer: the method object is the only per-trainer part.
 
-    for each epoch:  for each batch:  loss = method.loss(batch)  ->  backward  ->  step  ->  after_step
-Accumulation, clipping, logging, sample images, saving and stopping are the same for everyone.
+    for each epoch:  for each batch:  loss = method.loss(batch)  ->  backward  ->  check  ->  step  ->  after_step
+Accumulation, clipping, logging, sample images, saving, validation, the non-finite guard, the EMA
+(through ``hooks.after_step``), the throughput watch and stopping are the same for everyone.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from tqdm.auto import tqdm
 
 from .checkpointing import Checkpointer, TrainState
 from .diffusion_step import StepRandom
+from .nonfinite_guard import NonFiniteGuard, group_grad_norms
+from .throughput import ThroughputWatch, batch_images
 
 logger = logging.getLogger(__name__)
 
@@ -75,22 +78,30 @@ class LoopPlan:
 
 @dataclass
 class LoopHooks:
-    """Optional side jobs: sample images, extra logs. ``sample(epoch_or_None, global_step)``."""
+    """Optional side jobs: sample images, extra logs. ``sample(epoch_or_None, global_step)``.
+
+    ``after_step``: called after every optimizer step with the global step, returns logs (the EMA).
+    ``validation``: a :class:`~library.training.validation.Validator` (or None), run when it is due.
+    """
 
     sample: Optional[Callable[[Optional[int], int], None]] = None
     on_log: list[Callable[[dict, int], None]] = field(default_factory=list)
+    after_step: list[Callable[[int], dict]] = field(default_factory=list)
+    validation: Optional[object] = None
 
 
 def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int], Iterable], set_epoch: Callable[[int], None],
           optimizer, lr_scheduler, plan: LoopPlan, checkpointer: Checkpointer, args: argparse.Namespace,
           state: TrainState, hooks: LoopHooks = LoopHooks()) -> TrainState:
     """Run until ``plan.max_train_steps`` optimizer steps. ``make_loader(epoch, skip)`` yields batches."""
-    # 1. progress, sampling before the first step
+    # 1. progress, guards, sampling before the first step
     bar = tqdm(total=plan.max_train_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                desc="steps", smoothing=0)
     if hooks.sample and getattr(args, "sample_at_first", False) and state.global_step == 0:
         hooks.sample(0, 0)
     recorder = LossRecorder()
+    guard = NonFiniteGuard(bool(getattr(args, "check_grads", False)), getattr(accelerator, "scaler", None) is not None)
+    watch = ThroughputWatch()
     seed, rank = args.seed, accelerator.process_index
     # 2. epochs
     for epoch in range(state.epoch, plan.num_epochs):
@@ -100,31 +111,36 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
         set_epoch(epoch + 1)  # sd-scripts' datasets count epochs from 1
         method.on_epoch_start(epoch)
         skip = state.batches_in_epoch
-        for i, batch in enumerate(make_loader(epoch, skip), start=skip):
-            # 3. one micro-step: forward + backward; accelerate steps the optimizer on sync
+        watch.mark()
+        for i, batch in enumerate(watch.batches(make_loader(epoch, skip)), start=skip):
+            # 3. one micro-step: forward + backward + one checked sync; accelerate steps the optimizer on sync
             rand = StepRandom.for_step(seed, state.global_step, i % plan.grad_accum, rank, accelerator.device)
+            watch.add_images(batch_images(batch) * accelerator.num_processes)
             with accelerator.accumulate(*getattr(method, "modules", (method.module,))):
-                loss = method.loss(batch, rand)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and accelerator.num_processes > 1 and getattr(method, "manual_grad_sync", False):
-                    _all_reduce_grads(accelerator, method.trainable_parameters())
+                current, grad_logs = _forward_backward(accelerator, method, optimizer, batch, rand, guard, args,
+                                                       state.global_step + 1)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(list(method.trainable_parameters()), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch = i + 1
-            current = loss.detach().item()
             recorder.add(epoch, i, current)
             if not accelerator.sync_gradients:
                 continue
-            # 4. after an optimizer step: bookkeeping, logs, samples, saves
+            # 4. after an optimizer step: bookkeeping, logs, samples, saves, validation
             state.global_step += 1
+            _warn_once(watch.step_done())
             bar.update(1)
             logs = _loss_logs(method, current, recorder.moving_average)
             logs.update(method.after_optimizer_step(state))
+            for fn in hooks.after_step:
+                logs.update(fn(state.global_step))
+            logs.update(grad_logs)
             logs.update(_lr_logs(method, lr_scheduler, optimizer))
-            bar.set_postfix(avr_loss=f"{recorder.moving_average:.4f}")
+            if hooks.validation is not None and hooks.validation.due_after_step(state.global_step):
+                logs.update(hooks.validation.run(method))
+            bar.set_postfix(_postfix(recorder, hooks, watch))
             accelerator.log(logs, step=state.global_step)
             for fn in hooks.on_log:
                 fn(logs, state.global_step)
@@ -134,16 +150,60 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
             checkpointer.after_step(state)
             if state.global_step >= plan.max_train_steps:
                 break
+            watch.mark()
         # 5. end of epoch
         finished_epoch = state.batches_in_epoch >= plan.batches_per_epoch
         accelerator.log({"loss/epoch": recorder.moving_average}, step=epoch + 1)
         if finished_epoch:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
+            if hooks.validation is not None and hooks.validation.due_after_epoch(epoch + 1):
+                val_logs = hooks.validation.run(method)
+                accelerator.log(val_logs, step=state.global_step)
+                bar.set_postfix(_postfix(recorder, hooks, watch))
+                for fn in hooks.on_log:
+                    fn(val_logs, state.global_step)
             checkpointer.after_epoch(epoch + 1, state)
             if hooks.sample and args.sample_every_n_epochs and (epoch + 1) % args.sample_every_n_epochs == 0:
                 hooks.sample(epoch + 1, state.global_step)
     bar.close()
     return state
+
+
+def _forward_backward(accelerator, method: TrainingMethod, optimizer, batch: dict, rand: StepRandom,
+                      guard: NonFiniteGuard, args: argparse.Namespace, step: int) -> tuple[float, dict]:
+    """Loss, backward, gradient sync; then the micro-step's single device sync: the loss value, the
+    non-finite flags of the forward's sites and (``--check_grads``) the groups' gradient norms, checked
+    before the optimizer may step (raises :class:`~library.errors.NonFiniteError`)."""
+    with guard.recording():
+        loss = method.loss(batch, rand)
+    accelerator.backward(loss)
+    norms, names = [], []
+    if accelerator.sync_gradients:
+        if accelerator.num_processes > 1 and getattr(method, "manual_grad_sync", False):
+            _all_reduce_grads(accelerator, method.trainable_parameters())
+        if guard.check_grads:
+            norms = group_grad_norms(optimizer.param_groups)
+            names = _group_names(method.lr_log_names(len(norms)))
+    return guard.check(loss, step, norms, names)
+
+
+def _group_names(lr_names: list[str]) -> list[str]:
+    """``lr/unet`` -> ``unet``; a bare ``lr`` (one group) -> ``group0``."""
+    return [n[3:] if n.startswith("lr/") else f"group{i}" for i, n in enumerate(lr_names)]
+
+
+def _postfix(recorder: LossRecorder, hooks: LoopHooks, watch: ThroughputWatch) -> dict:
+    postfix = {"avr_loss": f"{recorder.moving_average:.4f}"}
+    last = getattr(hooks.validation, "last", None)
+    if last is not None:
+        postfix["val_loss"] = f"{last:.4f}"
+    postfix["img/s"] = f"{watch.images_per_second:.2f}"
+    return postfix
+
+
+def _warn_once(message: Optional[str]) -> None:
+    if message:
+        logger.warning(message)
 
 
 def _all_reduce_grads(accelerator, params: Iterable[torch.nn.Parameter]) -> None:

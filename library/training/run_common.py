@@ -137,6 +137,23 @@ def cache_latents_if_asked(args: argparse.Namespace, group, models: SDModels, ac
     acc.wait_for_everyone()
 
 
+def optimizer_and_schedule(args: argparse.Namespace, params, group, acc):
+    """Optimizer, step plan and LR scheduler of a run (spec cli-options §4.2, §8): ``(opt, sched, plan, name)``."""
+    from .loop import LoopPlan
+    from .lr_schedules import build_lr_scheduler
+    from .optimizers import build_optimizer
+
+    optimizer, opt_name, extra = build_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args,
+                                                 args.use_8bit_adam, args.use_lion_optimizer)
+    plan = LoopPlan.from_args(args, -(-len(group) // acc.num_processes))
+    args.max_train_steps = plan.max_train_steps
+    group.set_max_train_steps(plan.max_train_steps)
+    lr_sched = build_lr_scheduler(optimizer, extra.get("lr_scheduler") or args.lr_scheduler, args.lr_warmup_steps,
+                                  plan.max_train_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power,
+                                  args.lr_scheduler_type, args.lr_scheduler_args, acc.num_processes)
+    return optimizer, lr_sched, plan, opt_name
+
+
 def make_loader_factory(group, args: argparse.Namespace, acc) -> Callable[[int, int], Iterable]:
     """``(epoch, skip) -> batches`` for this process, moved to the device."""
     from library.data.dataset import make_dataloader

@@ -23,12 +23,11 @@ from .checkpointing import Checkpointer, TrainState, load_state
 from .checks import verify_training_args
 from .full_model_saving import FullModelSaver, resolve_save_format
 from .loop import LoopHooks, LoopPlan, train
-from .lr_schedules import build_lr_scheduler
 from .methods.full_model import FullModelMethod
 from .modelspec import modelspec_from_args
-from .optimizers import build_optimizer
-from .run_common import (build_data, cache_latents_if_asked, load_base_models, make_loader_factory, make_sample_hook,
-                         tracker_init)
+from .run_common import (build_data, cache_latents_if_asked, encode_latents_fn, load_base_models, make_loader_factory,
+                         make_sample_hook, optimizer_and_schedule, tracker_init)
+from .run_extras import attach_extras
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +52,10 @@ def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: b
         # sd-scripts leaves D/F unseeded; a drawn seed keeps that randomness and makes the run repeatable
         args.seed = random.randint(0, 2**32 - 1)
         logger.info("no --seed given: using %d", args.seed)
+    if getattr(args, "dry_run", False):
+        from .dry_run import report
+
+        return report(args, script.name)
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -75,14 +78,7 @@ def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: b
             te.to(wdtype)
     groups = param_groups(models, train_text_encoder, args.learning_rate, args.learning_rate_te)
     # 4. optimizer, scheduler, prepare
-    optimizer, _, extra = build_optimizer(groups, args.optimizer_type, args.learning_rate, args.optimizer_args,
-                                          args.use_8bit_adam, args.use_lion_optimizer)
-    plan = LoopPlan.from_args(args, -(-len(group) // acc.num_processes))
-    args.max_train_steps = plan.max_train_steps
-    group.set_max_train_steps(plan.max_train_steps)
-    lr_sched = build_lr_scheduler(optimizer, extra.get("lr_scheduler") or args.lr_scheduler, args.lr_warmup_steps,
-                                  plan.max_train_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power,
-                                  args.lr_scheduler_type, args.lr_scheduler_args, acc.num_processes)
+    optimizer, lr_sched, plan, _ = optimizer_and_schedule(args, groups, group, acc)
     if train_text_encoder:
         unet, te, optimizer, lr_sched = acc.prepare(unet, te, optimizer, lr_sched)
     else:
@@ -95,6 +91,8 @@ def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: b
     method.sync_step(state.global_step)  # --stop_text_encoder_training 0, or a resume past the stop step
     tracker_init(acc, args, script.tracker)
     hooks = LoopHooks(sample=make_sample_hook(args, models, acc, wdtype))
+    hooks = attach_extras(args, acc, script.name, models, group, method, checkpointer, hooks,
+                          encode_latents_fn(models, acc, args))  # validation, EMA, receipts
     # 6. train, final save
     logger.info("training: %d steps, %d epochs, %d batches per epoch, text encoder %s", plan.max_train_steps,
                 plan.num_epochs, plan.batches_per_epoch, "trained" if train_text_encoder else "frozen")

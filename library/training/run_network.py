@@ -5,6 +5,7 @@ import argparse
 import logging
 import random
 import time
+from typing import Optional
 
 import torch
 
@@ -21,12 +22,13 @@ from .network_host import NetworkHost, parse_network_args
 from .optimizers import build_optimizer
 from .run_common import (build_data, encode_latents_fn, encode_text_fn, load_base_models, make_loader_factory, make_sample_hook,
                          tracker_init, training_facts)
+from .run_extras import attach_extras
 
 logger = logging.getLogger(__name__)
 
 
-def run(args: argparse.Namespace, sdxl: bool = False) -> str:
-    """Train a network; returns the path of the final file."""
+def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
+    """Train a network; returns the path of the final file (None after ``--dry_run``)."""
     script = "sdxl_train_network" if sdxl else "train_network"
     # 1. options and seed (train_network draws a seed when none is given and records it: ss_seed)
     verify_training_args(args, script)
@@ -36,6 +38,10 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> str:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.seed is None:
         args.seed = random.randint(0, 2**32 - 1)
+    if getattr(args, "dry_run", False):
+        from .dry_run import report
+
+        return report(args, script, sdxl=sdxl)
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -106,6 +112,8 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> str:
     state = load_state(acc, args.resume) if args.resume else TrainState()
     tracker_init(acc, args, "network_train")
     hooks = LoopHooks(sample=make_sample_hook(args, models, acc, wdtype))
+    hooks = attach_extras(args, acc, script, models, group, method, checkpointer, hooks,
+                          encode_latents_fn(models, acc, args))
     # 6. train, final save
     logger.info("training: %d steps, %d epochs, %d batches per epoch", plan.max_train_steps, plan.num_epochs,
                 plan.batches_per_epoch)

@@ -19,13 +19,12 @@ from . import accelerate_setup as setup
 from . import ti_tokens
 from .checkpointing import Checkpointer, TrainState, load_state
 from .checks import verify_training_args
-from .loop import LoopHooks, LoopPlan, train
-from .lr_schedules import build_lr_scheduler
+from .loop import LoopHooks, train
 from .methods.textual_inversion import TextualInversionMethod
 from .modelspec import modelspec_from_args
-from .optimizers import build_optimizer
-from .run_common import (build_data, cache_latents_if_asked, load_base_models, make_loader_factory, make_sample_hook,
-                         tracker_init)
+from .run_common import (build_data, cache_latents_if_asked, encode_latents_fn, load_base_models, make_loader_factory,
+                         make_sample_hook, optimizer_and_schedule, tracker_init)
+from .run_extras import attach_extras
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +37,10 @@ def run(args: argparse.Namespace) -> str:
     _verify(args)
     if args.seed is None:  # sd-scripts leaves T unseeded; a drawn seed keeps that and makes the run repeatable
         args.seed = random.randint(0, 2**32 - 1)
+    if getattr(args, "dry_run", False):
+        from .dry_run import report
+
+        return report(args, SCRIPT)
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -46,12 +49,8 @@ def run(args: argparse.Namespace) -> str:
     acc = setup.make_accelerator(args)
     wdtype = setup.weight_dtype(args)
     models = load_base_models(args, acc, wdtype, sdxl=False, train_text_encoder=True)
-    te, tokenizer = models.text_encoders[0], models.tokenizers[0]
-    strings = ti_tokens.token_strings(args.token_string, args.num_vectors_per_token)
-    init_ids = ti_tokens.init_word_ids(tokenizer, args.init_word, args.num_vectors_per_token)
-    token_ids = ti_tokens.add_tokens(tokenizer, strings)
-    ti_tokens.grow_embeddings(te, tokenizer, token_ids, init_ids, _initial_weights(args))
-    logger.info("tokens %s -> ids %s", strings, token_ids)
+    te = models.text_encoders[0]
+    strings, token_ids = _add_new_tokens(args, te, models.tokenizers[0])
     data_replacement, prompt_replacement = ti_tokens.caption_replacement(strings, args.use_object_template,
                                                                          args.use_style_template)
     group, _ = build_data(args, SCRIPT, models, acc)  # after add_tokens: captions tokenize with the new tokens
@@ -68,14 +67,7 @@ def run(args: argparse.Namespace) -> str:
     if args.full_fp16 or args.full_bf16:  # T casts without checking --mixed_precision (spec pitfall 12)
         te.to(wdtype)
     # 4. optimizer, scheduler, prepare
-    optimizer, _, extra = build_optimizer([te.get_input_embeddings().weight], args.optimizer_type, args.learning_rate,
-                                          args.optimizer_args, args.use_8bit_adam, args.use_lion_optimizer)
-    plan = LoopPlan.from_args(args, -(-len(group) // acc.num_processes))
-    args.max_train_steps = plan.max_train_steps
-    group.set_max_train_steps(plan.max_train_steps)
-    lr_sched = build_lr_scheduler(optimizer, extra.get("lr_scheduler") or args.lr_scheduler, args.lr_warmup_steps,
-                                  plan.max_train_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power,
-                                  args.lr_scheduler_type, args.lr_scheduler_args, acc.num_processes)
+    optimizer, lr_sched, plan, _ = optimizer_and_schedule(args, [te.get_input_embeddings().weight], group, acc)
     prepared_te, optimizer, lr_sched = acc.prepare(te, optimizer, lr_sched)
     # 5. method, saving, sampling, resume
     method = TextualInversionMethod.from_args(models, args, acc, wdtype, token_ids)
@@ -88,6 +80,8 @@ def run(args: argparse.Namespace) -> str:
     tracker_init(acc, args, "textual_inversion")
     replacer = (lambda s: s.replace(*prompt_replacement)) if prompt_replacement else None
     hooks = LoopHooks(sample=make_sample_hook(args, models, acc, wdtype, prompt_replacer=replacer))
+    hooks = attach_extras(args, acc, SCRIPT, models, group, method, checkpointer, hooks,
+                          encode_latents_fn(models, acc, args))  # validation, EMA, receipts
     # 6. train, final save
     logger.info("training: %d steps, %d epochs, %d batches per epoch", plan.max_train_steps, plan.num_epochs,
                 plan.batches_per_epoch)
@@ -109,6 +103,17 @@ def _verify(args: argparse.Namespace) -> None:
         raise UserError("--use_object_template and --use_style_template exclude each other")
     if args.output_name is None:
         args.output_name = args.token_string
+
+
+def _add_new_tokens(args: argparse.Namespace, te, tokenizer) -> tuple[list[str], list[int]]:
+    """Tokens ``tok, tok1, …`` into the tokenizer, new embedding rows from --init_word / --weights (spec §12 T)."""
+    strings = ti_tokens.token_strings(args.token_string, args.num_vectors_per_token)
+    init_ids = ti_tokens.init_word_ids(tokenizer, args.init_word, args.num_vectors_per_token)
+    weights = _initial_weights(args)  # read before touching the tokenizer: a bad file changes nothing
+    token_ids = ti_tokens.add_tokens(tokenizer, strings)
+    ti_tokens.grow_embeddings(te, tokenizer, token_ids, init_ids, weights)
+    logger.info("tokens %s -> ids %s", strings, token_ids)
+    return strings, token_ids
 
 
 def _initial_weights(args: argparse.Namespace) -> Optional[torch.Tensor]:

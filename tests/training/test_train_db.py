@@ -29,7 +29,8 @@ def test_trains_with_reg_images_and_diffusers_reads_the_file(tiny_sd, shapes_dat
     train_db.main(db_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 3, "--reg_data_dir", str(reg_data),
                           "--prior_loss_weight", "0.5", "--save_model_as", "safetensors", "--save_every_n_steps", "2",
                           "--metadata_title", "my model"))
-    assert sorted(os.listdir(out)) == ["db-step00000002.safetensors", "db.safetensors"]
+    assert sorted(os.listdir(out)) == ["db-step00000002.run.json", "db-step00000002.safetensors", "db.run.json",
+                                       "db.safetensors"]  # beside each model: its run receipt (<name>.run.json, docs/beyond-sd-scripts.md)
     path = out / "db.safetensors"
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
@@ -59,8 +60,9 @@ def test_ckpt_epoch_step_source_extras_and_text_encoder_stop(tiny_sd, tmp_path):
     # 2 batches per epoch, 2 epochs: step save at 3 (epoch index 1), epoch save after epoch 1, final save
     train_db.main(db_args(src, data, out, 0, "--max_train_epochs", "2", "--save_every_n_epochs", "1",
                           "--save_every_n_steps", "3", "--stop_text_encoder_training", "1"))
-    assert sorted(os.listdir(out)) == ["db-000001.ckpt", "db-step00000003.ckpt", "db.ckpt"]
-    stored = {name: torch.load(str(out / name), map_location="cpu", weights_only=True) for name in os.listdir(out)}
+    models = sorted(n for n in os.listdir(out) if not n.endswith(".run.json"))  # beside each model: its run receipt (<name>.run.json, docs/beyond-sd-scripts.md)
+    assert models == ["db-000001.ckpt", "db-step00000003.ckpt", "db.ckpt"]
+    stored = {name: torch.load(str(out / name), map_location="cpu", weights_only=True) for name in models}
     assert (stored["db-000001.ckpt"]["epoch"], stored["db-000001.ckpt"]["global_step"]) == (6, 102)
     assert (stored["db-step00000003.ckpt"]["epoch"], stored["db-step00000003.ckpt"]["global_step"]) == (6, 103)
     assert (stored["db.ckpt"]["epoch"], stored["db.ckpt"]["global_step"]) == (6, 104)

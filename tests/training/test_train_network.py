@@ -24,8 +24,9 @@ def test_trains_and_saves_with_metadata(tiny_sd, shapes_data, tmp_path):
     out = tmp_path / "out"
     train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 4, "--save_every_n_steps", "2",
                                  "--training_comment", "hello"))
-    assert sorted(os.listdir(out)) == ["lora-step00000002.safetensors", "lora-step00000004.safetensors",
-                                       "lora.safetensors"]
+    assert sorted(os.listdir(out)) == ["lora-step00000002.run.json", "lora-step00000002.safetensors",
+                                       "lora-step00000004.run.json", "lora-step00000004.safetensors",
+                                       "lora.run.json", "lora.safetensors"]  # a receipt beside each model
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         meta = f.metadata()
         keys = list(f.keys())

@@ -1,0 +1,99 @@
+"""Wiring of the features beyond sd-scripts into any trainer's run (docs/beyond-sd-scripts.md).
+
+A runner calls :func:`attach_extras` once, after its checkpointer exists and ``--resume`` was loaded,
+and hands the returned hooks to the loop: validation loss, the EMA (updates, ``-ema`` files, state,
+``--sample_with_ema``) and run receipts then work the same for every trainer. The non-finite guard and
+the throughput watch live in the loop itself; ``--dry_run`` is :func:`library.training.dry_run.report`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Callable, Optional
+
+from .checkpointing import Checkpointer
+from .ema import EMA, ema_from_args, ema_name
+from .loop import LoopHooks
+from .receipts import ReceiptWriter, build_receipt, dataset_fingerprint
+from .validation import Validator
+
+logger = logging.getLogger(__name__)
+
+
+class EmaSaver:
+    """Checkpointer companion: the EMA weights saved beside each model as ``<stem>-ema<ext>``, through the
+    method's own save function, so format and metadata are the model's."""
+
+    def __init__(self, ema: EMA, save_model: Callable[[str, str, int, int], None]):
+        self.ema, self.save_model = ema, save_model
+
+    def after_save(self, stem: str, ext: str, event: str, epoch: int, global_step: int) -> None:
+        with self.ema.applied():
+            self.save_model(ema_name(stem) + ext, event, epoch, global_step)
+
+    def paths(self, stem: str, ext: str) -> list[str]:
+        return [ema_name(stem) + ext]
+
+
+def attach_extras(args: argparse.Namespace, acc, script: str, models, group, method, checkpointer: Checkpointer,
+                  hooks: Optional[LoopHooks] = None, encode_latents: Optional[Callable] = None) -> LoopHooks:
+    """Add validation, EMA and receipts to ``hooks`` (a new LoopHooks when None) and to ``checkpointer``."""
+    hooks = hooks if hooks is not None else LoopHooks()
+    # 1. validation set and validator
+    vgroup = build_validation_group(args, script, models, group, acc, encode_latents)
+    if vgroup is not None:
+        seed = args.validation_seed if getattr(args, "validation_seed", None) is not None else args.seed
+        hooks.validation = Validator(vgroup, acc, args, seed)
+        logger.info("validation: %d images in %d batches", sum(len(d.images) for d in vgroup.datasets), len(vgroup))
+    elif getattr(args, "validate_every_n_steps", None) or getattr(args, "validate_every_n_epochs", None):
+        logger.warning("--validate_every_n_* given but no validation images: set validation_split")
+    # 2. EMA: updated after each step, saved beside each model and into each state folder
+    ema = ema_from_args(args, list(method.trainable_parameters()), acc.device)
+    if ema is not None:
+        if getattr(args, "resume", None):
+            ema.load_from_folder(args.resume)
+        hooks.after_step.append(ema.after_step)
+        checkpointer.companions.append(EmaSaver(ema, checkpointer.save_model))
+        checkpointer.state_extras.append(ema)
+        if args.sample_with_ema and hooks.sample is not None:
+            hooks.sample = _with_ema(ema, hooks.sample)
+    # 3. receipts beside every saved model
+    counts = {"train_images": sum(len(d.images) for d in group.datasets),
+              "validation_images": sum(len(d.images) for d in vgroup.datasets) if vgroup is not None else 0}
+    receipt = build_receipt(args, script, dataset_fingerprint([group, vgroup]), counts)
+    if ema is not None:
+        receipt["ema"] = {"suffix": "-ema", "decay": args.ema_decay, "power": args.ema_power}
+    checkpointer.companions.append(ReceiptWriter(receipt))
+    return hooks
+
+
+def build_validation_group(args: argparse.Namespace, script: str, models, group, acc,
+                           encode_latents: Optional[Callable] = None):
+    """The held-out images of ``validation_split`` as a dataset group, or None when nothing is held out."""
+    from library.config.dataset_blueprint import dataset_params_from_args
+    from library.data.dataset import build_dataset_group
+
+    params = dataset_params_from_args(args, script)
+    vgroup = build_dataset_group(params, models.tokenizers, seed=args.seed, max_train_steps=args.max_train_steps,
+                                 max_token_length=args.max_token_length, part="validation")
+    if vgroup is None:
+        return None
+    vgroup.replacements = dict(group.replacements)  # Textual Inversion's caption replacement
+    if getattr(args, "cache_latents", False) and encode_latents is not None:
+        import torch
+
+        from library.data.latent_cache import cache_latents
+
+        with torch.no_grad():
+            cache_latents(vgroup, encode_latents, args.vae_batch_size, args.cache_latents_to_disk, acc.is_main_process)
+        acc.wait_for_everyone()
+    return vgroup
+
+
+def _with_ema(ema: EMA, sample: Callable[[Optional[int], int], None]) -> Callable[[Optional[int], int], None]:
+    """``--sample_with_ema``: the sample hook runs with the EMA weights swapped in."""
+    def sample_with_ema(epoch: Optional[int], steps: int) -> None:
+        with ema.applied():
+            sample(epoch, steps)
+
+    return sample_with_ema

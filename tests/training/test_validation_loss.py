@@ -1,0 +1,121 @@
+"""Validation loss (issue 10 §1): the split, its keys, determinism, and no effect on training."""
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_network
+from library.config.dataset_blueprint import dataset_params_from_args
+from library.config.options import build_parser
+from library.data.dataset import build_dataset_group
+from library.data.validation_split import split_keys, train_count
+from library.errors import UserError
+from library.training.validation import band_timesteps
+from tests.training.train_helpers import base_args, make_shapes_folder
+
+
+def _groups(args):
+    params = dataset_params_from_args(args, "train_network")
+    build = dict(seed=args.seed, max_train_steps=10, max_token_length=None)
+    return build_dataset_group(params, [], **build), build_dataset_group(params, [], part="validation", **build)
+
+
+def _paths(group):
+    return [i.path for d in group.datasets for i in d.images] if group is not None else []
+
+
+def test_split_never_leaks_and_validation_only_subsets(tmp_path):
+    train_dir = make_shapes_folder(tmp_path / "a", repeats=3, n=7, name="sks shape")
+    val_only = make_shapes_folder(tmp_path / "b", repeats=1, n=2, name="held")
+    reg = make_shapes_folder(tmp_path / "r", repeats=1, n=3, name="shape")
+    config = tmp_path / "ds.toml"
+    config.write_text(f"""
+[general]
+resolution = 64
+validation_seed = 11
+[[datasets]]
+validation_split = 0.3
+  [[datasets.subsets]]
+  image_dir = "{train_dir / '3_sks shape'}"
+  num_repeats = 3
+  [[datasets.subsets]]
+  image_dir = "{val_only / '1_held'}"
+  validation_split = 1.0
+  [[datasets.subsets]]
+  image_dir = "{reg / '1_shape'}"
+  is_reg = true
+""", encoding="utf-8")
+    args = build_parser("train_network").parse_args(["--dataset_config", str(config), "--seed", "1"])
+    train, val = _groups(args)
+    train_paths, val_paths = _paths(train), _paths(val)
+    assert not set(train_paths) & set(val_paths)  # no image in both parts
+    everything = {str(p) for d in (train_dir, val_only, reg) for p in d.rglob("*.png")}
+    assert set(train_paths) | set(val_paths) == everything
+    assert {p for p in val_paths if "1_held" in p} == {p for p in everything if "1_held" in p}  # 1.0: all held out
+    assert not any("1_shape" in p for p in val_paths)  # regularization images are never held out
+    assert sum("3_sks" in p for p in val_paths) == 7 - train_count(7, 0.3) == 2
+    # validation images: one repeat each, no augmentation
+    assert all(i.num_repeats == 1 for d in val.datasets for i in d.images)
+    assert all(not s.flip_aug and not s.shuffle_caption for d in val.datasets for s in d.subsets)
+    # the same seed gives the same split; the train part keeps its repeats
+    assert _paths(_groups(args)[1]) == val_paths
+    assert all(i.num_repeats == 3 for d in train.datasets for i in d.images if "3_sks" in i.path)
+
+
+def test_split_is_a_function_of_keys_split_and_seed():
+    keys = [f"img{i}.png" for i in range(10)]
+    train, val = split_keys(keys, 0.3, 5)
+    assert len(val) == 3 and not train & val and train | val == set(keys)  # 10 * 0.7 is not 8 here
+    assert split_keys(list(reversed(keys)), 0.3, 5) == (train, val)
+    assert split_keys(keys, 0.3, 6) != (train, val)
+    assert split_keys(keys, 1.0, 5) == (set(), set(keys))
+
+
+def test_validation_split_key_is_checked(tmp_path):
+    config = tmp_path / "ds.toml"
+    config.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path}"\n'
+                      "validation_split = 1.5\n", encoding="utf-8")
+    args = build_parser("train_network").parse_args(["--dataset_config", str(config)])
+    with pytest.raises(UserError, match=r"validation_split = 1.5: expected a number from 0.0 to 1.0"):
+        dataset_params_from_args(args, "train_network")
+
+
+def test_band_timesteps_spread_evenly():
+    assert band_timesteps(0, 1000) == [(100, 0, 199), (300, 200, 399), (500, 400, 599), (700, 600, 799),
+                                       (900, 800, 999)]
+    assert band_timesteps(200, 700, 2) == [(325, 200, 449), (575, 450, 699)]
+
+
+def _scalars(logdir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(glob.glob(str(logdir / "**" / "events.out.tfevents.*"), recursive=True)[0])
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+def test_validation_does_not_change_training_and_is_deterministic(tiny_sd, tmp_path):
+    data = make_shapes_folder(tmp_path / "data", repeats=1, n=5)
+    common = ["--validation_split", "0.4", "--network_dropout", "0.1"]
+    runs = {}
+    for name, extra in (("plain", ["--validate_every_n_epochs", "1000"]), ("val", ["--validate_every_n_steps", "1"]),
+                        ("val2", ["--validate_every_n_steps", "2"])):
+        out = tmp_path / name
+        train_network.main(base_args(tiny_sd["sd1"]["safetensors"], data, out, 4, *common, *extra,
+                                     "--logging_dir", str(tmp_path / f"log_{name}")))
+        runs[name] = (load_file(str(out / "lora.safetensors")), _scalars(tmp_path / f"log_{name}"))
+    plain, val, val2 = runs["plain"], runs["val"], runs["val2"]
+    # 1. the training losses and weights are the same with and without validation
+    assert plain[1]["loss/current"] == val[1]["loss/current"]
+    for key, tensor in plain[0].items():
+        assert torch.equal(tensor, val[0][key]), key
+    assert "loss/validation" not in plain[1]
+    # 2. validation ran every step, with a band breakdown, and gives the same number for the same weights
+    assert [s for s, _ in val[1]["loss/validation"]] == [1, 2, 3, 4]
+    assert dict(val2[1]["loss/validation"]) == {s: v for s, v in val[1]["loss/validation"] if s % 2 == 0}
+    bands = [t for t in val[1] if t.startswith("loss/validation_t")]
+    assert len(bands) == 5
+    mean = sum(dict(val[1][t])[4] for t in bands) / 5
+    assert dict(val[1]["loss/validation"])[4] == pytest.approx(mean, rel=1e-6)
