@@ -1,0 +1,166 @@
+"""gen_img.py's command-line options (spec generation §1) and the check of not-yet-supported ones.
+
+Names, types and defaults are upstream's. Options of features we do not implement yet are still declared
+(so an sd-scripts command line parses) and `reject_unsupported` refuses them with a clear error instead of
+silently ignoring them.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from library.config.options_common import section
+from library.errors import UserError
+from library.log import add_logging_arguments
+from library.sampling.prompt_weighting import EMB_NORMALIZE_MODES
+from library.sampling.samplers import SAMPLERS
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = section(p, "model and precision (spec §1.1)")
+    g.add_argument("--ckpt", type=str, default=None, help="model: single file, Diffusers folder (glob allowed)")
+    g.add_argument("--sdxl", action="store_true", help="SDXL model")
+    g.add_argument("--v1", action="store_true", help="SD1 model (no SDXL auto-detection)")
+    g.add_argument("--v2", action="store_true", help="SD2 model")
+    g.add_argument("--v_parameterization", action="store_true", help="v-prediction schedulers")
+    g.add_argument("--vae", type=str, default=None, help="replacement VAE (file or folder)")
+    g.add_argument("--tokenizer_cache_dir", type=str, default=None, help="tokenizer cache folder (offline use)")
+    g.add_argument("--fp16", action="store_true", help="models in float16")
+    g.add_argument("--bf16", action="store_true", help="models in bfloat16")
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32")
+    g.add_argument("--xformers", action="store_true", help="xformers attention (needs xformers installed)")
+    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    g.add_argument("--diffusers_xformers", action="store_true", help="Diffusers' xformers switch")
+    g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory format for the U-Net")
+    g.add_argument("--vae_batch_size", type=float, default=None, help="VAE batch; <1 = fraction of --batch_size")
+    g.add_argument("--vae_slices", type=int, default=None, help="decode the VAE in pieces to save memory")
+    g.add_argument("--clip_skip", type=int, default=None,
+                   help="use hidden state -k of the text encoder (default SD1 1, SD2 2, SDXL 2)")
+    g.add_argument("--max_embeddings_multiples", type=int, default=None, help="prompt length = 75 x this")
+    g.add_argument("--emb_normalize_mode", type=str, default="original", choices=list(EMB_NORMALIZE_MODES),
+                   help="how prompt weights are normalised (default original)")
+
+
+def _add_prompt_options(p: argparse.ArgumentParser) -> None:
+    g = section(p, "prompts, batching, output (spec §1.2)")
+    g.add_argument("--prompt", type=str, default=None, help="one prompt line (with inline --w/--h/--d/... options)")
+    g.add_argument("--from_file", type=str, default=None, help="UTF-8 file, one prompt line per line")
+    g.add_argument("--from_module", type=str, default=None, help="Python file defining get_prompter(args, pipe, networks)")
+    g.add_argument("--prompter_module_args", type=str, default=None, help="free string for --from_module")
+    g.add_argument("--interactive", action="store_true", help="read prompt lines from stdin (n_iter forced to 1)")
+    g.add_argument("--no_preview", action="store_true", help="no preview window in interactive mode (never shown here)")
+    g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt line")
+    g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list")
+    g.add_argument("--batch_size", type=int, default=1, help="images per U-Net batch")
+    g.add_argument("--outdir", type=str, default="outputs", help="output folder")
+    g.add_argument("--sequential_file_name", action="store_true", help="name images im_000001.png, ...")
+    g.add_argument("--use_original_file_name", action="store_true", help="img2img: name = source image stem")
+    g.add_argument("--shuffle_prompts", action="store_true", help="shuffle the prompt list each iteration")
+    g.add_argument("--seed", type=int, default=None, help="seed: per-image seeds are drawn from Random(seed)")
+    g.add_argument("--iter_same_seed", action="store_true", help="one seed for all prompts of an iteration")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = section(p, "sampling (spec §1.3)")
+    g.add_argument("--W", type=int, default=None, help="width (default 512, SDXL 1024)")
+    g.add_argument("--H", type=int, default=None, help="height (default 512, SDXL 1024)")
+    g.add_argument("--steps", type=int, default=50, help="sampling steps")
+    g.add_argument("--sampler", type=str, default="ddim", help=f"sampler: {', '.join(SAMPLERS)}")
+    g.add_argument("--scale", type=float, default=7.5, help="CFG scale (guidance only when > 1)")
+    g.add_argument("--negative_scale", type=float, default=None, help="separate negative-prompt guidance scale")
+    for name in ("original_width", "original_height", "original_width_negative", "original_height_negative",
+                 "crop_top", "crop_left"):
+        g.add_argument(f"--{name}", type=int, default=None, help=f"SDXL size conditioning: {name}")
+
+
+def _add_img2img_options(p: argparse.ArgumentParser) -> None:
+    g = section(p, "img2img / inpaint / hires fix (spec §1.4)")
+    g.add_argument("--image_path", type=str, default=None, help="init image file or folder")
+    g.add_argument("--mask_path", type=str, default=None, help="inpaint mask file or folder (white = repaint)")
+    g.add_argument("--strength", type=float, default=None, help="img2img strength (default 0.8)")
+    g.add_argument("--clip_vision_strength", type=float, default=None, help="not supported yet")
+    g.add_argument("--highres_fix_scale", type=float, default=None, help="hires fix: 1st stage size = final x scale")
+    g.add_argument("--highres_fix_steps", type=int, default=28, help="hires fix: 1st stage steps")
+    g.add_argument("--highres_fix_strength", type=float, default=None, help="hires fix: 1st stage strength (img2img)")
+    g.add_argument("--highres_fix_save_1st", action="store_true", help="hires fix: also save 1st stage images")
+    g.add_argument("--highres_fix_latents_upscaling", action="store_true", help="hires fix: bilinear latent upscale")
+    g.add_argument("--highres_fix_upscaler", type=str, default=None, help="not supported yet")
+    g.add_argument("--highres_fix_upscaler_args", type=str, default=None, help="not supported yet")
+    g.add_argument("--highres_fix_disable_control_net", action="store_true",
+                   help="no ControlNet in the 2nd stage (ControlNet itself is not supported yet)")
+
+
+def _add_network_options(p: argparse.ArgumentParser) -> None:
+    g = section(p, "networks and embeddings (spec §1.5)")
+    g.add_argument("--network_module", type=str, default=None, nargs="*", help="network module per network")
+    g.add_argument("--network_weights", type=str, default=None, nargs="*", help="weights file per network")
+    g.add_argument("--network_mul", type=float, default=None, nargs="*", help="multiplier per network (1.0)")
+    g.add_argument("--network_args", type=str, default=None, nargs="*", help="per network one 'k=v;k=v' string")
+    g.add_argument("--network_show_meta", action="store_true", help="print the networks' safetensors metadata")
+    g.add_argument("--network_merge", action="store_true", help="merge the networks into the weights")
+    g.add_argument("--network_merge_n_models", type=int, default=None, help="merge only the first N networks")
+    g.add_argument("--network_pre_calc", action="store_true", help="pre-add network deltas per batch")
+    g.add_argument("--network_regional_mask_max_color_codes", type=int, default=None, help="not supported yet")
+    g.add_argument("--textual_inversion_embeddings", type=str, default=None, nargs="*",
+                   help="TI embedding files (token = file stem)")
+
+
+def _add_unsupported_options(p: argparse.ArgumentParser) -> None:
+    g = section(p, "not supported yet (declared for command-line compatibility; giving one is an error)")
+    for name in ("XTI_embeddings", "guide_image_path", "control_net_models", "control_net_preps",
+                 "control_net_lllite_models"):
+        g.add_argument(f"--{name}", type=str, default=None, nargs="*", help="not supported yet")
+    for name in ("control_net_ratios", "control_net_weights", "control_net_multipliers"):
+        g.add_argument(f"--{name}", type=float, default=None, nargs="*", help="not supported yet")
+    for name, typ, default in (("clip_guidance_scale", float, 0.0), ("clip_image_guidance_scale", float, 0.0),
+                               ("vgg16_guidance_scale", float, 0.0), ("vgg16_guidance_layer", int, 20),
+                               ("ds_depth_1", int, None), ("ds_timesteps_1", int, 650), ("ds_depth_2", int, None),
+                               ("ds_timesteps_2", int, 650), ("ds_ratio", float, 0.5),
+                               ("gradual_latent_timesteps", int, None), ("gradual_latent_ratio", float, 0.5),
+                               ("gradual_latent_ratio_step", float, 0.125),
+                               ("gradual_latent_every_n_steps", int, 3), ("gradual_latent_s_noise", float, 1.0),
+                               ("gradual_latent_unsharp_params", str, None)):
+        g.add_argument(f"--{name}", type=typ, default=default, help="not supported yet")
+
+
+def build_gen_parser() -> argparse.ArgumentParser:
+    """The full gen_img.py parser."""
+    p = argparse.ArgumentParser(prog="gen_img.py", description="Generate images with SD1/SD2/SDXL: txt2img, "
+                                "img2img, inpaint, hires fix, LoRA, Textual Inversion, weighted long prompts.")
+    add_logging_arguments(section(p, "console log"))
+    _add_model_options(p)
+    _add_prompt_options(p)
+    _add_sampling_options(p)
+    _add_img2img_options(p)
+    _add_network_options(p)
+    _add_unsupported_options(p)
+    return p
+
+
+# option -> (what it enables, the value meaning "not given"): anything else given is rejected
+UNSUPPORTED: dict[str, tuple[str, Any]] = {
+    "control_net_models": ("ControlNet", None), "control_net_preps": ("ControlNet", None),
+    "control_net_ratios": ("ControlNet", None), "control_net_weights": ("ControlNet", None),
+    "control_net_multipliers": ("ControlNet-LLLite", None), "control_net_lllite_models": ("ControlNet-LLLite", None),
+    "guide_image_path": ("guide images (ControlNet / CLIP / VGG16 guidance)", None),
+    "clip_guidance_scale": ("CLIP guidance", 0.0), "clip_image_guidance_scale": ("CLIP image guidance", 0.0),
+    "vgg16_guidance_scale": ("VGG16 guidance", 0.0), "clip_vision_strength": ("CLIP-vision conditioning", None),
+    "ds_depth_1": ("Deep Shrink", None), "ds_depth_2": ("Deep Shrink", None),
+    "gradual_latent_timesteps": ("Gradual Latent", None), "XTI_embeddings": ("Extended Textual Inversion", None),
+    "network_regional_mask_max_color_codes": ("regional LoRA", None),
+    "highres_fix_upscaler": ("upscaler modules", None), "highres_fix_upscaler_args": ("upscaler modules", None),
+}
+
+
+def reject_unsupported(args: argparse.Namespace) -> None:
+    """Refuse every option of a feature that is not implemented yet (never silently ignored)."""
+    for name, (feature, unset) in UNSUPPORTED.items():
+        if getattr(args, name) != unset:
+            raise UserError(f"--{name} is not supported yet ({feature}); see docs/gen_img.md")
+    if args.network_module and args.mask_path:
+        raise UserError("--mask_path with --network_module means regional LoRA, which is not supported yet; "
+                        "see docs/gen_img.md")
+    if args.fp16 and args.bf16:
+        raise UserError("--fp16 and --bf16 exclude each other")
+    if sum(map(bool, (args.sdxl, args.v1, args.v2))) > 1:
+        raise UserError("give at most one of --sdxl, --v1, --v2")

@@ -1,0 +1,167 @@
+"""gen_img set-up: model loading, precision, attention kernels, networks (LoRA) and TI. spec generation §1.1, §8."""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from library.errors import UserError
+from library.models.bundle import SDModels
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_ckpt(ckpt: str | None) -> str:
+    """`--ckpt`: an existing path, or a glob with exactly one match. spec §1.1."""
+    if not ckpt:
+        raise UserError("--ckpt is required: a .safetensors/.ckpt file or a Diffusers folder")
+    if os.path.exists(ckpt):
+        return ckpt
+    matches = glob.glob(ckpt)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UserError(f"--ckpt {ckpt}: matches {len(matches)} paths; name exactly one")
+    raise UserError(f"--ckpt {ckpt}: no such file or folder")
+
+
+def model_dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+
+
+def load_gen_models(args: argparse.Namespace, device: torch.device) -> SDModels:
+    """Load `--ckpt` (+ `--vae`) with the family flags; models in `--fp16/--bf16`, VAE fp32 with --no_half_vae."""
+    from library.models.loading import load_models
+
+    path = resolve_ckpt(args.ckpt)
+    sdxl = True if args.sdxl else False if (args.v1 or args.v2) else None
+    models = load_models(path, v2=args.v2, sdxl=sdxl, v_parameterization=args.v_parameterization, vae=args.vae,
+                         tokenizer_cache_dir=args.tokenizer_cache_dir)
+    if args.v1 and models.family != "sd1":
+        raise UserError(f"--ckpt {path}: --v1 was given but this is an {models.family.upper()} model")
+    dtype = model_dtype(args)
+    models.to(device=device, dtype=dtype)
+    if args.no_half_vae:
+        models.vae.to(dtype=torch.float32)
+    for m in (models.unet, models.vae, *models.text_encoders):
+        m.eval().requires_grad_(False)
+    return models
+
+
+def set_attention(args: argparse.Namespace, models: SDModels) -> None:
+    """`--xformers`/`--diffusers_xformers` (only if importable), `--sdpa` (the default), `--opt_channels_last`,
+    `--vae_slices` (diffusers' sliced + tiled VAE decode: memory-saving like upstream's, not bit-identical)."""
+    if args.xformers or args.diffusers_xformers:
+        if importlib.util.find_spec("xformers") is None:
+            flag = "--xformers" if args.xformers else "--diffusers_xformers"
+            raise UserError(f"{flag} needs xformers: pip install xformers (or use --sdpa, the default)")
+        models.unet.enable_xformers_memory_efficient_attention()
+        models.vae.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        models.unet.set_attn_processor(AttnProcessor2_0())
+    if args.opt_channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+    if args.vae_slices:
+        models.vae.enable_slicing()
+        models.vae.enable_tiling()
+
+
+@dataclass
+class LoadedNetworks:
+    """Networks kept separate from the weights (their multipliers can change per batch with `--am`)."""
+
+    networks: list[Any] = field(default_factory=list)
+    pre_calc: bool = False
+
+    def set_multipliers(self, muls: list[float] | None, defaults: list[float]) -> None:
+        """Per batch: `--am` values (or the `--network_mul` defaults); `--network_pre_calc` re-merges. spec §8."""
+        for net, mul in zip(self.networks, muls or defaults):
+            net.set_multiplier(mul)
+            if self.pre_calc:
+                net.restore_weights()
+                net.pre_calculation()
+
+
+def _network_kwargs(args_list: list[str] | None, index: int) -> dict[str, str]:
+    """Network `index`'s `--network_args` string `k=v;k=v` -> kwargs (values stay strings for the plug-in)."""
+    from library.training.network_host import parse_network_args
+
+    text = args_list[index] if args_list and index < len(args_list) else ""
+    return parse_network_args([item for item in text.split(";") if item.strip()])
+
+
+def show_network_metadata(path: str) -> None:
+    """`--network_show_meta`: print a network file's safetensors metadata."""
+    if not path.endswith(".safetensors"):
+        logger.info("%s: no metadata (not a .safetensors file)", path)
+        return
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    print(json.dumps({"file": path, "metadata": meta}, indent=2, ensure_ascii=False))
+
+
+def load_networks(args: argparse.Namespace, models: SDModels, device: torch.device) -> tuple[LoadedNetworks, list[float]]:
+    """Create every `--network_module` network; merge the first N, apply the rest. spec §8.
+
+    Returns the applied networks and their default multipliers (`--am` indexes these, merged ones excluded).
+    """
+    from library.training.network_host import import_network_module
+
+    modules = args.network_module or []
+    weights = args.network_weights or []
+    if len(weights) != len(modules):
+        raise UserError(f"--network_weights: give one file per --network_module ({len(modules)} modules, "
+                        f"{len(weights)} files)")
+    muls = list(args.network_mul or [])
+    merge_n = len(modules) if args.network_merge else (args.network_merge_n_models or 0)
+    dtype = next(models.unet.parameters()).dtype
+    te = models.text_encoders if models.is_sdxl else models.text_encoders[0]
+    loaded, defaults = LoadedNetworks(pre_calc=args.network_pre_calc), []
+    for i, (name, path) in enumerate(zip(modules, weights)):
+        if not os.path.isfile(path):
+            raise UserError(f"--network_weights {path}: file not found")
+        if args.network_show_meta:
+            show_network_metadata(path)
+        mul = muls[i] if i < len(muls) else 1.0
+        kwargs = _network_kwargs(args.network_args, i)
+        module = import_network_module(name)
+        network, sd = module.create_network_from_weights(mul, path, models.vae, te, models.unet, for_inference=True,
+                                                         **kwargs)
+        if i < merge_n:
+            network.merge_to(te, models.unet, sd, dtype, device)
+            logger.info("network %s merged (multiplier %s)", path, mul)
+            continue
+        network.apply_to(te, models.unet)
+        info = network.load_state_dict(sd, strict=False)
+        if getattr(info, "unexpected_keys", None):
+            logger.warning("network %s: %d unexpected keys, e.g. %s", path, len(info.unexpected_keys),
+                           info.unexpected_keys[0])
+        network.to(device, dtype=dtype).eval().requires_grad_(False)
+        if args.network_pre_calc:
+            if not hasattr(network, "pre_calculation"):
+                raise UserError(f"--network_pre_calc: {name} networks have no pre_calculation()")
+            network.backup_weights()
+        loaded.networks.append(network)
+        defaults.append(mul)
+    return loaded, defaults
+
+
+def load_ti(args: argparse.Namespace, models: SDModels) -> list[Any] | None:
+    """`--textual_inversion_embeddings`: tokens added, rows set; returns the token replacers (or None)."""
+    if not args.textual_inversion_embeddings:
+        return None
+    from library.sampling.textual_inversion import load_textual_inversion
+
+    return load_textual_inversion(models.family, models.text_encoders, models.tokenizers,
+                                  args.textual_inversion_embeddings)
