@@ -73,3 +73,28 @@ def test_wandb_missing_is_a_clear_error(tiny_sd, shapes_data, tmp_path, capsys):
         train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "o", 1,
                                      "--log_with", "wandb"))
     assert e.value.code == 2 and "pip install wandb" in capsys.readouterr().err
+
+
+def test_sample_images_during_training(tiny_sd, shapes_data, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a sks shape --w 64 --h 64 --d 5 --s 2 --n blurry\n# skipped\n"
+                       "a red circle --w 75 --h 48 --s 2 --ss euler_a\n", encoding="utf-8")
+    out = tmp_path / "out"
+    train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 2, "--sample_prompts", str(prompts),
+                                 "--sample_every_n_steps", "2", "--sample_at_first"))
+    names = sorted(p.name for p in (out / "sample").iterdir())
+    assert len(names) == 4
+    import re
+
+    assert re.fullmatch(r"lora_e000000_00_\d{14}_5\.png", names[2]) or any(
+        re.fullmatch(r"lora_e000000_00_\d{14}_5\.png", n) for n in names)
+    assert any(re.fullmatch(r"lora_000002_01_\d{14}\.png", n) for n in names)
+    sizes = {Image.open(out / "sample" / n).size for n in names}
+    assert sizes == {(64, 64), (72, 64)}  # --w/--h per line: down to multiples of 8, at least 64
+
+
+def test_sample_options_need_prompts(tiny_sd, shapes_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "o", 1,
+                                     "--sample_every_n_steps", "1"))
+    assert e.value.code == 2 and "--sample_prompts" in capsys.readouterr().err
