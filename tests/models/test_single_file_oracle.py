@@ -38,7 +38,9 @@ def test_diffusers_from_single_file_reads_our_file(tiny_models, tmp_path, family
         assert_state_dicts_equal(src_parts[name], theirs_parts[name])
     a, b = _outputs(src_parts, family), _outputs(theirs_parts, family)
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        # weights are bit-identical (above); the forward may pick other kernels for differently laid-out
+        # tensors (thread count, strides), so allow float32 rounding only
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
