@@ -7,6 +7,7 @@ Accumulation, clipping, logging, sample images, saving, validation, the non-fini
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -116,17 +117,21 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
             # 3. one micro-step: forward + backward + one checked sync; accelerate steps the optimizer on sync
             rand = StepRandom.for_step(seed, state.global_step, i % plan.grad_accum, rank, accelerator.device)
             watch.add_images(batch_images(batch) * accelerator.num_processes)
-            with accelerator.accumulate(*getattr(method, "modules", (method.module,))):
+            # the last, possibly partial, accumulation group of an epoch steps too (sd-scripts' prepared
+            # loader tells accelerate where an epoch ends; ours is not prepared, so we decide here)
+            sync = (i + 1) % plan.grad_accum == 0 or i + 1 == plan.batches_per_epoch
+            with _no_sync_unless(accelerator, getattr(method, "modules", (method.module,)), sync):
                 current, grad_logs = _forward_backward(accelerator, method, optimizer, batch, rand, guard, args,
-                                                       state.global_step + 1)
-                if accelerator.sync_gradients and args.max_grad_norm:
+                                                       state.global_step + 1, sync)
+            if sync:
+                if args.max_grad_norm:
                     accelerator.clip_grad_norm_(list(method.trainable_parameters()), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch = i + 1
             recorder.add(epoch, i, current)
-            if not accelerator.sync_gradients:
+            if not sync:
                 continue
             # 4. after an optimizer step: bookkeeping, logs, samples, saves, validation
             state.global_step += 1
@@ -169,16 +174,26 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
     return state
 
 
+@contextlib.contextmanager
+def _no_sync_unless(accelerator, modules, sync: bool):
+    """DDP gradient all-reduce only on the micro-step that completes an accumulation group."""
+    with contextlib.ExitStack() as stack:
+        if not sync:
+            for m in modules:
+                stack.enter_context(accelerator.no_sync(m))
+        yield
+
+
 def _forward_backward(accelerator, method: TrainingMethod, optimizer, batch: dict, rand: StepRandom,
-                      guard: NonFiniteGuard, args: argparse.Namespace, step: int) -> tuple[float, dict]:
+                      guard: NonFiniteGuard, args: argparse.Namespace, step: int, sync: bool) -> tuple[float, dict]:
     """Loss, backward, gradient sync; then the micro-step's single device sync: the loss value, the
     non-finite flags of the forward's sites and (``--check_grads``) the groups' gradient norms, checked
     before the optimizer may step (raises :class:`~library.errors.NonFiniteError`)."""
     with guard.recording():
         loss = method.loss(batch, rand)
-    accelerator.backward(loss)
+    accelerator.backward(loss)  # divided by gradient_accumulation_steps, as sd-scripts' accumulation does
     norms, names = [], []
-    if accelerator.sync_gradients:
+    if sync:
         if accelerator.num_processes > 1 and getattr(method, "manual_grad_sync", False):
             _all_reduce_grads(accelerator, method.trainable_parameters())
         if guard.check_grads:

@@ -105,3 +105,16 @@ def test_max_train_epochs_sets_steps(tiny_sd, shapes_data, tmp_path):
     # 3 images x 2 repeats, batch 1 -> 6 steps per epoch
     assert meta["ss_steps"] == "12" and meta["ss_epoch"] == "2" and meta["ss_num_epochs"] == "2"
     assert (out / "lora-000001.safetensors").exists() and not (out / "lora-000002.safetensors").exists()
+
+
+def test_partial_accumulation_group_steps_at_epoch_end(tiny_sd, tmp_path):
+    """3 batches per epoch, accumulation 2: each epoch makes 2 optimizer steps (the last one partial)."""
+    from tests.training.train_helpers import make_shapes_folder
+
+    data = make_shapes_folder(tmp_path / "data", repeats=1, n=3)
+    out = tmp_path / "out"
+    train_network.main(base_args(tiny_sd["sd1"]["safetensors"], data, out, 100, "--max_train_epochs", "2",
+                                 "--gradient_accumulation_steps", "2"))
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_max_train_steps"] == "4" and meta["ss_steps"] == "4" and meta["ss_epoch"] == "2"
