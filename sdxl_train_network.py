@@ -8,23 +8,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from library.config.config_file import parse_args_with_config  # noqa: E402
-from library.config.options import build_parser  # noqa: E402
-from library.errors import exit_on_user_error  # noqa: E402
-from library.log import setup_logging_from_args  # noqa: E402
+from library.training import entry  # noqa: E402
 
 
 def setup_parser():
-    return build_parser("sdxl_train_network")
+    return entry.setup_parser("sdxl_train_network")
 
 
-@exit_on_user_error
 def main(argv=None) -> None:
-    args = parse_args_with_config(setup_parser(), argv)
-    setup_logging_from_args(args)
-    from library.training.run_network import run
-
-    run(args, sdxl=True)
+    entry.trainer_main("sdxl_train_network", argv)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     total = result["times"]["build_dataset_group + epoch 1 (total)"]
     print(f"\n{result['images']} images, {result['batches']} batches of 4, resolution 512, buckets on\n")
-    print(f"| phase | seconds |\n|---|---|")
+    print("| phase | seconds |\n|---|---|")
     for phase, seconds in result["times"].items():
         print(f"| {phase} | {seconds:.2f} |")
     print(f"| peak RSS (MiB, whole process) | {result['peak_mib']:.0f} |")

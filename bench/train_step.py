@@ -137,7 +137,7 @@ def main() -> None:
         rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"LoRA training step, {Path(args.model).name}, batch {args.batch}, {args.resolution}px, rank {args.rank}, "
           f"{args.device}, {args.steps} steps")
-    print(f"| variant | s/step | images/s | peak RSS MiB |\n|---|---|---|---|")
+    print("| variant | s/step | images/s | peak RSS MiB |\n|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['s_per_step']:.4f} | {r['images_per_s']:.2f} | {r['peak_mib']:.0f} |")
     print(f"ratio ours/reference (s/step): {rows['ours']['s_per_step'] / rows['reference']['s_per_step']:.3f}")

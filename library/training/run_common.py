@@ -239,3 +239,17 @@ def dataset_facts(group) -> list:
                                 max_bucket_reso=p.max_bucket_reso if plain_buckets else None,
                                 tag_frequency=d.tag_frequency, bucket_info=d.bucket_info(), subsets=subsets))
     return out
+
+
+def train_and_save(acc, method, group, args: argparse.Namespace, optimizer, lr_sched, plan, checkpointer, state,
+                   hooks, note: str = "") -> str:
+    """The last step of every runner: the shared loop, then the final save; returns the final file."""
+    from .loop import train
+
+    logger.info("training: %d steps, %d epochs, %d batches per epoch%s", plan.max_train_steps, plan.num_epochs,
+                plan.batches_per_epoch, note)
+    state = train(acc, method, make_loader_factory(group, args, acc), group.set_current_epoch, optimizer, lr_sched,
+                  plan, checkpointer, args, state, hooks)
+    path = checkpointer.at_end(state)
+    acc.end_training()
+    return path

@@ -22,10 +22,10 @@ from . import accelerate_setup as setup
 from .checkpointing import Checkpointer, TrainState, load_state
 from .checks import verify_training_args
 from .full_model_saving import FullModelSaver, resolve_save_format
-from .loop import LoopHooks, LoopPlan, train
+from .loop import LoopHooks, LoopPlan
 from .methods.full_model import FullModelMethod
 from .modelspec import modelspec_from_args
-from .run_common import (build_data, cache_latents_if_asked, encode_latents_fn, load_base_models, make_loader_factory,
+from .run_common import (train_and_save, build_data, cache_latents_if_asked, encode_latents_fn, load_base_models,
                          make_sample_hook, optimizer_and_schedule, tracker_init)
 from .run_extras import attach_extras
 
@@ -94,13 +94,8 @@ def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: b
     hooks = attach_extras(args, acc, script.name, models, group, method, checkpointer, hooks,
                           encode_latents_fn(models, acc, args))  # validation, EMA, receipts
     # 6. train, final save
-    logger.info("training: %d steps, %d epochs, %d batches per epoch, text encoder %s", plan.max_train_steps,
-                plan.num_epochs, plan.batches_per_epoch, "trained" if train_text_encoder else "frozen")
-    state = train(acc, method, make_loader_factory(group, args, acc), group.set_current_epoch, optimizer, lr_sched,
-                  plan, checkpointer, args, state, hooks)
-    path = checkpointer.at_end(state)
-    acc.end_training()
-    return path
+    return train_and_save(acc, method, group, args, optimizer, lr_sched, plan, checkpointer, state, hooks,
+                          note=", text encoder " + ("trained" if train_text_encoder else "frozen"))
 
 
 def param_groups(models: SDModels, train_text_encoder: bool, learning_rate: float,

@@ -15,12 +15,12 @@ from . import accelerate_setup as setup
 from .checkpointing import Checkpointer, TrainState, load_state
 from .checks import verify_training_args
 from .diffusion_step import DiffusionObjective
-from .loop import LoopHooks, LoopPlan, train
+from .loop import LoopHooks, LoopPlan
 from .lr_schedules import build_lr_scheduler
 from .methods.network import NetworkMethod
 from .network_host import NetworkHost, parse_network_args
 from .optimizers import build_optimizer
-from .run_common import (build_data, encode_latents_fn, encode_text_fn, load_base_models, make_loader_factory, make_sample_hook,
+from .run_common import (train_and_save, build_data, encode_latents_fn, encode_text_fn, load_base_models, make_sample_hook,
                          tracker_init, training_facts)
 from .run_extras import attach_extras
 
@@ -115,13 +115,7 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
     hooks = attach_extras(args, acc, script, models, group, method, checkpointer, hooks,
                           encode_latents_fn(models, acc, args))
     # 6. train, final save
-    logger.info("training: %d steps, %d epochs, %d batches per epoch", plan.max_train_steps, plan.num_epochs,
-                plan.batches_per_epoch)
-    state = train(acc, method, make_loader_factory(group, args, acc), group.set_current_epoch, optimizer, lr_sched,
-                  plan, checkpointer, args, state, hooks)
-    path = checkpointer.at_end(state)
-    acc.end_training()
-    return path
+    return train_and_save(acc, method, group, args, optimizer, lr_sched, plan, checkpointer, state, hooks)
 
 
 def _verify_sdxl(args: argparse.Namespace) -> None:

@@ -1,0 +1,33 @@
+"""The one ``main`` of every trainer script: options (+ ``--config_file``), logging, the script's runner."""
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Sequence
+
+from library.config.config_file import parse_args_with_config
+from library.config.options import build_parser
+from library.errors import exit_on_user_error
+from library.log import setup_logging_from_args
+
+# script -> (runner module, keyword arguments of its run())
+RUNNERS = {
+    "train_network": ("library.training.run_network", {"sdxl": False}),
+    "sdxl_train_network": ("library.training.run_network", {"sdxl": True}),
+    "train_db": ("library.training.run_dreambooth", {}),
+    "fine_tune": ("library.training.run_finetune", {}),
+    "train_textual_inversion": ("library.training.run_textual_inversion", {}),
+}
+
+
+def setup_parser(script: str) -> argparse.ArgumentParser:
+    """The script's parser (sd-scripts exposes ``setup_parser()`` in every trainer)."""
+    return build_parser(script)
+
+
+@exit_on_user_error
+def trainer_main(script: str, argv: Sequence[str] | None = None) -> None:
+    args = parse_args_with_config(setup_parser(script), argv)
+    setup_logging_from_args(args)
+    module, kwargs = RUNNERS[script]
+    importlib.import_module(module).run(args, **kwargs)  # imported late: --help stays fast
