@@ -1,0 +1,70 @@
+"""Tiny-VAE training: a few steps lower the loss, the latent-scale fold is exact, the folder loads."""
+import json
+
+import pytest
+import torch
+
+from library.shapes import vae_training as vt
+from tools import train_tiny_vae
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: tiny convolutions gain nothing from more, and on a busy CI box OpenMP spin-waits."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _cfg(**kw):
+    base = dict(steps=12, batch_size=4, crop=16, dataset_size=24, warmup=2, lr=2e-3,
+                block_out_channels=(64, 32, 32, 32))
+    return vt.VAETrainConfig(**{**base, **kw})
+
+
+def test_a_few_steps_lower_the_loss():
+    vae, history = vt.train_vae(_cfg(steps=16))
+    assert len(history) == 16
+    assert sum(history[-4:]) / 4 < sum(history[:4]) / 4
+
+
+def test_fold_latent_scale_keeps_reconstructions_and_normalises_latents():
+    torch.manual_seed(0)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**vt.vae_config(_cfg())).eval()
+    buckets = vt.make_buckets(12, 0, ("red", "blue"), ("circle", "star"))
+    x = buckets[0][:3]
+    with torch.no_grad():
+        before = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    mean, std = vt.latent_stats(vae, buckets)
+    vt.fold_latent_scale(vae, mean, std)
+    with torch.no_grad():
+        after = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    assert torch.allclose(before, after, atol=1e-4)
+    mean2, std2 = vt.latent_stats(vae, buckets)
+    assert torch.allclose(mean2 * vt.SD1_SCALING, torch.zeros(4), atol=1e-3)
+    assert torch.allclose(std2 * vt.SD1_SCALING, torch.ones(4), atol=1e-3)
+
+
+def test_cli_saves_a_folder_diffusers_loads(tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    out = tmp_path / "vae"
+    report = train_tiny_vae.main(["--out", str(out), "--steps", "3", "--batch_size", "2", "--crop", "16",
+                                  "--dataset_size", "12", "--eval_n", "6"])
+    vae = AutoencoderKL.from_pretrained(str(out))
+    assert list(vae.config.block_out_channels) == [64, 32, 32, 32]
+    assert vae.config.norm_num_groups == 32 and vae.config.scaling_factor == vt.SD1_SCALING
+    saved = json.loads((out / "training_report.json").read_text())
+    assert saved["steps_done"] == 3 and 0 <= saved["color_accuracy"] <= 1 and report["n"] == 6
+    assert "--steps 3" in saved["command"]
+    assert "PSNR" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_channels(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_tiny_vae.main(["--out", str(tmp_path / "v"), "--channels", "16,32,32,32"])
+    assert e.value.code == 2 and "multiple of 32" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
