@@ -23,6 +23,9 @@ TEXT_ENCODERS = {
 VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 SAMPLE_SIZE = {"sd1": 64, "sd2": 64, "sdxl": 128}  # latent size of the default resolution
 SIZE_EMB_DIM = 256  # SDXL size conditioning: 6 sinusoidal embeddings of 256 each (spec losses §9)
+# GroupNorm group counts are not in the weights; real SD files all use 32. Files we write for models
+# with another count (small demo models) record it in these safetensors metadata keys.
+NORM_GROUPS_KEYS = {"unet": "sdt.unet.norm_num_groups", "vae": "sdt.vae.norm_num_groups"}
 
 Shapes = Mapping[str, tuple]
 
@@ -52,6 +55,12 @@ def unet_heads(family: str, channels: int) -> int:
     return 8 if family == "sd1" else max(1, channels // 64)
 
 
+def norm_groups(metadata: Mapping[str, str] | None, part: str) -> int:
+    """GroupNorm groups of ``part`` recorded by our writer, else the real models' 32."""
+    value = (metadata or {}).get(NORM_GROUPS_KEYS[part])
+    return int(value) if value else 32
+
+
 def infer_unet_config(s: Shapes, family: str, v_parameterization: bool = False) -> dict:
     """Diffusers ``UNet2DConditionModel`` config from LDM U-Net shapes (keys without prefix)."""
     n_in = _count(s, r"input_blocks\.(\d+)\.")
@@ -79,6 +88,7 @@ def infer_unet_config(s: Shapes, family: str, v_parameterization: bool = False) 
         "use_linear_projection": len(s[proj]) == 2,
         "transformer_layers_per_block": depth if family == "sdxl" else 1,
         "upcast_attention": family == "sd2" and v_parameterization,
+        "norm_num_groups": 32,
     }
     if family == "sdxl":
         cfg.update(addition_embed_type="text_time", addition_time_embed_dim=SIZE_EMB_DIM,
@@ -101,6 +111,7 @@ def infer_vae_config(s: Shapes, family: str) -> dict:
         "sample_size": SAMPLE_SIZE[family] * 8,
         "scaling_factor": VAE_SCALING[family],
         "force_upcast": True,
+        "norm_num_groups": 32,
     }
 
 

@@ -16,7 +16,7 @@ import torch
 from library.errors import UserError
 
 from .architectures import (TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX, detect_family, infer_text_config,
-                            infer_unet_config, infer_vae_config)
+                            infer_unet_config, infer_vae_config, norm_groups)
 from .bundle import SDModels
 from .checkpoint_io import CheckpointReader
 from .key_rules import KeyRule
@@ -114,6 +114,7 @@ def _build_unet(reader: CheckpointReader, family: str, dtype: torch.dtype):
 
     try:
         cfg = infer_unet_config(reader.shapes(UNET_PREFIX), family)
+        cfg["norm_num_groups"] = norm_groups(reader.metadata, "unet")
     except (KeyError, StopIteration, ZeroDivisionError) as e:
         raise UserError(f"{reader.path}: U-Net tensors do not have the SD layout (missing {e})") from None
     unet = _meta_model(lambda: UNet2DConditionModel(**cfg))
@@ -126,6 +127,7 @@ def _build_vae(reader: CheckpointReader, prefix: str, family: str, dtype: torch.
 
     try:
         cfg = infer_vae_config(reader.shapes(prefix), family)
+        cfg["norm_num_groups"] = norm_groups(reader.metadata, "vae")
     except KeyError as e:
         raise UserError(f"{reader.path}: no VAE of the SD layout (missing {e})") from None
     vae = _meta_model(lambda: AutoencoderKL(**cfg))

@@ -15,7 +15,9 @@ import torch
 
 from library.fileio import atomic_path
 
-from .architectures import TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX
+from library.errors import UserError
+
+from .architectures import NORM_GROUPS_KEYS, TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX
 from .bundle import SDModels
 from .checkpoint_io import save_state_dict
 from .key_rules import model_to_ldm
@@ -89,8 +91,15 @@ def save_ldm_checkpoint(models: SDModels, path: str, dtype: torch.dtype | None =
     """
     sd = dict(source_extra or {})
     sd.update(models_to_ldm(models, dtype))
-    extra = None if str(path).lower().endswith(".safetensors") else {"epoch": epoch, "global_step": global_step}
-    save_state_dict(sd, path, metadata=metadata, ckpt_extra=extra)
+    is_st = str(path).lower().endswith(".safetensors")
+    extra = None if is_st else {"epoch": epoch, "global_step": global_step}
+    groups = {NORM_GROUPS_KEYS[part]: str(m.config.norm_num_groups)
+              for part, m in (("unet", models.unet), ("vae", models.vae)) if m.config.norm_num_groups != 32}
+    if groups and not is_st:
+        raise UserError(f"{path}: this model uses GroupNorm with {sorted(set(groups.values()))} groups, which only "
+                        ".safetensors files can record; save as .safetensors")
+    save_state_dict(sd, path, metadata={**(metadata or {}), **groups} if (metadata or groups) else None,
+                    ckpt_extra=extra)
     logger.info("saved %s checkpoint %s", models.family.upper(), path)
 
 

@@ -64,3 +64,27 @@ def test_reference_model_configs_copied(tiny_models, tmp_path):
     convert_model.main([str(tiny_models["sd1"]["safetensors"]), str(tmp_path / "out"), "--reference_model", str(ref)])
     for f in ("scheduler/scheduler_config.json", "tokenizer/vocab.json"):
         assert (tmp_path / "out" / f).read_bytes() == (ref / f).read_bytes()
+
+
+def test_norm_groups_other_than_32_round_trip(tmp_path):
+    """Small demo models use fewer GroupNorm groups; the count travels in our file's metadata."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from library.models.saving import save_ldm_checkpoint
+    from library.models.tiny import build_tiny_models, tiny_unet_config, tiny_vae_config
+
+    m = build_tiny_models("sd1")
+    torch.manual_seed(1)
+    m.unet = UNet2DConditionModel(**{**tiny_unet_config("sd1"), "norm_num_groups": 8})
+    m.vae = AutoencoderKL(**{**tiny_vae_config("sd1"), "norm_num_groups": 8})
+    f = tmp_path / "m.safetensors"
+    save_ldm_checkpoint(m, str(f))
+    back = load_models(str(f))
+    assert back.unet.config.norm_num_groups == 8 and back.vae.config.norm_num_groups == 8
+    for a, b in ((m.unet, back.unet), (m.vae, back.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(SystemExit) as e:
+        pass_through = tmp_path / "m.ckpt"
+        convert_model.main([str(f), str(pass_through)])
+    assert e.value.code == 2 and not pass_through.exists()
