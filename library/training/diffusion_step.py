@@ -102,6 +102,16 @@ def diffusion_loss(unet_fn: Callable, latents: torch.Tensor, cond, batch: Mappin
 
 
 def call_unet(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
-    """Diffusers U-Net forward with our conditioning object."""
-    kwargs = {"added_cond_kwargs": cond.added_cond_kwargs} if cond.added_cond_kwargs is not None else {}
-    return unet(noisy.to(cond.context.dtype), timesteps, cond.context, **kwargs).sample
+    """Diffusers U-Net forward with our conditioning object.
+
+    Inputs take the U-Net's own dtype: a trained U-Net stays fp32 under mixed precision and relies on
+    autocast, which the CPU does not provide for fp16; a frozen one was cast to the training dtype.
+    """
+    dtype = unet.dtype
+    if dtype.itemsize == 1:  # --fp8_base: fp8 storage, computed in the training dtype (layerwise casting)
+        dtype = cond.context.dtype
+    added = cond.added_cond_kwargs
+    if added is not None:
+        added = {k: v.to(dtype) for k, v in added.items()}
+    kwargs = {"added_cond_kwargs": added} if added is not None else {}
+    return unet(noisy.to(dtype), timesteps, cond.context.to(dtype), **kwargs).sample

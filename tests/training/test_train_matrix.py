@@ -118,3 +118,11 @@ def test_partial_accumulation_group_steps_at_epoch_end(tiny_sd, tmp_path):
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["ss_max_train_steps"] == "4" and meta["ss_steps"] == "4" and meta["ss_epoch"] == "2"
+
+
+def test_fp8_base_trains(tiny_sd, shapes_data, tmp_path):
+    out = tmp_path / "out"
+    train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 2, "--mixed_precision", "bf16",
+                                 "--fp8_base"))
+    sd = load_file(str(out / "lora.safetensors"))
+    assert sd and all(torch.isfinite(v).all() for v in sd.values())
