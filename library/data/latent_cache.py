@@ -151,7 +151,7 @@ def cache_latents(group, encode_fn: EncodeFn, vae_batch_size: int, to_disk: bool
         return
     batches = _batches(todo, vae_batch_size)
     for batch in tqdm(batches, desc="caching latents", smoothing=1, disable=not batches):
-        _encode_batch(batch, encode_fn, to_disk)
+        encode_batch(batch, encode_fn, to_disk)
 
 
 def _npz_path(info: ImageInfo) -> str:
@@ -171,7 +171,7 @@ def _batches(todo: list[tuple[ImageInfo, bool, bool]], size: int) -> list[list[t
     return batches
 
 
-def _encode_batch(batch: Sequence[tuple[ImageInfo, bool, bool]], encode_fn: EncodeFn, to_disk: bool) -> None:
+def encode_batch(batch: Sequence[tuple[ImageInfo, bool, bool]], encode_fn: EncodeFn, to_disk: bool) -> None:
     """Load, fit to the bucket (centre crop), encode (and encode flipped), then store or write."""
     images, entries = [], []
     for info, _, with_alpha in batch:
