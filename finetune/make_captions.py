@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python f
 from library.captioning.blip import DEFAULT_CAPTION_WEIGHTS, DEFAULT_HUB_MODEL, run_make_captions  # noqa: E402
 from library.errors import exit_on_user_error  # noqa: E402
 from library.log import add_logging_arguments, setup_logging_from_args  # noqa: E402
+from library.tagging.cli import resolve_caption_extension  # noqa: E402
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -51,8 +52,7 @@ def setup_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = setup_parser().parse_args(argv)
     setup_logging_from_args(args)
-    if args.caption_extention is not None:
-        args.caption_extension = args.caption_extention
+    resolve_caption_extension(args)
     run_make_captions(args)
 
 

@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python f
 
 from library.errors import exit_on_user_error  # noqa: E402
 from library.log import add_logging_arguments, setup_logging_from_args  # noqa: E402
+from library.tagging.cli import resolve_caption_extension  # noqa: E402
 from library.tagging.tagger import run_tagger  # noqa: E402
 from library.tagging.wd14 import DEFAULT_WD14_TAGGER_REPO  # noqa: E402
 
@@ -77,8 +78,7 @@ def setup_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = setup_parser().parse_args(argv)
     setup_logging_from_args(args)
-    if args.caption_extention is not None:
-        args.caption_extension = args.caption_extention
+    resolve_caption_extension(args)
     run_tagger(args)
 
 
