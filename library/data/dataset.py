@@ -24,7 +24,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from library.config.dataset_blueprint import DatasetParams
-from library.data import dataset_metadata
 from library.data.dataset_build import build_dataset
 from library.data.image_info import read_sizes
 from library.data.images import scan_images
@@ -164,20 +163,6 @@ class DatasetGroup(Dataset):
     def bucket_info(self) -> dict | None:
         """``ss_bucket_info`` (one dataset, no ``--dataset_config``): the first dataset's (§7.5)."""
         return self.datasets[0].bucket_info() if self.datasets else None
-
-    @property
-    def tag_frequency(self) -> dict[str, dict[str, int]]:
-        return dataset_metadata.tag_frequency(self)
-
-    def dataset_dirs(self) -> dict[str, dict[str, int]]:
-        return dataset_metadata.dataset_dirs(self)
-
-    def legacy_dataset_dirs(self) -> tuple[dict, dict]:
-        """(``ss_dataset_dirs``, ``ss_reg_dataset_dirs``) for a run without ``--dataset_config``."""
-        return dataset_metadata.legacy_dataset_dirs(self)
-
-    def metadata_datasets(self) -> list[dict]:
-        return dataset_metadata.metadata_datasets(self)
 
     def image_infos(self) -> Iterator:
         for dataset in self.datasets:

@@ -58,18 +58,33 @@ def test_dreambooth_end_to_end(db_group):
     assert seen[dataset.images[1].key] == 3
 
 
+def _ss_datasets(group) -> list[dict]:
+    """The group as the trainers' metadata writer describes it (``ss_datasets``, spec file-formats §b.1)."""
+    from library.training.metadata import dataset_entry
+    from library.training.run_common import dataset_facts
+
+    return [dataset_entry(d) for d in dataset_facts(group)]
+
+
+def _ss_dataset_dirs(group) -> dict:
+    from library.training.metadata import _dataset_config_keys
+    from library.training.run_common import dataset_facts
+
+    return json.loads(_dataset_config_keys(dataset_facts(group))["ss_dataset_dirs"])
+
+
 def test_captions_and_metadata(db_group):
     dataset = db_group.datasets[0]
     captions = {os.path.basename(i.path): i.caption for i in dataset.images}
     assert captions["img1.png"] == "sks dog, red" and captions["img0.png"] == "sks dog"
-    assert db_group.tag_frequency["3_sks dog"] == {"sks dog": 4, "red": 1}
-    [meta] = db_group.metadata_datasets()
+    assert dataset.tag_frequency["3_sks dog"] == {"sks dog": 4, "red": 1}
+    [meta] = _ss_datasets(db_group)
     assert meta["is_dreambooth"] and meta["num_train_images"] == 12 and meta["num_reg_images"] == 5
     assert meta["resolution"] == [64, 64] and meta["enable_bucket"] and meta["min_bucket_reso"] == 32
     assert [(s["image_dir"], s["img_count"], s["is_reg"]) for s in meta["subsets"]] == [
         ("3_sks dog", 4, False), ("1_dog", 5, True)]
     assert json.dumps(meta)  # JSON-ready
-    assert db_group.dataset_dirs() == {"3_sks dog": {"n_repeats": 3, "img_count": 4}}
+    assert _ss_dataset_dirs(db_group) == {"3_sks dog": {"n_repeats": 3, "img_count": 4}}
     assert db_group.bucket_info()["buckets"]
 
 
@@ -127,14 +142,14 @@ def test_fine_tuning_metadata_with_train_resolution(tmp_path):
     dataset = group.datasets[0]
     assert dataset.buckets.resos == [(32, 64), (64, 32)] and dataset.bucketed
     assert {i.key: i.caption for i in dataset.images} == {"a": "a cat,tag1, tag2", "b": "tag3"}
-    assert group.tag_frequency == {"meta.json": {"tag1": 1, "tag2": 1}}
+    assert dataset.tag_frequency == {"meta.json": {"tag1": 1, "tag2": 1}}
     group.set_current_epoch(1)
     shapes = {group[i]["image_keys"][0]: tuple(group[i]["images"].shape[2:]) for i in range(len(group))}
     assert shapes == {"a": (32, 64), "b": (64, 32)} and len(group) == 4
     assert group[0]["original_sizes_hw"].tolist() in ([[52, 100]], [[80, 40]])
-    [meta_out] = group.metadata_datasets()
+    [meta_out] = _ss_datasets(group)
     assert not meta_out["is_dreambooth"] and meta_out["subsets"][0]["metadata_file"] == "meta.json"
-    assert group.dataset_dirs() == {"meta.json": {"n_repeats": 2, "img_count": 2}}
+    assert _ss_dataset_dirs(group) == {"meta.json": {"n_repeats": 2, "img_count": 2}}
 
 
 def test_fine_tuning_prepared_npz_latents_used(tmp_path):
@@ -174,7 +189,7 @@ def test_controlnet_pairs_and_batches(tmp_path):
     group = build([_controlnet(tmp_path, ["a", "b"], ["a", "b"], size=(96, 64))])
     batch = group[0]
     assert batch["conditioning_images"].shape == batch["images"].shape
-    [meta] = group.metadata_datasets()
+    [meta] = _ss_datasets(group)
     assert meta["subsets"] == [] and meta["bucket_info"] is None and meta["is_dreambooth"] is False
 
 
@@ -250,6 +265,15 @@ def test_caption_dropout_every_n_epochs(tmp_path):
 
 
 def test_legacy_dataset_dirs_split_reg(db_group):
-    dirs, reg_dirs = db_group.legacy_dataset_dirs()
-    assert dirs == {"3_sks dog": {"n_repeats": 3, "img_count": 4}}
-    assert reg_dirs == {"1_dog": {"n_repeats": 1, "img_count": 5}}
+    """Without --dataset_config: ss_dataset_dirs and ss_reg_dataset_dirs (spec file-formats §b.1)."""
+    import argparse
+
+    from library.training.metadata import _single_dataset_keys
+    from library.training.run_common import dataset_facts
+
+    facts = argparse.Namespace(datasets=dataset_facts(db_group), num_processes=1)
+    args = argparse.Namespace(resolution=None, train_batch_size=1, gradient_accumulation_steps=1, color_aug=False,
+                              flip_aug=False, random_crop=False, shuffle_caption=False, keep_tokens=0)
+    keys = _single_dataset_keys(args, facts)
+    assert json.loads(keys["ss_dataset_dirs"]) == {"3_sks dog": {"n_repeats": 3, "img_count": 4}}
+    assert json.loads(keys["ss_reg_dataset_dirs"]) == {"1_dog": {"n_repeats": 1, "img_count": 5}}
