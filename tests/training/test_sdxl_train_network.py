@@ -1,5 +1,4 @@
 """sdxl_train_network.py on a tiny SDXL model; diffusers' SDXL pipeline loads the result (issue: other trainers §1)."""
-import os
 
 import pytest
 import torch
