@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"world images drawn for training (default {d.dataset_size})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, data and batches (default {d.seed})")
     p.add_argument("--channels", default=",".join(map(str, d.block_out_channels)),
-                   help="block_out_channels, multiples of 32 (default %(default)s)")
+                   help="block_out_channels, 4 levels, multiples of --norm_groups (default %(default)s)")
+    p.add_argument("--norm_groups", type=int, default=d.norm_num_groups,
+                   help=f"GroupNorm groups (default {d.norm_num_groups}; 4+ channels per group keep colour; "
+                        "values other than 32 are recorded in our LDM files' metadata)")
     p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is far faster on a busy machine, where "
@@ -60,9 +63,12 @@ def config_from_args(args: argparse.Namespace):
         channels = tuple(int(c) for c in args.channels.split(","))
     except ValueError:
         raise UserError(f"--channels {args.channels!r}: want a comma list of integers") from None
-    if len(channels) != 4 or any(c % 32 for c in channels):
-        # four levels = 8x latents like SD; 32 norm groups is what LDM files and every loader assume
-        raise UserError(f"--channels {args.channels!r}: want 4 levels, each a multiple of 32")
+    if args.norm_groups < 1:
+        raise UserError("--norm_groups must be at least 1")
+    if len(channels) != 4 or any(c < 1 or c % args.norm_groups for c in channels):
+        # four levels = 8x latents like SD
+        raise UserError(f"--channels {args.channels!r}: want 4 levels, each a multiple of --norm_groups "
+                        f"{args.norm_groups}")
     for name in ("steps", "batch_size", "dataset_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
@@ -70,7 +76,8 @@ def config_from_args(args: argparse.Namespace):
         raise UserError(f"--crop {args.crop}: want 0 or a multiple of 8 between 16 and 48 (the smallest canvas)")
     return VAETrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, crop=args.crop,
                           kl_weight=args.kl_weight, edge_weight=args.edge_weight, dataset_size=args.dataset_size,
-                          seed=args.seed, block_out_channels=channels, minutes=args.minutes)
+                          seed=args.seed, block_out_channels=channels, norm_num_groups=args.norm_groups,
+                          minutes=args.minutes)
 
 
 def train_and_save(cfg, out: str, scale: str = "fold", eval_n: int = 200, command: str = "") -> dict:

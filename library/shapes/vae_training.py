@@ -13,8 +13,9 @@ Recipe (why each part is there):
   ``post_quant_conv``, so latents times SD1's 0.18215 have unit variance: the single-file loader and
   kohya's scripts both assume 0.18215 for SD1, and this makes that assumption true for our VAE.
 
-Status: the machinery is tested, but this recipe has not yet produced a VAE that keeps colour and shape
-(training plateaus; measurements and what was tried are in docs/demo.md).
+Status: with 8 GroupNorm groups (4 channels per group) 4000 steps give PSNR 27.2 dB, colour 99.5%, shape
+90% on unseen images (stars lose their points); with 32 groups on 32-64 channels colour never passed.
+Measurements are in docs/demo.md.
 """
 from __future__ import annotations
 
@@ -47,10 +48,11 @@ class VAETrainConfig:
     edge_weight: float = 0.5
     dataset_size: int = 3000
     seed: int = 0
-    # 64 at the full-resolution level: with the 32 norm groups that every SD loader assumes, a 32-channel
-    # top level makes the decoder's last GroupNorm a per-channel instance norm, which erases the image's
-    # mean colour (the output mean is then fixed by conv_out's bias); 2 channels per group keep it.
-    block_out_channels: tuple[int, ...] = (64, 32, 32, 32)
+    # GroupNorm with 1-2 channels per group (32 groups on 32-64 channels) is an instance norm: it erases
+    # each channel's per-image mean, so absolute colour cannot pass; 8 groups of 4 channels (like real SD's
+    # 128 channels / 32 groups) keep it. Group counts other than 32 are recorded in our LDM files' metadata.
+    block_out_channels: tuple[int, ...] = (32, 32, 32, 32)
+    norm_num_groups: int = 8
     layers_per_block: int = 1
     minutes: float | None = None  # stop early when the wall clock says so
     colors: Sequence[str] = field(default_factory=lambda: tuple(world.PALETTE))
@@ -62,7 +64,8 @@ def vae_config(cfg: VAETrainConfig) -> dict:
     from library.models.tiny import tiny_vae_config
 
     return dict(tiny_vae_config("sd1"), block_out_channels=tuple(cfg.block_out_channels),
-                layers_per_block=cfg.layers_per_block, scaling_factor=SD1_SCALING)
+                layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
+                scaling_factor=SD1_SCALING)
 
 
 def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:

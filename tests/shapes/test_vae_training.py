@@ -19,7 +19,7 @@ def one_thread():
 
 def _cfg(**kw):
     base = dict(steps=12, batch_size=4, crop=16, dataset_size=24, warmup=2, lr=2e-3,
-                block_out_channels=(64, 32, 32, 32))
+                block_out_channels=(32, 32, 32, 32), norm_num_groups=8)
     return vt.VAETrainConfig(**{**base, **kw})
 
 
@@ -55,8 +55,8 @@ def test_cli_saves_a_folder_diffusers_loads(tmp_path, capsys):
     report = train_tiny_vae.main(["--out", str(out), "--steps", "3", "--batch_size", "2", "--crop", "16",
                                   "--dataset_size", "12", "--eval_n", "6"])
     vae = AutoencoderKL.from_pretrained(str(out))
-    assert list(vae.config.block_out_channels) == [64, 32, 32, 32]
-    assert vae.config.norm_num_groups == 32 and vae.config.scaling_factor == vt.SD1_SCALING
+    assert list(vae.config.block_out_channels) == [32, 32, 32, 32]
+    assert vae.config.norm_num_groups == 8 and vae.config.scaling_factor == vt.SD1_SCALING
     saved = json.loads((out / "training_report.json").read_text())
     assert saved["steps_done"] == 3 and 0 <= saved["color_accuracy"] <= 1 and report["n"] == 6
     assert "--steps 3" in saved["command"]
@@ -65,6 +65,23 @@ def test_cli_saves_a_folder_diffusers_loads(tmp_path, capsys):
 
 def test_cli_rejects_bad_channels(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        train_tiny_vae.main(["--out", str(tmp_path / "v"), "--channels", "16,32,32,32"])
-    assert e.value.code == 2 and "multiple of 32" in capsys.readouterr().err
+        train_tiny_vae.main(["--out", str(tmp_path / "v"), "--channels", "12,32,32,32"])
+    assert e.value.code == 2 and "multiple of --norm_groups" in capsys.readouterr().err
     assert not (tmp_path / "v").exists()
+
+
+def test_demo_model_builder_writes_a_loadable_sd1_file_with_its_norm_groups(tmp_path):
+    """tools/build_demo_model.py: trained VAE folder + fresh tiny U-Net -> LDM file our loader reads back."""
+    from diffusers import AutoencoderKL
+
+    from library.models.loading import load_models
+    from tools import build_demo_model
+
+    vae_dir = tmp_path / "vae"
+    AutoencoderKL(**vt.vae_config(_cfg())).save_pretrained(str(vae_dir))
+    out = tmp_path / "demo.safetensors"
+    build_demo_model.main(["--vae", str(vae_dir), "--out", str(out), "--unet_channels", "16,32"])
+    models = load_models(str(out))
+    assert models.unet.config.norm_num_groups == 8 and models.vae.config.norm_num_groups == 8
+    assert list(models.unet.config.block_out_channels) == [16, 32]
+    assert models.unet.config.cross_attention_dim == models.text_encoders[0].config.hidden_size
