@@ -9,8 +9,30 @@ from library.errors import UserError
 logger = logging.getLogger(__name__)
 
 
+HUB_OPTIONS = ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+               "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload")
+
+
+def reject_unsupported(args: argparse.Namespace, script: str) -> None:
+    """Options of the spec this project does not implement yet: a clear error, never a silent no-op."""
+    given = [o for o in HUB_OPTIONS if getattr(args, o, None) not in (None, False)]
+    if given:
+        raise UserError(f"--{given[0]}: uploading to the Hugging Face hub is not supported yet (this toolkit works "
+                        "offline); upload the output folder yourself, e.g. `hf upload <repo> <output_dir>`")
+    if getattr(args, "dataset_class", None):
+        raise UserError("--dataset_class (custom dataset classes) is not supported yet; use --dataset_config")
+    if getattr(args, "weighted_captions", False) and script == "train_network":
+        raise UserError("--weighted_captions is not supported yet in training (gen_img.py weights prompts)")
+    if getattr(args, "lowram", False):
+        logger.info("--lowram: models are always loaded tensor by tensor (peak about one model) and moved to the "
+                    "device right after; nothing more to do")
+    if getattr(args, "highvram", False):
+        logger.info("--highvram: the CUDA cache is never emptied between latent-caching batches here anyway")
+
+
 def verify_training_args(args: argparse.Namespace, script: str) -> None:
     """Errors and warnings of sd-scripts' ``verify_training_args`` and the trainers' assertions."""
+    reject_unsupported(args, script)
     if getattr(args, "v_parameterization", False) and not getattr(args, "v2", False):
         logger.warning("--v_parameterization without --v2: the model must have been trained for v-prediction")
     if getattr(args, "clip_skip", None) is not None and getattr(args, "v2", False):
