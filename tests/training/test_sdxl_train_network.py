@@ -64,3 +64,12 @@ def test_sd1_model_rejected_by_sdxl_script(tiny_sd, shapes_data, tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         sdxl_train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "o", 1))
     assert e.value.code == 2 and "SD1" in capsys.readouterr().err
+
+
+def test_sdxl_sample_images_during_training(tiny_sdxl, shapes_data, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a sks shape --w 64 --h 64 --d 3 --s 2\n", encoding="utf-8")
+    out = tmp_path / "out"
+    sdxl_train_network.main(base_args(tiny_sdxl["safetensors"], shapes_data, out, 2, "--sample_prompts", str(prompts),
+                                      "--sample_every_n_steps", "2"))
+    assert [p.name.endswith("_3.png") for p in (out / "sample").iterdir()] == [True]
