@@ -9,7 +9,7 @@ from library.errors import UserError
 logger = logging.getLogger(__name__)
 
 
-HUB_OPTIONS = ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+HUB_OPTIONS = ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
                "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload")
 
 
@@ -19,6 +19,9 @@ def reject_unsupported(args: argparse.Namespace, script: str) -> None:
     if given:
         raise UserError(f"--{given[0]}: uploading to the Hugging Face hub is not supported yet (this toolkit works "
                         "offline); upload the output folder yourself, e.g. `hf upload <repo> <output_dir>`")
+    if getattr(args, "huggingface_token", None):
+        logger.info("--huggingface_token is only used for hub uploads, which this toolkit does not do; it is kept "
+                    "out of every file it writes")
     if getattr(args, "dataset_class", None):
         raise UserError("--dataset_class (custom dataset classes) is not supported yet; use --dataset_config")
     if getattr(args, "weighted_captions", False) and script == "train_network":
