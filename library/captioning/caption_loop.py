@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 from PIL import Image
 from tqdm import tqdm
 
 from library.errors import UserError
 from library.fileio import write_text_atomic
+from library.tagging.image_batches import load_in_order, readable_batches
 
 logger = logging.getLogger(__name__)
 
@@ -35,31 +35,8 @@ def load_rgb(path: Path) -> Loaded:
 
 
 def iter_images(paths: list[Path], workers: int | None, chunk: int) -> Iterator[Loaded]:
-    """Images in path order; with `--max_data_loader_n_workers` decoded by a thread pool, `chunk` at a time.
-
-    Threads instead of sd-scripts' DataLoader processes: PIL decoding releases the GIL, and nothing has
-    to be pickled between processes. The chunk bounds how many decoded images wait in memory.
-    """
-    if workers is None:
-        yield from (load_rgb(p) for p in paths)
-        return
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(paths), chunk):
-            yield from pool.map(load_rgb, paths[start:start + chunk])
-
-
-def batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[list[tuple[Path, Image.Image]]]:
-    """Group readable images into lists of `batch_size` (the last one may be shorter)."""
-    batch: list[tuple[Path, Image.Image]] = []
-    for path, image in loaded:
-        if image is None:
-            continue
-        batch.append((path, image))
-        if len(batch) >= batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    """Images in path order as RGB (None when unreadable); see library.tagging.image_batches."""
+    return load_in_order(paths, load_rgb, workers, chunk)
 
 
 def caption_path(image_path: Path, extension: str) -> Path:
@@ -84,7 +61,7 @@ def caption_images(image_paths: list[Path], caption_batch: CaptionFn, extension:
     written = 0
     chunk = batch_size * max(1, workers or 1) * 2
     loaded = iter_images(image_paths, workers, chunk)
-    for batch in batches(tqdm(loaded, total=len(image_paths), smoothing=0.0), batch_size):
+    for batch in readable_batches(tqdm(loaded, total=len(image_paths), smoothing=0.0), batch_size):
         captions = caption_batch([image for _, image in batch])
         for (path, _), caption in zip(batch, captions):
             write_text_atomic(caption_path(path, extension), caption + "\n")

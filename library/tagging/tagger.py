@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from library.tagging.image_batches import load_in_order, readable_batches
 from library.errors import UserError
 from library.fileio import write_text_atomic
 from library.tagging import wd14
@@ -50,27 +50,8 @@ def _load_image(path: Path, size: int) -> Loaded:
 
 
 def _iter_images(paths: list[Path], size: int, workers: int | None, chunk: int) -> Iterator[Loaded]:
-    """Images in path order; with `--max_data_loader_n_workers` decoded by a thread pool, `chunk` at a time
-    (bounded so a large folder never sits in memory at once)."""
-    if workers is None:
-        yield from (_load_image(p, size) for p in paths)
-        return
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(paths), chunk):
-            yield from pool.map(lambda p: _load_image(p, size), paths[start:start + chunk])
-
-
-def _batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[list[tuple[Path, np.ndarray]]]:
-    batch: list[tuple[Path, np.ndarray]] = []
-    for path, image in loaded:
-        if image is None:
-            continue
-        batch.append((path, image))
-        if len(batch) >= batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    """Preprocessed images in path order (None when unreadable), see library.tagging.image_batches."""
+    return load_in_order(paths, lambda p: _load_image(p, size), workers, chunk)
 
 
 def _write_caption(image_path: Path, tags: list[str], opts: TagOptions, extension: str, append: bool) -> None:
@@ -123,7 +104,7 @@ def run_tagger(args: argparse.Namespace) -> None:
     written = 0
     loaded = _iter_images(image_paths, tagger.image_size, args.max_data_loader_n_workers,
                           chunk=tagger.batch_size * max(1, args.max_data_loader_n_workers or 1) * 2)
-    for batch in _batches(tqdm(loaded, total=len(image_paths), smoothing=0.0), tagger.batch_size):
+    for batch in readable_batches(tqdm(loaded, total=len(image_paths), smoothing=0.0), tagger.batch_size):
         probs = tagger.predict(np.stack([image for _, image in batch]))
         for (path, _), prob in zip(batch, probs):
             result = assemble_tags(prob.tolist(), labels, opts, tag_freq)
