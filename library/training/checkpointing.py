@@ -143,36 +143,38 @@ class Checkpointer:
         a, step = self.args, state.global_step
         if not names.should_save_step(step, a.save_every_n_steps):
             return
-        self.acc.wait_for_everyone()
-        self._model(names.step_name(a.output_name, step), "step", state.epoch, step)
-        if a.save_state:
-            self._save_state(names.step_state_name(a.output_name, step), state)
-        if self.acc.is_main_process:
-            r = names.step_to_remove(step, a.save_every_n_steps, a.save_last_n_steps)
-            if r is not None:
-                self._remove_model(names.step_name(a.output_name, r))
-            r = names.step_to_remove(step, a.save_every_n_steps, a.save_last_n_steps, state=True,
-                                     save_last_n_steps_state=a.save_last_n_steps_state)
-            if r is not None:
-                _remove(self._path(names.step_state_name(a.output_name, r)))
+        self._save_and_prune(
+            state, "step", state.epoch, step, lambda k: names.step_name(a.output_name, k),
+            lambda k: names.step_state_name(a.output_name, k),
+            names.step_to_remove(step, a.save_every_n_steps, a.save_last_n_steps),
+            names.step_to_remove(step, a.save_every_n_steps, a.save_last_n_steps, state=True,
+                                 save_last_n_steps_state=a.save_last_n_steps_state))
 
     def after_epoch(self, epoch_done: int, state: TrainState) -> None:
         """``epoch_done`` = number of completed epochs (1-based)."""
         a = self.args
         if not names.should_save_epoch(epoch_done, self.every_epochs, self.num_epochs):
             return
+        self._save_and_prune(
+            state, "epoch", epoch_done - 1, epoch_done, lambda k: names.epoch_name(a.output_name, k),
+            lambda k: names.epoch_state_name(a.output_name, k),
+            names.epoch_to_remove(epoch_done, self.every_epochs, a.save_last_n_epochs),
+            names.epoch_to_remove(epoch_done, self.every_epochs, a.save_last_n_epochs, state=True,
+                                  save_last_n_epochs_state=a.save_last_n_epochs_state))
+
+    def _save_and_prune(self, state: TrainState, event: str, loop_epoch: int, key: int,
+                        model_name: Callable[[int], str], state_name: Callable[[int], str],
+                        old_model: Optional[int], old_state: Optional[int]) -> None:
+        """Save the model (and state) named by ``key``, then remove the ones the keep-last rules drop (§e)."""
         self.acc.wait_for_everyone()
-        self._model(names.epoch_name(a.output_name, epoch_done), "epoch", epoch_done - 1, state.global_step)
-        if a.save_state:
-            self._save_state(names.epoch_state_name(a.output_name, epoch_done), state)
+        self._model(model_name(key), event, loop_epoch, state.global_step)
+        if self.args.save_state:
+            self._save_state(state_name(key), state)
         if self.acc.is_main_process:
-            r = names.epoch_to_remove(epoch_done, self.every_epochs, a.save_last_n_epochs)
-            if r is not None:
-                self._remove_model(names.epoch_name(a.output_name, r))
-            r = names.epoch_to_remove(epoch_done, self.every_epochs, a.save_last_n_epochs, state=True,
-                                      save_last_n_epochs_state=a.save_last_n_epochs_state)
-            if r is not None:
-                _remove(self._path(names.epoch_state_name(a.output_name, r)))
+            if old_model is not None:
+                self._remove_model(model_name(old_model))
+            if old_state is not None:
+                _remove(self._path(state_name(old_state)))
 
     def at_end(self, state: TrainState) -> Optional[str]:
         a = self.args
