@@ -39,8 +39,6 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=1, help="images per inference")
     parser.add_argument("--max_data_loader_n_workers", type=int, default=None,
                         help="decode images with this many worker threads (faster); unreadable images are skipped")
-    parser.add_argument("--pin_memory", action="store_true",
-                        help="accepted for compatibility with newer sd-scripts; no effect here")
     parser.add_argument("--seed", type=int, default=42, help="seed for torch, numpy and random (sampling)")
     parser.add_argument("--recursive", action="store_true", help="also caption images in sub-folders")
     parser.add_argument("--debug", action="store_true", help="log each caption")

@@ -26,8 +26,6 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=1, help="images per inference")
     parser.add_argument("--max_data_loader_n_workers", type=int, default=None,
                         help="decode images with this many worker threads (faster); unreadable images are skipped")
-    parser.add_argument("--pin_memory", action="store_true",
-                        help="accepted for compatibility with newer sd-scripts; no effect here")
     parser.add_argument("--max_length", type=int, default=50, help="maximum caption length in tokens")
     parser.add_argument("--remove_words", action="store_true",
                         help="remove text-reading phrases such as 'with the words xxx', 'that says xxx', "
