@@ -39,9 +39,27 @@ def unet_config(channels: tuple[int, ...], layers_per_block: int, norm_groups: i
                 attention_head_dim=8, norm_num_groups=norm_groups)
 
 
+def unmix_text_encoder(te) -> None:
+    """Zero every residual branch (attention out_proj, MLP fc2) so token i's output is
+    LayerNorm(token_embedding + position_embedding): it no longer depends on the other words.
+
+    Why: with a random, frozen, causal encoder the vector of ``circle`` in ``a red circle`` depends on
+    ``red``, and the padding tokens after the prompt summarise the whole prompt, so a U-Net trained on 20
+    colour x shape pairs memorises pairs and cannot draw an unseen pair. With separate word vectors it
+    composes. The weights are still an ordinary CLIP text encoder (any loader reads them), and a LoRA on
+    the text encoder can learn mixing again (out_proj / fc2 have gradients)."""
+    import torch
+
+    with torch.no_grad():
+        for layer in te.text_model.encoder.layers if hasattr(te, "text_model") else te.encoder.layers:
+            for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+
+
 def build(vae_dir: str, out: str, seed: int = 0, channels=(32, 64, 64), layers_per_block: int = 1,
           norm_groups: int = 8, text_width: int = 32, text_layers: int = 3, attn_levels: int | None = None,
-          dtype: str = "fp32"):
+          dtype: str = "fp32", text_mixing: str = "none"):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -61,6 +79,8 @@ def build(vae_dir: str, out: str, seed: int = 0, channels=(32, 64, 64), layers_p
     attn_levels = len(channels) - 1 if attn_levels is None else attn_levels
     unet = UNet2DConditionModel(**unet_config(tuple(channels), layers_per_block, norm_groups, text_width, attn_levels))
     te = CLIPTextModel(_text_config(text_width, text_layers, "quick_gelu"))
+    if text_mixing == "none":
+        unmix_text_encoder(te)
     for m in (unet, vae, te):
         m.eval()
     models = SDModels("sd1", unet, vae, [te], load_tokenizers("sd1"))
@@ -81,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm_groups", type=int, default=8, help="U-Net GroupNorm groups (default 8)")
     p.add_argument("--text_width", type=int, default=32, help="CLIP text encoder width = cross_attention_dim (default 32)")
     p.add_argument("--text_layers", type=int, default=3, help="CLIP text encoder layers (default 3)")
+    p.add_argument("--text_mixing", choices=["none", "random"], default="none",
+                   help="none (default): text encoder outputs depend on each word alone (residual branches "
+                        "zeroed), so the U-Net can compose colour and shape; random: a plain random CLIP")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="saved dtype (default fp32)")
     add_logging_arguments(p)
     return p
@@ -93,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.out.lower().endswith(".safetensors"):
         raise UserError(f"--out {args.out}: want a .safetensors file (norm-group metadata needs it)")
     m = build(args.vae, args.out, args.seed, _ints(args.unet_channels, "unet_channels"), args.layers_per_block,
-              args.norm_groups, args.text_width, args.text_layers, args.attn_levels, args.precision)
+              args.norm_groups, args.text_width, args.text_layers, args.attn_levels, args.precision, args.text_mixing)
     n = {k: sum(p.numel() for p in mod.parameters()) for k, mod in
          (("unet", m.unet), ("vae", m.vae), ("text_encoder", m.text_encoders[0]))}
     print(f"saved {args.out}: " + ", ".join(f"{k} {v:,}" for k, v in n.items()) + " parameters")

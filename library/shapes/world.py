@@ -227,13 +227,14 @@ def generate(n: int, seed: int = 0, colors: Sequence[str] = BASE_COLORS, shapes:
 # ---------------------------------------------------------------- writing
 
 def write_dataset(samples: Iterable[Sample], out: str, fmt: str = "both", repeats: int = 1,
-                  name: str = "shapes") -> dict[str, str]:
+                  name: str = "shapes", aliases: dict[str, str] | None = None) -> dict[str, str]:
     """Write samples as a DreamBooth folder and/or a fine-tuning metadata JSON; returns what was written.
 
     Images always go to ``<out>/<repeats>_<name>/<index>.png`` (the DreamBooth layout, so one folder
     serves both formats). ``dreambooth`` adds ``<index>.caption`` beside each image; ``finetune`` writes
     ``<out>/metadata.json`` keyed by file stem: ``{"00000": {"caption": "a red circle"}, ...}``.
     Both are written through temporary names, so an interrupted run leaves no half dataset.
+    ``aliases`` renames shapes in captions (``{"heart": "sks"}`` -> ``a red sks``: a trigger word).
     """
     import json
     import os
@@ -248,11 +249,12 @@ def write_dataset(samples: Iterable[Sample], out: str, fmt: str = "both", repeat
         os.makedirs(tmp)
         for s in samples:
             stem = f"{s.index:05d}"
+            caption = caption_for(s.color, (aliases or {}).get(s.shape, s.shape))
             s.to_pil().save(os.path.join(tmp, stem + ".png"))
             if fmt in ("dreambooth", "both"):
                 with open(os.path.join(tmp, stem + ".caption"), "w", encoding="utf-8") as f:
-                    f.write(s.caption + "\n")
-            metadata[stem] = {"caption": s.caption}
+                    f.write(caption + "\n")
+            metadata[stem] = {"caption": caption}
     written = {"image_dir": image_dir}
     if fmt in ("finetune", "both"):
         written["metadata"] = os.path.join(out, "metadata.json")

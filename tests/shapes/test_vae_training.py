@@ -85,3 +85,34 @@ def test_demo_model_builder_writes_a_loadable_sd1_file_with_its_norm_groups(tmp_
     assert models.unet.config.norm_num_groups == 8 and models.vae.config.norm_num_groups == 8
     assert list(models.unet.config.block_out_channels) == [16, 32]
     assert models.unet.config.cross_attention_dim == models.text_encoders[0].config.hidden_size
+    # --text_mixing none (default): a word's output vector does not depend on the other words
+    import torch
+
+    te, tok = models.text_encoders[0], models.tokenizers[0]
+    ids = tok(["a red circle", "a blue circle", "a red star"], padding="max_length", max_length=77,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        h = te(ids).last_hidden_state
+    assert torch.equal(h[0, 3], h[1, 3]) and torch.equal(h[0, 2], h[2, 2])  # circle / red, each alone
+    assert not torch.allclose(h[0, 3], h[2, 3])  # different words still differ
+    assert torch.equal(h[0, 5:], h[1, 5:])  # padding no longer summarises the prompt
+
+
+def test_demo_model_builder_random_text_mixing_mixes(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from library.models.loading import load_models
+    from tools import build_demo_model
+
+    vae_dir = tmp_path / "vae"
+    AutoencoderKL(**vt.vae_config(_cfg())).save_pretrained(str(vae_dir))
+    out = tmp_path / "demo.safetensors"
+    build_demo_model.main(["--vae", str(vae_dir), "--out", str(out), "--unet_channels", "16,32",
+                           "--text_mixing", "random"])
+    models = load_models(str(out))
+    ids = models.tokenizers[0](["a red circle", "a blue circle"], padding="max_length", max_length=77,
+                               return_tensors="pt").input_ids
+    with torch.no_grad():
+        h = models.text_encoders[0](ids).last_hidden_state
+    assert not torch.allclose(h[0, 3], h[1, 3])  # causal attention: circle's vector depends on the colour

@@ -1,0 +1,285 @@
+"""The embedded default job: teach the shapes base model a new concept with a LoRA, and show it learned.
+
+Steps (each one an ordinary command of this project, run in-process):
+
+1. draw a DreamBooth dataset of the new concept (hearts in the base colours, captioned ``a red sks``)
+   and regularisation images of the old world (``a red circle``...), with a dataset TOML;
+2. ``train_network.py --config_file <out>/train_network.toml`` (a LoRA on the base model's U-Net);
+3. ``gen_img.py`` before (base model) and after (``--network_weights``) on the same prompts and seeds;
+4. judge every image with the deterministic evaluator and write ``report.md`` / ``report.json``,
+   ``grid.png`` (before / after) and ``loss.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from library.shapes import world
+
+logger = logging.getLogger(__name__)
+
+TRIGGER = "sks"
+DEFAULT_BASE = Path(__file__).resolve().parents[2] / "models" / "shapes-sd1.safetensors"
+HOLDOUT = "diagonal"  # the base model was trained without these colour x shape pairs (docs/demo.md)
+
+
+@dataclass
+class DemoSettings:
+    base_model: str = str(DEFAULT_BASE)
+    steps: int = 600
+    images: int = 100  # concept images (hearts); as many regularisation images of the old world
+    network_dim: int = 8
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    prompts_per_color: int = 4  # new-concept prompts per colour
+    old_prompts_per_pair: int = 1  # old-world prompts per colour x shape pair (25 pairs)
+    sample_steps: int = 20
+    seed: int = 0
+    loss_options: dict = field(default_factory=lambda: {"min_snr_gamma": 5.0})
+    extra_train_options: dict = field(default_factory=dict)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a TOML basic string is a JSON string for our values
+
+
+def write_toml(path: Path, flat: dict, tables: Sequence[tuple[str, dict]] = ()) -> Path:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in flat.items()]
+    for name, table in tables:
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def make_datasets(out: Path, s: DemoSettings) -> Path:
+    """Concept images + regularisation images as DreamBooth folders, and the dataset TOML."""
+    concept = world.generate(s.images, seed=1000 + s.seed, colors=world.BASE_COLORS, shapes=(world.NEW_SHAPE,))
+    world.write_dataset(concept, str(out / "data" / "concept"), "dreambooth", repeats=1, name=TRIGGER,
+                        aliases={world.NEW_SHAPE: TRIGGER})
+    holdout = world.diagonal_holdout(world.BASE_COLORS, world.BASE_SHAPES)
+    reg = world.generate(s.images, seed=2000 + s.seed, holdout=holdout, split="train")
+    world.write_dataset(reg, str(out / "data" / "reg"), "dreambooth", repeats=1, name="shapes")
+    path = out / "dataset.toml"
+    text = f"""# dataset for the demo LoRA (sd-scripts dataset-config format)
+[general]
+enable_bucket = true
+bucket_reso_steps = 16
+min_bucket_reso = 32
+max_bucket_reso = 96
+caption_extension = ".caption"
+
+[[datasets]]
+resolution = 64
+batch_size = {s.batch_size}
+
+  [[datasets.subsets]]
+  image_dir = {json.dumps((out / "data" / "concept" / f"1_{TRIGGER}").as_posix())}
+  num_repeats = 1
+
+  [[datasets.subsets]]
+  image_dir = {json.dumps((out / "data" / "reg" / "1_shapes").as_posix())}
+  is_reg = true
+  num_repeats = 1
+"""
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_train_config(out: Path, dataset_toml: Path, s: DemoSettings) -> Path:
+    options = {
+        "pretrained_model_name_or_path": s.base_model,
+        "dataset_config": dataset_toml.as_posix(),
+        "output_dir": (out / "lora").as_posix(),
+        "output_name": f"{TRIGGER}_heart",
+        "save_model_as": "safetensors",
+        "network_module": "networks.lora",
+        "network_dim": s.network_dim,
+        "network_alpha": s.network_dim,
+        "network_train_unet_only": True,
+        "learning_rate": s.learning_rate,
+        "optimizer_type": "AdamW",
+        "lr_scheduler": "constant_with_warmup",
+        "lr_warmup_steps": min(50, s.steps // 10),
+        "max_train_steps": s.steps,
+        "cache_latents": True,
+        "mixed_precision": "no",
+        "max_data_loader_n_workers": 0,
+        "seed": s.seed,
+        "logging_dir": (out / "logs").as_posix(),
+        "log_prefix": "demo",
+    }
+    options.update(s.loss_options)
+    options.update(s.extra_train_options)
+    return write_toml(out / "train_network.toml", options)
+
+
+def write_prompts(out: Path, s: DemoSettings) -> tuple[Path, dict[str, str]]:
+    """One prompt file for before and after: the new concept in every colour, then every old pair."""
+    sizes = world.SIZES
+    lines, groups = [], {}
+    concept_pairs = [(c, TRIGGER) for c in world.BASE_COLORS]
+    for line in world.prompt_lines(concept_pairs, s.prompts_per_color, seed=100 + s.seed, sizes=sizes):
+        lines.append(line)
+        groups[line] = "new concept"
+    holdout = world.diagonal_holdout(world.BASE_COLORS, world.BASE_SHAPES)
+    for split, label in (("holdout", "old, held-out pairs"), ("train", "old, training pairs")):
+        pairs = world.split_pairs(world.BASE_COLORS, world.BASE_SHAPES, holdout, split)
+        for line in world.prompt_lines(pairs, s.old_prompts_per_pair, seed=200 + s.seed, sizes=sizes):
+            lines.append(line)
+            groups[line] = label
+    path = out / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path, groups
+
+
+def generate(out_dir: Path, prompts: Path, s: DemoSettings, lora: Path | None = None) -> list[str]:
+    import gen_img
+
+    argv = ["--ckpt", s.base_model, "--from_file", str(prompts), "--outdir", str(out_dir), "--steps",
+            str(s.sample_steps), "--sampler", "euler_a", "--scale", "5", "--seed", str(s.seed),
+            "--batch_size", "8", "--console_log_simple"]
+    if lora is not None:
+        argv += ["--network_module", "networks.lora", "--network_weights", str(lora), "--network_mul", "1.0"]
+    return gen_img.main(argv)
+
+
+def judge(paths: Sequence[str], groups: dict[str, str]) -> dict:
+    from library.shapes.evaluate import evaluate_images, prompt_of, summarize
+
+    items = [(p, prompt_of(p) or "") for p in paths]
+    results = evaluate_images(items, aliases={TRIGGER: world.NEW_SHAPE})
+    by_group: dict[str, list] = {}
+    for r in results:
+        key = next((g for line, g in groups.items() if line.split(" --")[0] == r.prompt.split(" --")[0]), "other")
+        by_group.setdefault(key, []).append(r)
+    return {g: summarize(rs) for g, rs in by_group.items()} | {"all": summarize(results)}
+
+
+def read_losses(log_dir: Path, tag: str = "loss/current") -> tuple[list[int], list[float]]:
+    """Per-step training loss from the tensorboard event files of a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps, values = [], []
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags().get("scalars", []):
+            for e in acc.Scalars(tag):
+                steps.append(e.step)
+                values.append(e.value)
+    return steps, values
+
+
+def _moving_average(values: Sequence[float], k: int = 25) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= k:
+            total -= values[i - k]
+        out.append(total / min(i + 1, k))
+    return out
+
+
+def write_figures(out: Path, before: Sequence[str], after: Sequence[str], losses: tuple[list[int], list[float]]) -> dict:
+    from PIL import Image
+
+    from library.shapes.evaluate import prompt_of
+    from library.shapes.plots import image_grid, line_chart
+
+    # Columns: the first new-concept prompt of each colour, then one held-out and a few training pairs.
+    prompts = [prompt_of(p) or "" for p in before]
+    picked, seen = [], set()
+    for i, text in enumerate(prompts):
+        key = text.split(" --")[0]
+        if key not in seen and (TRIGGER in key or len(picked) < 10):
+            picked.append(i)
+            seen.add(key)
+        if len(picked) == 10:
+            break
+    rows = [[Image.open(paths[i]) for i in picked] for paths in (before, after)]
+    files = {"grid": str(image_grid(rows, out / "grid.png", row_labels=["before", "after"],
+                                    col_labels=[prompts[i].split(" --")[0][2:] for i in picked], cell=96))}
+    steps, values = losses
+    if values:
+        series = {"loss": (steps, values), "moving average (25)": (steps, _moving_average(values))}
+        files["loss"] = str(line_chart(series, out / "loss.png", title="LoRA training loss (train_network.py)",
+                                       xlabel="step", ylabel="loss"))
+    return files
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def report_markdown(result: dict) -> str:
+    b, a = result["before"], result["after"]
+    lines = ["# Demo: a LoRA teaches the shapes model a new concept", "",
+             f"Base model `{result['base_model']}`; LoRA `{result['lora']}` trained for {result['steps']} steps "
+             f"in {result['train_seconds']:.0f} s (`python train_network.py --config_file {result['train_config']}`).",
+             f"The new concept is the `{world.NEW_SHAPE}` shape, prompted with the trigger word `{TRIGGER}` "
+             f"(`a red {TRIGGER}`); the base model never saw a {world.NEW_SHAPE}.", "",
+             "| prompts | images | prompt accuracy before | after | colour after | shape after |",
+             "|---|---|---|---|---|---|"]
+    for g in ("new concept", "old, held-out pairs", "old, training pairs", "all"):
+        if g in a:
+            lines.append(f"| {g} | {a[g]['n']} | {_pct(b.get(g, {}).get('prompt_accuracy', 0.0))} | "
+                         f"**{_pct(a[g]['prompt_accuracy'])}** | {_pct(a[g]['color_accuracy'])} | "
+                         f"{_pct(a[g]['shape_accuracy'])} |")
+    lines += ["", "A prompt counts as right when the evaluator (library/shapes/evaluate.py, no learned model) finds "
+              "both its colour and its shape.", "",
+              "Files: `grid.png` (before / after, same seeds), `loss.png`, `before/`, `after/`, `report.json`, "
+              "`train_network.toml`, `dataset.toml`, `lora/`.", ""]
+    if result.get("loss_first") is not None:
+        lines.insert(4, f"Training loss (mean of the first / last 50 steps): {result['loss_first']:.4f} -> "
+                        f"{result['loss_last']:.4f}.")
+    return "\n".join(lines)
+
+
+def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
+    """Run the whole job into ``out`` and return the report (also written as report.json / report.md)."""
+    import train_network
+
+    s = settings or DemoSettings()
+    out = Path(out)
+    if not Path(s.base_model).is_file():
+        from library.errors import UserError
+
+        raise UserError(f"--base_model {s.base_model}: file not found (the repository ships models/shapes-sd1.safetensors)")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    dataset_toml = make_datasets(out, s)
+    config = write_train_config(out, dataset_toml, s)
+    prompts, groups = write_prompts(out, s)
+
+    logger.info("generating 'before' images with the base model")
+    before = generate(out / "before", prompts, s)
+    logger.info("training the LoRA: train_network.py --config_file %s", config)
+    t_train = time.perf_counter()
+    train_network.main(["--config_file", str(config)])
+    train_seconds = time.perf_counter() - t_train
+    lora = out / "lora" / f"{TRIGGER}_heart.safetensors"
+    logger.info("generating 'after' images with the LoRA")
+    after = generate(out / "after", prompts, s, lora=lora)
+
+    losses = read_losses(out / "logs")
+    result = {
+        "base_model": s.base_model, "lora": str(lora), "steps": s.steps, "train_config": str(config),
+        "train_seconds": train_seconds, "before": judge(before, groups), "after": judge(after, groups),
+        "loss_first": sum(losses[1][:50]) / max(1, len(losses[1][:50])) if losses[1] else None,
+        "loss_last": sum(losses[1][-50:]) / max(1, len(losses[1][-50:])) if losses[1] else None,
+    }
+    result["files"] = write_figures(out, before, after, losses)
+    result["seconds"] = time.perf_counter() - t0
+    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(report_markdown(result), encoding="utf-8")
+    return result

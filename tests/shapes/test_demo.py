@@ -1,0 +1,78 @@
+"""The demo job (library/shapes/demo.py, tools/demo.py) and its figures (library/shapes/plots.py)."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from library.shapes import demo, plots, world
+
+
+def test_line_chart_draws_each_series_in_its_colour(tmp_path):
+    path = plots.line_chart({"a": ([0, 1, 2], [1.0, 0.5, 0.25]), "b": ([0, 2], [0.2, 0.9])}, tmp_path / "c.png",
+                            title="t", xlabel="step", ylabel="loss", size=(320, 200))
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape == (200, 320, 3)
+    for colour in plots.SERIES_COLOURS[:2]:
+        assert (np.abs(img.astype(int) - colour).sum(-1) == 0).sum() > 20, colour
+    with pytest.raises(ValueError):
+        plots.line_chart({"a": ([], [])}, tmp_path / "empty.png")
+
+
+def test_image_grid_keeps_aspect_and_order(tmp_path):
+    red = Image.new("RGB", (80, 40), (255, 0, 0))
+    blue = Image.new("RGB", (40, 80), (0, 0, 255))
+    path = plots.image_grid([[red, blue], [blue, red]], tmp_path / "g.png", cell=40)
+    g = np.asarray(Image.open(path).convert("RGB"))
+    assert g.shape == (2 * 42, 2 * 42, 3)
+    assert tuple(g[20, 20]) == (255, 0, 0) and tuple(g[2, 20]) == (255, 255, 255)  # 40x20 red, centred
+    assert tuple(g[20, 62]) == (0, 0, 255) and tuple(g[62, 20]) == (0, 0, 255)
+
+
+def test_demo_writes_sd_scripts_config_and_dataset_files(tmp_path):
+    """The files the demo hands to train_network.py are ordinary sd-scripts files our parsers accept."""
+    from library.config.config_file import parse_args_with_config
+    from library.config.dataset_blueprint import dataset_params_from_args
+    from library.config.options import build_parser
+
+    s = demo.DemoSettings(images=6, steps=7)
+    dataset_toml = demo.make_datasets(tmp_path, s)
+    config = demo.write_train_config(tmp_path, dataset_toml, s)
+    args = parse_args_with_config(build_parser("train_network"), ["--config_file", str(config)])
+    assert args.max_train_steps == 7 and args.network_module == "networks.lora" and args.min_snr_gamma == 5.0
+    assert args.network_train_unet_only is True and str(args.dataset_config) == dataset_toml.as_posix()
+    (ds,) = dataset_params_from_args(args, "train_network")
+    assert ds.enable_bucket and ds.resolution == (64, 64) and ds.bucket_reso_steps == 16
+    concept, reg = ds.subsets
+    assert not concept.is_reg and reg.is_reg
+    captions = sorted(p.read_text().strip() for p in (tmp_path / "data" / "concept" / "1_sks").glob("*.caption"))
+    assert len(captions) == 6 and set(captions) <= {f"a {c} sks" for c in world.BASE_COLORS}
+    held = set(world.diagonal_holdout(world.BASE_COLORS, world.BASE_SHAPES))
+    reg_caps = [p.read_text().strip() for p in (tmp_path / "data" / "reg" / "1_shapes").glob("*.caption")]
+    assert len(reg_caps) == 6 and not {tuple(c.split()[1:]) for c in reg_caps} & held
+
+    prompts, groups = demo.write_prompts(tmp_path, s)
+    lines = prompts.read_text().splitlines()
+    assert len(lines) == 5 * s.prompts_per_color + 25 * s.old_prompts_per_pair
+    assert sum(g == "new concept" for g in groups.values()) == 5 * s.prompts_per_color
+    assert all(" --w " in line and " --d " in line for line in lines)
+
+
+def test_loss_reader_and_moving_average(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "logs" / "run"))
+    for step, v in enumerate([3.0, 1.0, 2.0], start=1):
+        w.add_scalar("loss/current", v, step)
+    w.close()
+    assert demo.read_losses(tmp_path / "logs") == ([1, 2, 3], [3.0, 1.0, 2.0])
+    assert demo._moving_average([3.0, 1.0, 2.0], k=2) == [3.0, 2.0, 1.5]
+
+
+def test_demo_rejects_a_missing_base_model(tmp_path, capsys):
+    from tools import demo as demo_tool
+
+    with pytest.raises(SystemExit) as e:
+        demo_tool.main(["--out", str(tmp_path / "o"), "--base_model", str(tmp_path / "nope.safetensors")])
+    assert e.value.code == 2 and "nope.safetensors" in capsys.readouterr().err
