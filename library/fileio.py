@@ -33,12 +33,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         else:
             if path.is_dir():
                 shutil.rmtree(path)
+            _umask_permissions(tmp)
             os.replace(tmp, path)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask_permissions(file: str) -> None:
+    """Give a finished file the permissions a plain ``open()`` would (0666 minus the umask).
+
+    Some writers (safetensors >= 0.8 among them) create their files 0600; on a shared machine a saved
+    model would then be unreadable by the group, unlike every other output."""
+    mask = os.umask(0)
+    os.umask(mask)
+    with contextlib.suppress(OSError):
+        os.chmod(file, 0o666 & ~mask)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

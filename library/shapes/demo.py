@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 
 TRIGGER = "sks"
 DEFAULT_BASE = Path(__file__).resolve().parents[2] / "models" / "shapes-sd1.safetensors"
-HOLDOUT = "diagonal"  # the base model was trained without these colour x shape pairs (docs/demo.md)
 
 
 @dataclass
@@ -33,10 +32,11 @@ class DemoSettings:
     steps: int = 600
     images: int = 100  # concept images (hearts); as many regularisation images of the old world
     network_dim: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     batch_size: int = 8
-    prompts_per_color: int = 4  # new-concept prompts per colour
-    old_prompts_per_pair: int = 1  # old-world prompts per colour x shape pair (25 pairs)
+    prompts_per_color: int = 5  # new-concept prompts per colour (8 colours)
+    heldout_prompts_per_pair: int = 8  # old world, the 5 pairs the base model never saw
+    train_prompts_per_pair: int = 1  # old world, the 35 pairs it was trained on
     sample_steps: int = 20
     seed: int = 0
     loss_options: dict = field(default_factory=lambda: {"min_snr_gamma": 5.0})
@@ -63,11 +63,11 @@ def write_toml(path: Path, flat: dict, tables: Sequence[tuple[str, dict]] = ()) 
 
 def make_datasets(out: Path, s: DemoSettings) -> Path:
     """Concept images + regularisation images as DreamBooth folders, and the dataset TOML."""
-    concept = world.generate(s.images, seed=1000 + s.seed, colors=world.BASE_COLORS, shapes=(world.NEW_SHAPE,))
+    concept = world.generate(s.images, seed=1000 + s.seed, colors=world.MODEL_COLORS, shapes=(world.NEW_SHAPE,))
     world.write_dataset(concept, str(out / "data" / "concept"), "dreambooth", repeats=1, name=TRIGGER,
                         aliases={world.NEW_SHAPE: TRIGGER})
-    holdout = world.diagonal_holdout(world.BASE_COLORS, world.BASE_SHAPES)
-    reg = world.generate(s.images, seed=2000 + s.seed, holdout=holdout, split="train")
+    reg = world.generate(s.images, seed=2000 + s.seed, colors=world.MODEL_COLORS, holdout=world.HELDOUT_PAIRS,
+                         split="train")
     world.write_dataset(reg, str(out / "data" / "reg"), "dreambooth", repeats=1, name="shapes")
     path = out / "dataset.toml"
     text = f"""# dataset for the demo LoRA (sd-scripts dataset-config format)
@@ -127,16 +127,18 @@ def write_prompts(out: Path, s: DemoSettings) -> tuple[Path, dict[str, str]]:
     """One prompt file for before and after: the new concept in every colour, then every old pair."""
     sizes = world.SIZES
     lines, groups = [], {}
-    concept_pairs = [(c, TRIGGER) for c in world.BASE_COLORS]
+    concept_pairs = [(c, TRIGGER) for c in world.MODEL_COLORS]
     for line in world.prompt_lines(concept_pairs, s.prompts_per_color, seed=100 + s.seed, sizes=sizes):
         lines.append(line)
         groups[line] = "new concept"
-    holdout = world.diagonal_holdout(world.BASE_COLORS, world.BASE_SHAPES)
-    for split, label in (("holdout", "old, held-out pairs"), ("train", "old, training pairs")):
-        pairs = world.split_pairs(world.BASE_COLORS, world.BASE_SHAPES, holdout, split)
-        for line in world.prompt_lines(pairs, s.old_prompts_per_pair, seed=200 + s.seed, sizes=sizes):
+    for split, label, per_pair in (("holdout", "old, held-out pairs", s.heldout_prompts_per_pair),
+                                   ("train", "old, training pairs", s.train_prompts_per_pair)):
+        pairs = world.split_pairs(world.MODEL_COLORS, world.BASE_SHAPES, world.HELDOUT_PAIRS, split)
+        for line in world.prompt_lines(pairs, per_pair, seed=200 + s.seed, sizes=sizes):
             lines.append(line)
             groups[line] = label
+    # gen_img batches consecutive prompts of one size: group the sizes (stable, so the order is kept within one)
+    lines.sort(key=lambda line: line.split(" --w ")[1].split(" --d ")[0])
     path = out / "prompts.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path, groups
@@ -157,7 +159,8 @@ def judge(paths: Sequence[str], groups: dict[str, str]) -> dict:
     from library.shapes.evaluate import evaluate_images, prompt_of, summarize
 
     items = [(p, prompt_of(p) or "") for p in paths]
-    results = evaluate_images(items, aliases={TRIGGER: world.NEW_SHAPE})
+    # the classifier may answer any colour the model knows, so a drift to a neighbouring hue counts as wrong
+    results = evaluate_images(items, colors=world.MODEL_COLORS, aliases={TRIGGER: world.NEW_SHAPE})
     by_group: dict[str, list] = {}
     for r in results:
         key = next((g for line, g in groups.items() if line.split(" --")[0] == r.prompt.split(" --")[0]), "other")
@@ -190,25 +193,25 @@ def _moving_average(values: Sequence[float], k: int = 25) -> list[float]:
     return out
 
 
-def write_figures(out: Path, before: Sequence[str], after: Sequence[str], losses: tuple[list[int], list[float]]) -> dict:
+def write_figures(out: Path, before: Sequence[str], after: Sequence[str], groups: dict[str, str],
+                  losses: tuple[list[int], list[float]]) -> dict:
     from PIL import Image
 
     from library.shapes.evaluate import prompt_of
     from library.shapes.plots import image_grid, line_chart
 
-    # Columns: the first new-concept prompt of each colour, then one held-out and a few training pairs.
-    prompts = [prompt_of(p) or "" for p in before]
+    # Columns: the new concept in each colour, then each held-out pair (the first image of each prompt).
+    prompts = [(prompt_of(p) or "").split(" --")[0] for p in before]
+    group_of = {line.split(" --")[0]: g for line, g in groups.items()}
     picked, seen = [], set()
-    for i, text in enumerate(prompts):
-        key = text.split(" --")[0]
-        if key not in seen and (TRIGGER in key or len(picked) < 10):
-            picked.append(i)
-            seen.add(key)
-        if len(picked) == 10:
-            break
+    for wanted in ("new concept", "old, held-out pairs"):
+        for i, text in enumerate(prompts):
+            if group_of.get(text) == wanted and text not in seen:
+                picked.append(i)
+                seen.add(text)
     rows = [[Image.open(paths[i]) for i in picked] for paths in (before, after)]
     files = {"grid": str(image_grid(rows, out / "grid.png", row_labels=["before", "after"],
-                                    col_labels=[prompts[i].split(" --")[0][2:] for i in picked], cell=96))}
+                                    col_labels=[prompts[i][2:] for i in picked], cell=96))}
     steps, values = losses
     if values:
         series = {"loss": (steps, values), "moving average (25)": (steps, _moving_average(values))}
@@ -278,7 +281,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         "loss_first": sum(losses[1][:50]) / max(1, len(losses[1][:50])) if losses[1] else None,
         "loss_last": sum(losses[1][-50:]) / max(1, len(losses[1][-50:])) if losses[1] else None,
     }
-    result["files"] = write_figures(out, before, after, losses)
+    result["files"] = write_figures(out, before, after, groups, losses)
     result["seconds"] = time.perf_counter() - t0
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(report_markdown(result), encoding="utf-8")

@@ -31,6 +31,12 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 BASE_COLORS = ("red", "yellow", "green", "blue", "purple")
 BASE_SHAPES = ("circle", "square", "triangle", "star", "cross")
+# The demo base model (models/shapes-sd1.safetensors) was trained on every palette colour with the base
+# shapes, except the held-out pairs: a Latin diagonal of the first five colours, so every base colour and
+# every shape is held out once and a model must compose what it has only seen apart.
+MODEL_COLORS = tuple(PALETTE)
+HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "circle"), ("yellow", "square"), ("green", "triangle"),
+                                              ("blue", "star"), ("purple", "cross"))
 # The "new concept" the demo LoRA teaches: never in the base world.
 NEW_SHAPE = "heart"
 ALL_SHAPES = BASE_SHAPES + ("heart", "diamond")
