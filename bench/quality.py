@@ -6,8 +6,8 @@
 The demo's job (a LoRA that teaches the shapes base model the heart, trigger ``sks``) is trained once per
 loss setting, from the same seed, data and batches, with a LoRA saved every ``--every`` steps. Each saved
 LoRA (and the base model, step 0) generates the same prompts with the same seeds, and the deterministic
-evaluator scores them. Prints a markdown table (new-concept prompt accuracy per step, old-world accuracy
-at the end) and writes ``quality.png`` and ``quality.json`` into --out.
+evaluator scores them. Prints a markdown table (new-concept prompt accuracy per step, accuracy on the
+base model's held-out pairs at the end) and writes ``quality.png`` and ``quality.json`` into --out.
 
 Loss settings (sd-scripts options): ``l2``; ``huber`` with ``--huber_schedule snr``; ``smooth_l1`` (also
 snr schedule, the default); ``l2`` with ``--min_snr_gamma 5``.
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of data, training and sampling (default 0)")
     p.add_argument("--prompts_per_color", type=int, default=5,
                    help="new-concept prompts per colour, 8 colours (default 5)")
+    p.add_argument("--from_json", default=None, help="redraw table and plot from a quality.json, no training")
     p.add_argument("--only", default=None, help=f"comma list of settings (default all: {', '.join(SETTINGS)})")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",")] if args.only else list(SETTINGS)
@@ -97,16 +98,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps % args.every:
         p.error("--steps must be a multiple of --every")
     out = Path(args.out)
-    table = run(out, args.steps, args.every, args.seed, args.prompts_per_color, names)
+    if args.from_json:  # redraw the table and plot of an earlier run
+        table = {n: {**row, "points": {int(k): v for k, v in row["points"].items()}}
+                 for n, row in json.loads(Path(args.from_json).read_text(encoding="utf-8")).items()}
+    else:
+        table = run(out, args.steps, args.every, args.seed, args.prompts_per_color, names)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    print(markdown(table, args.steps, args.every))
+    print(f"plot: {plot(table, args.steps, args.every, out / 'quality.png')}")
+
+
+def plot(table: dict, steps: int, every: int, path: Path) -> Path:
     from library.shapes.plots import line_chart
 
-    ks = list(range(0, args.steps + 1, args.every))
+    ks = list(range(0, steps + 1, every))
     series = {n: (ks, [100 * row["points"][k]["new concept"]["prompt_accuracy"] for k in ks]) for n, row in table.items()}
-    line_chart(series, out / "quality.png", title="new-concept prompt accuracy vs LoRA steps", xlabel="step",
-               ylabel="%", y_range=(0, 100), markers=True)
-    (out / "quality.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-    print(markdown(table, args.steps, args.every))
-    print(f"plot: {out / 'quality.png'}")
+    return line_chart(series, path, title="new-concept prompt accuracy vs LoRA steps (bench/quality.py)",
+                      xlabel="step", ylabel="%", y_range=(0, 100), markers=True)
 
 
 if __name__ == "__main__":

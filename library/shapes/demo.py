@@ -57,6 +57,7 @@ def write_toml(path: Path, flat: dict, tables: Sequence[tuple[str, dict]] = ()) 
     lines = [f"{k} = {_toml_value(v)}" for k, v in flat.items()]
     for name, table in tables:
         lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 

@@ -40,7 +40,8 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], path:
                size: tuple[int, int] = (640, 400), markers: bool = False) -> Path:
     """Write a line chart of ``{label: (xs, ys)}`` to ``path`` (PNG) and return the path."""
     w, h = size
-    left, right, top, bottom = 64, 16, 32 if title else 12, 44
+    # several series: the legend gets its own column right of the plot, so it never hides a line
+    left, right, top, bottom = 64, 16 if len(series) < 2 else 150, 32 if title else 12, 44
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
@@ -82,10 +83,10 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], path:
         if markers or len(pts) == 1:
             for x, y in pts:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        if len(series) > 1:  # legend, top right
-            ly = top + 8 + 14 * i
-            d.line([(left + pw - 120, ly), (left + pw - 100, ly)], fill=colour, width=3)
-            d.text((left + pw - 94, ly), label, fill="black", font=font, anchor="lm")
+        if len(series) > 1:
+            ly = top + 8 + 16 * i
+            d.line([(left + pw + 10, ly), (left + pw + 30, ly)], fill=colour, width=3)
+            d.text((left + pw + 36, ly), label, fill="black", font=font, anchor="lm")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
