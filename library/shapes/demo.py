@@ -184,7 +184,7 @@ def read_losses(log_dir: Path, tag: str = "loss/current") -> tuple[list[int], li
     return steps, values
 
 
-def _moving_average(values: Sequence[float], k: int = 25) -> list[float]:
+def _moving_average(values: Sequence[float], k: int = 50) -> list[float]:
     out, total = [], 0.0
     for i, v in enumerate(values):
         total += v
@@ -215,9 +215,9 @@ def write_figures(out: Path, before: Sequence[str], after: Sequence[str], groups
                                     col_labels=[prompts[i][2:] for i in picked], cell=96))}
     steps, values = losses
     if values:
-        series = {"loss": (steps, values), "moving average (25)": (steps, _moving_average(values))}
+        series = {"loss": (steps, values), "moving average (50)": (steps, _moving_average(values, 50))}
         files["loss"] = str(line_chart(series, out / "loss.png", title="LoRA training loss (train_network.py)",
-                                       xlabel="step", ylabel="loss"))
+                                       xlabel="step", ylabel="loss", faint=("loss",)))
     return files
 
 

@@ -37,8 +37,10 @@ def _fmt(v: float) -> str:
 
 def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *, title: str = "",
                xlabel: str = "", ylabel: str = "", y_range: tuple[float, float] | None = None,
-               size: tuple[int, int] = (640, 400), markers: bool = False) -> Path:
-    """Write a line chart of ``{label: (xs, ys)}`` to ``path`` (PNG) and return the path."""
+               size: tuple[int, int] = (640, 400), markers: bool = False, faint: Sequence[str] = ()) -> Path:
+    """Write a line chart of ``{label: (xs, ys)}`` to ``path`` (PNG) and return the path.
+
+    Series named in ``faint`` are drawn thin and pale (raw, noisy values behind their average)."""
     w, h = size
     # several series: the legend gets its own column right of the plot, so it never hides a line
     left, right, top, bottom = 64, 16 if len(series) < 2 else 150, 32 if title else 12, 44
@@ -77,9 +79,11 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], path:
         d.text((4, top - 2 if not title else 8), ylabel, fill="black", font=font, anchor="la")
     for i, (label, (xs, ys)) in enumerate(series.items()):
         colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        if label in faint:
+            colour = tuple(c + (255 - c) * 3 // 5 for c in colour)
         pts = [px(x, min(max(y, y_lo), y_hi)) for x, y in zip(xs, ys) if math.isfinite(y)]
         if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
+            d.line(pts, fill=colour, width=1 if label in faint else 2)
         if markers or len(pts) == 1:
             for x, y in pts:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
