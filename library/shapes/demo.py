@@ -157,15 +157,16 @@ def generate(out_dir: Path, prompts: Path, s: DemoSettings, lora: Path | None = 
 
 
 def judge(paths: Sequence[str], groups: dict[str, str]) -> dict:
+    """Evaluator summaries per prompt group (new concept, held-out pairs, training pairs) and overall."""
     from library.shapes.evaluate import evaluate_images, prompt_of, summarize
 
     items = [(p, prompt_of(p) or "") for p in paths]
     # the classifier may answer any colour the model knows, so a drift to a neighbouring hue counts as wrong
     results = evaluate_images(items, colors=world.MODEL_COLORS, aliases={TRIGGER: world.NEW_SHAPE})
+    group_of = {line.split(" --")[0]: g for line, g in groups.items()}
     by_group: dict[str, list] = {}
     for r in results:
-        key = next((g for line, g in groups.items() if line.split(" --")[0] == r.prompt.split(" --")[0]), "other")
-        by_group.setdefault(key, []).append(r)
+        by_group.setdefault(group_of.get(r.prompt.split(" --")[0], "other"), []).append(r)
     return {g: summarize(rs) for g, rs in by_group.items()} | {"all": summarize(results)}
 
 
