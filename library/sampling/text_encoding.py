@@ -45,19 +45,24 @@ def default_clip_skip(family: str, clip_skip: int | None, for_training: bool = F
     return (TRAINING_CLIP_SKIP if for_training else GEN_IMG_CLIP_SKIP)[family]
 
 
-def _text_module(te: torch.nn.Module) -> torch.nn.Module:
+def text_module(te: torch.nn.Module) -> torch.nn.Module:
+    """The CLIP text transformer of a text encoder, also when it comes wrapped by DDP (trained in training)."""
+    te = getattr(te, "module", te)
     # transformers >= 5.6 flattened CLIPTextModel (no `.text_model`); WithProjection keeps it
     return getattr(te, "text_model", te)
 
 
 def _encode_chunks(te: torch.nn.Module, rows: torch.Tensor, clip_skip: int, final_ln: bool,
                    want_pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(N, 77) ids -> hidden states (N, 77, D) at `hidden_states[-clip_skip]` (+ final LN), pooled if asked."""
-    out = te(rows.to(te.device), output_hidden_states=True)
+    """(N, 77) ids -> hidden states (N, 77, D) at `hidden_states[-clip_skip]` (+ final LN), pooled if asked.
+
+    `te` is called as given (a DDP wrapper keeps its gradient hooks); only the device is read from the module.
+    """
+    out = te(rows.to(getattr(te, "module", te).device), output_hidden_states=True)
     hidden = out.hidden_states[-clip_skip]
     if final_ln:
         # skip 1 + LN equals last_hidden_state: the last layer's output goes through the same LN
-        hidden = _text_module(te).final_layer_norm(hidden)
+        hidden = text_module(te).final_layer_norm(hidden)
     # CLIPTextModelWithProjection: text_projection of the final-LN state at the EOS (first highest id)
     pooled = out.text_embeds if want_pooled else None
     return hidden, pooled

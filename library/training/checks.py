@@ -24,8 +24,6 @@ def reject_unsupported(args: argparse.Namespace, script: str) -> None:
                     "out of every file it writes")
     if getattr(args, "dataset_class", None):
         raise UserError("--dataset_class (custom dataset classes) is not supported yet; use --dataset_config")
-    if getattr(args, "weighted_captions", False) and script == "train_network":
-        raise UserError("--weighted_captions is not supported yet in training (gen_img.py weights prompts)")
     if getattr(args, "lowram", False):
         logger.info("--lowram: models are always loaded tensor by tensor (peak about one model) and moved to the "
                     "device right after; nothing more to do")

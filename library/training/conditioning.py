@@ -7,11 +7,13 @@ TE2's projected pooled output of the first chunk, and the size/crop ids the U-Ne
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from library.sampling.long_prompts import join_chunked_hidden_states
+from library.errors import UserError
+from library.sampling.long_prompts import CHUNK_TOKENS, join_chunked_hidden_states
+from library.sampling.text_encoding import encode_with_encoder, text_module
 
 
 @dataclass
@@ -22,12 +24,6 @@ class TextConditioning:
     added_cond_kwargs: Optional[dict] = None  # SDXL: text_embeds (pooled) and time_ids
 
 
-def _final_layer_norm(te) -> torch.nn.Module:
-    te = getattr(te, "module", te)  # a trained text encoder may come wrapped by DDP (train_db, TI)
-    # transformers >= 5.6 flattened CLIPTextModel (no `.text_model`); WithProjection keeps it
-    return getattr(te, "text_model", te).final_layer_norm
-
-
 def encode_sd(te, input_ids: torch.Tensor, clip_skip: Optional[int], max_token_length: Optional[int]) -> torch.Tensor:
     """SD1/SD2 hidden states of (B, n, 77) ids, spec §9."""
     b, n, length = input_ids.shape
@@ -36,9 +32,26 @@ def encode_sd(te, input_ids: torch.Tensor, clip_skip: Optional[int], max_token_l
         h = te(ids)[0]
     else:
         h = te(ids, output_hidden_states=True).hidden_states[-clip_skip]
-        h = _final_layer_norm(te)(h)
+        h = text_module(te).final_layer_norm(h)  # a trained TE may come wrapped by DDP (train_db, TI)
     h = h.reshape(b, n * length, h.shape[-1])
     return join_chunked_hidden_states(h, max_token_length) if max_token_length else h
+
+
+def encode_sd_weighted(te, tokenizer, captions: Sequence[str], clip_skip: Optional[int],
+                       max_token_length: Optional[int]) -> torch.Tensor:
+    """SD1/SD2 ``--weighted_captions``: ``(tag:1.2)`` captions through the prompt-weighting encoder, spec §9.
+
+    The LPW pipelines' encoder of generation §5 in ``original`` mode: weights parsed without BREAK handling,
+    chunks of 75 tokens padded with EOS, at most ``max_token_length // 75`` chunks (1 without it) and as many
+    as the batch's longest caption needs; each chunk encoded on its own and concatenated (B, 77n, D), no
+    re-joining; ``clip_skip`` as in plain training; ``E * w`` rescaled to the caption's original mean.
+    """
+    multiples = max_token_length // CHUNK_TOKENS if max_token_length else 1
+    skip = clip_skip if clip_skip is not None and clip_skip > 1 else 1
+    ctx, _ = encode_with_encoder(te, tokenizer, captions, clip_skip=skip, final_ln=True,
+                                 max_embeddings_multiples=multiples, pad_with="eos", break_isolation=False,
+                                 emb_normalize_mode="original")
+    return ctx
 
 
 def encode_sdxl(te1, te2, ids1: torch.Tensor, ids2: torch.Tensor,
@@ -66,11 +79,29 @@ def sdxl_time_ids(batch: Mapping[str, Any], device, dtype) -> torch.Tensor:
     return torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1).to(device, dtype)
 
 
+def weighted_captions_tokenizer(models, args) -> Any:
+    """The tokenizer for ``encode_sd_weighted`` when ``--weighted_captions`` is on (SD1/SD2), else None."""
+    if not getattr(args, "weighted_captions", False):
+        return None
+    if models.family == "sdxl":  # the SDXL trainer refuses the option up front (spec cli-options §11)
+        raise UserError("--weighted_captions is not supported for SDXL")
+    return models.tokenizers[0]
+
+
 def text_conditioning(family: str, text_encoders: list, batch: Mapping[str, Any], *, clip_skip: Optional[int],
-                      max_token_length: Optional[int], device, dtype) -> TextConditioning:
-    """U-Net conditioning for a batch (cached TE outputs are used when the batch carries them)."""
+                      max_token_length: Optional[int], device, dtype,
+                      weighted_tokenizer: Any = None) -> TextConditioning:
+    """U-Net conditioning for a batch (cached TE outputs are used when the batch carries them).
+
+    ``weighted_tokenizer`` (SD1/SD2 ``--weighted_captions``): encode the batch's processed captions with
+    their ``(tag:w)`` weights instead of its token ids.
+    """
     if family != "sdxl":
-        ctx = encode_sd(text_encoders[0], batch["input_ids"], clip_skip, max_token_length)
+        if weighted_tokenizer is not None:
+            ctx = encode_sd_weighted(text_encoders[0], weighted_tokenizer, batch["captions"], clip_skip,
+                                     max_token_length)
+        else:
+            ctx = encode_sd(text_encoders[0], batch["input_ids"], clip_skip, max_token_length)
         return TextConditioning(ctx.to(dtype))
     if batch.get("text_encoder_outputs1_list") is not None:
         h1, h2 = batch["text_encoder_outputs1_list"], batch["text_encoder_outputs2_list"]

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from library.errors import UserError
 
 from .methods.dreambooth import DreamBoothMethod, text_encoder_schedule
 from .run_full_model import FullModelScript, run as run_full_model
+
+logger = logging.getLogger(__name__)
 
 SCRIPT = FullModelScript("train_db", "dreambooth", DreamBoothMethod.from_args)
 
@@ -16,5 +19,8 @@ def run(args: argparse.Namespace) -> str:
     if args.no_token_padding and args.max_token_length is not None:
         # per-batch padding gives one chunk of <= 77 tokens: there is nothing to extend to 150 / 225
         raise UserError("--no_token_padding cannot be combined with --max_token_length")
+    if args.no_token_padding and getattr(args, "weighted_captions", False):
+        logger.warning("--no_token_padding has no effect with --weighted_captions: weighted captions are padded "
+                       "with EOS to 77 tokens per chunk (as in sd-scripts)")
     train_te, _ = text_encoder_schedule(args.stop_text_encoder_training)
     return run_full_model(args, SCRIPT, train_text_encoder=train_te)

@@ -15,7 +15,6 @@ from typing import Callable, Optional
 
 import torch
 
-from library.errors import UserError
 from library.models.bundle import SDModels
 
 from . import accelerate_setup as setup
@@ -46,8 +45,6 @@ def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: b
     """Train the U-Net (and text encoder) in full; returns the path of the final model."""
     # 1. options and seed
     verify_training_args(args, script.name)
-    if getattr(args, "weighted_captions", False):
-        raise UserError(f"--weighted_captions is not supported by {script.name}.py here yet")
     if args.seed is None:
         # sd-scripts leaves D/F unseeded; a drawn seed keeps that randomness and makes the run repeatable
         args.seed = random.randint(0, 2**32 - 1)

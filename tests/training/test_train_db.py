@@ -117,7 +117,6 @@ def test_config_file_and_no_token_padding(tiny_sd, shapes_data, tmp_path):
 
 @pytest.mark.parametrize("bad,msg", [
     (["--no_token_padding", "--max_token_length", "150"], "--no_token_padding"),
-    (["--weighted_captions"], "--weighted_captions"),
     (["--save_model_as", "pt"], "--save_model_as"),
     (["--full_fp16"], "--full_fp16"),
 ])

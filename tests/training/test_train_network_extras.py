@@ -98,7 +98,7 @@ def test_sample_options_need_prompts(tiny_sd, shapes_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("opt", [["--huggingface_repo_id", "me/x"], ["--dataset_class", "a.B"],
-                                 ["--weighted_captions"], ["--async_upload"]])
+                                 ["--async_upload"]])
 def test_unsupported_options_are_rejected_not_ignored(tiny_sd, shapes_data, tmp_path, capsys, opt):
     with pytest.raises(SystemExit) as e:
         train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "o", 1, *opt))

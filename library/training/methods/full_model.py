@@ -16,7 +16,7 @@ import torch
 from library.models.bundle import SDModels
 
 from ..checkpointing import TrainState
-from ..conditioning import TextConditioning, encode_sd, text_conditioning
+from ..conditioning import TextConditioning, encode_sd, text_conditioning, weighted_captions_tokenizer
 from ..diffusion_step import DiffusionObjective, StepRandom, batch_latents, call_unet, diffusion_loss
 
 logger = logging.getLogger(__name__)
@@ -60,11 +60,13 @@ class FullModelMethod:
 
     def _conditioning(self, batch: dict) -> TextConditioning:
         a = self.args
-        if self.pad_per_batch:
+        weighted = weighted_captions_tokenizer(self.models, a)
+        if self.pad_per_batch and weighted is None:
             return TextConditioning(encode_sd(self.text_encoder, self._ids_padded_to_longest(batch["captions"]),
                                               a.clip_skip, None).to(self.weight_dtype))
         return text_conditioning(self.models.family, [self.text_encoder], batch, clip_skip=a.clip_skip,
-                                 max_token_length=a.max_token_length, device=self.acc.device, dtype=self.weight_dtype)
+                                 max_token_length=a.max_token_length, device=self.acc.device, dtype=self.weight_dtype,
+                                 weighted_tokenizer=weighted)
 
     def _ids_padded_to_longest(self, captions: list[str]) -> torch.Tensor:
         """--no_token_padding as sd-scripts intended: pad to the longest caption of the batch (<= 77 tokens).

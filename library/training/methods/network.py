@@ -14,7 +14,7 @@ import torch
 from library.models.bundle import SDModels
 
 from ..checkpointing import TrainState
-from ..conditioning import text_conditioning
+from ..conditioning import text_conditioning, weighted_captions_tokenizer
 from ..diffusion_step import DiffusionObjective, StepRandom, batch_latents, call_unet, diffusion_loss
 from ..network_host import NetworkHost
 
@@ -43,7 +43,8 @@ class NetworkMethod:
         grad_te = self.train_text_encoder and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad_te), self.acc.autocast():
             cond = text_conditioning(m.family, m.text_encoders, batch, clip_skip=a.clip_skip,
-                                     max_token_length=a.max_token_length, device=dev, dtype=self.weight_dtype)
+                                     max_token_length=a.max_token_length, device=dev, dtype=self.weight_dtype,
+                                     weighted_tokenizer=weighted_captions_tokenizer(m, a))
         latents = batch_latents(batch, m.vae, self.obj.latent_scale, dev, self.weight_dtype, rand.generator)
         with self.acc.autocast():
             return diffusion_loss(lambda x, t, c: call_unet(m.unet, x, t, c), latents, cond, batch, self.obj, rand)
