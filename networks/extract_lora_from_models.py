@@ -107,16 +107,19 @@ def extract_state_dict(diffs: dict[str, tuple[torch.Tensor, bool]], dim: int, co
     return sd
 
 
-def extraction_metadata(args: argparse.Namespace) -> dict[str, str]:
-    """The ``ss_*`` keys of §10 plus modelspec (``/lora``) unless ``--no_metadata``."""
+def extraction_metadata(args: argparse.Namespace, family: str) -> dict[str, str]:
+    """The ``ss_*`` keys of §10 plus modelspec (``/lora``) unless ``--no_metadata``.
+
+    ``family`` is the loaded models' (an SD2 file is SD2 even without ``--v2``, which loading implies).
+    """
     from library.training.metadata import base_model_version
     from library.training.modelspec import build_modelspec
 
-    family = "sdxl" if args.sdxl else ("sd2" if args.v2 else "sd1")
-    v_param = args.v2 if args.v_parameterization is None else args.v_parameterization
+    v2 = family == "sd2"
+    v_param = v2 if args.v_parameterization is None else args.v_parameterization
     net_args = {} if args.conv_dim is None else {"conv_dim": str(args.conv_dim),
                                                  "conv_alpha": str(float(args.conv_dim))}
-    metadata = {"ss_v2": str(args.v2), "ss_base_model_version": base_model_version(family, bool(v_param)),
+    metadata = {"ss_v2": str(v2), "ss_base_model_version": base_model_version(family, bool(v_param)),
                 "ss_network_module": "networks.lora", "ss_network_dim": str(args.dim),
                 "ss_network_alpha": str(float(args.dim)), "ss_network_args": json.dumps(net_args)}
     if not args.no_metadata:
@@ -159,7 +162,7 @@ def extract(args: argparse.Namespace) -> None:
     info = network.load_state_dict(sd, strict=False)
     if info.unexpected_keys:
         raise UserError(f"internal: extracted modules not in the network: {info.unexpected_keys[:3]}")
-    network.save_weights(args.save_to, save_dtype, extraction_metadata(args))
+    network.save_weights(args.save_to, save_dtype, extraction_metadata(args, org.family))
     logger.info("LoRA weights saved to %s (%d modules)", args.save_to, len(diffs))
 
 

@@ -35,3 +35,30 @@ def unet_inputs(models, batch: int = 2, seed: int = 0) -> tuple[tuple, dict]:
 
 def token_ids(batch: int = 2, length: int = 77, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 1000, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def write_lora(models, path, seed=0, dim=4, alpha=2.0, conv_dim="2", conv_alpha="1", metadata=None) -> str:
+    """A LoRA for ``models`` with random (non-zero) factors saved through the network; returns its path."""
+    import networks.lora as lora
+
+    net = lora.create_network(1.0, dim, alpha, None, text_encoder_arg(models), models.unet, conv_dim=conv_dim,
+                              conv_alpha=conv_alpha)
+    randomize_up(net, seed=seed)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 100)
+        for p in net.parameters():
+            if p.ndim:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    net.save_weights(str(path), None, metadata or {"ss_v2": "False", "ss_base_model_version": "sd_v1"})
+    return str(path)
+
+
+def assert_clamped_svd_factors(sd, name: str, delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> None:
+    """``sd``'s factors of module ``name`` are the best rank-``rank`` factors of ``delta`` computed here
+    (``up = U_r·S_r``, ``down = V_rᵀ``, both clamped to ±the quantile of their values, spec utilities §8)."""
+    u, s, vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)
+    up, down = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank]
+    hi = torch.quantile(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
+    torch.testing.assert_close(sd[f"{name}.lora_up.weight"].flatten(1), up.clamp(-hi, hi), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sd[f"{name}.lora_down.weight"].flatten(1), down.clamp(-hi, hi), atol=1e-5, rtol=1e-4)
+    assert float(sd[f"{name}.alpha"]) == rank

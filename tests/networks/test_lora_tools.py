@@ -19,7 +19,8 @@ from networks.lora_svd import dynamic_rank, module_delta
 from networks.lora_tool_io import complete_modules
 from tools.make_tiny_model import write_tiny_model
 
-from .helpers import randomize_up, text_encoder_arg, token_ids, unet_inputs
+from .helpers import assert_clamped_svd_factors, text_encoder_arg, token_ids, unet_inputs
+from .helpers import write_lora as _write_lora
 
 
 def _header_and_data(path) -> tuple[dict, bytes]:
@@ -34,19 +35,6 @@ def _assert_hash_matches_file(path) -> dict:
     meta = header["__metadata__"]
     assert meta["sshs_model_hash"] == hashlib.sha256(data).hexdigest()
     return meta
-
-
-def _write_lora(models, path, seed=0, dim=4, alpha=2.0, conv_dim="2", conv_alpha="1", metadata=None) -> str:
-    net = lora.create_network(1.0, dim, alpha, None, text_encoder_arg(models), models.unet, conv_dim=conv_dim,
-                              conv_alpha=conv_alpha)
-    randomize_up(net, seed=seed)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed + 100)
-        for p in net.parameters():
-            if p.ndim:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-    net.save_weights(str(path), None, metadata or {"ss_v2": "False", "ss_base_model_version": "sd_v1"})
-    return str(path)
 
 
 def _deltas(path) -> dict[str, torch.Tensor]:
@@ -269,14 +257,7 @@ def test_svd_merge_formula(tiny, tmp_path):
         total = 0.5 * da[name] - 0.8 * db[name]  # linear in the ratios
         mat = total.flatten(1) if total.ndim == 4 else total
         is_kxk = total.ndim == 4 and total.shape[-1] != 1
-        r = min(2 if is_kxk else 3, *mat.shape)
-        u, s, vh = torch.linalg.svd(mat)
-        up, down = u[:, :r] @ torch.diag(s[:r]), vh[:r]
-        hi = torch.quantile(torch.cat([up.flatten(), down.flatten()]), 0.99)
-        torch.testing.assert_close(sd[f"{name}.lora_up.weight"].flatten(1), up.clamp(-hi, hi), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(sd[f"{name}.lora_down.weight"].flatten(1), down.clamp(-hi, hi),
-                                   atol=1e-5, rtol=1e-4)
-        assert float(sd[f"{name}.alpha"]) == r
+        assert_clamped_svd_factors(sd, name, total, min(2 if is_kxk else 3, *mat.shape))
     meta = _assert_hash_matches_file(out)
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": 2, "conv_alpha": 2}
     assert meta["ss_network_dim"] == meta["ss_network_alpha"] == "3"
