@@ -105,6 +105,16 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
                    help="TI embedding files (token = file stem)")
 
 
+def _add_deep_shrink_options(p: argparse.ArgumentParser) -> None:
+    g = section(p, "Deep Shrink (spec §1.5; prompt options --dsd1/--dst1/--dsd2/--dst2/--dsr)")
+    g.add_argument("--ds_depth_1", type=int, default=None,
+                   help="enable Deep Shrink: shrink before this block (SD1/2: down block, SDXL: input block)")
+    g.add_argument("--ds_timesteps_1", type=int, default=650, help="shrink at depth 1 while timestep >= this")
+    g.add_argument("--ds_depth_2", type=int, default=None, help="second depth, shrunk below --ds_timesteps_1")
+    g.add_argument("--ds_timesteps_2", type=int, default=650, help="shrink at depth 2 while timestep >= this")
+    g.add_argument("--ds_ratio", type=float, default=0.5, help="shrink ratio (> 0)")
+
+
 def _add_unsupported_options(p: argparse.ArgumentParser) -> None:
     g = section(p, "not supported yet (declared for command-line compatibility; giving one is an error)")
     for name in ("XTI_embeddings", "guide_image_path", "control_net_models", "control_net_preps",
@@ -114,8 +124,6 @@ def _add_unsupported_options(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name}", type=float, default=None, nargs="*", help="not supported yet")
     for name, typ, default in (("clip_guidance_scale", float, 0.0), ("clip_image_guidance_scale", float, 0.0),
                                ("vgg16_guidance_scale", float, 0.0), ("vgg16_guidance_layer", int, 20),
-                               ("ds_depth_1", int, None), ("ds_timesteps_1", int, 650), ("ds_depth_2", int, None),
-                               ("ds_timesteps_2", int, 650), ("ds_ratio", float, 0.5),
                                ("gradual_latent_timesteps", int, None), ("gradual_latent_ratio", float, 0.5),
                                ("gradual_latent_ratio_step", float, 0.125),
                                ("gradual_latent_every_n_steps", int, 3), ("gradual_latent_s_noise", float, 1.0),
@@ -133,6 +141,7 @@ def build_gen_parser() -> argparse.ArgumentParser:
     _add_sampling_options(p)
     _add_img2img_options(p)
     _add_network_options(p)
+    _add_deep_shrink_options(p)
     _add_unsupported_options(p)
     return p
 
@@ -145,7 +154,6 @@ UNSUPPORTED: dict[str, tuple[str, Any]] = {
     "guide_image_path": ("guide images (ControlNet / CLIP / VGG16 guidance)", None),
     "clip_guidance_scale": ("CLIP guidance", 0.0), "clip_image_guidance_scale": ("CLIP image guidance", 0.0),
     "vgg16_guidance_scale": ("VGG16 guidance", 0.0), "clip_vision_strength": ("CLIP-vision conditioning", None),
-    "ds_depth_1": ("Deep Shrink", None), "ds_depth_2": ("Deep Shrink", None),
     "gradual_latent_timesteps": ("Gradual Latent", None), "XTI_embeddings": ("Extended Textual Inversion", None),
     "network_regional_mask_max_color_codes": ("regional LoRA", None),
     "highres_fix_upscaler": ("upscaler modules", None), "highres_fix_upscaler_args": ("upscaler modules", None),
@@ -160,6 +168,10 @@ def reject_unsupported(args: argparse.Namespace) -> None:
     if args.network_module and args.mask_path:
         raise UserError("--mask_path with --network_module means regional LoRA, which is not supported yet; "
                         "see docs/gen_img.md")
+    if not args.ds_ratio > 0:
+        raise UserError(f"--ds_ratio must be > 0, got {args.ds_ratio}")
+    if args.ds_depth_1 is not None and args.ds_depth_1 < 0:
+        raise UserError(f"--ds_depth_1 must be >= 0, got {args.ds_depth_1}")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other")
     if sum(map(bool, (args.sdxl, args.v1, args.v2))) > 1:

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Sequence
 from PIL import Image
 
 from library.errors import UserError
+from library.sampling.deep_shrink import DeepShrink, resolve_deep_shrink
 from library.sampling.dynamic_prompts import expand_dynamic_prompts
 from library.sampling.img2img import fit_init_image, list_images, open_image
 from library.sampling.pipeline import GenSettings, ImageSpec
@@ -52,11 +53,23 @@ class InitImages:
     masks: list[str] = field(default_factory=list)
 
 
-def check_line_supported(line: str) -> None:
-    """Refuse inline options of features not implemented yet (Deep Shrink, Gradual Latent)."""
+def line_deep_shrink(args: argparse.Namespace, options: PromptOptions) -> DeepShrink | None:
+    """Deep Shrink of one prompt line: `--ds_*` overridden by the line's `--dsd1/--dst1/--dsd2/--dst2/--dsr`.
+
+    Unlike upstream (where a line's override stays set on the U-Net for every later line), it holds for this
+    line only.
+    """
+    return resolve_deep_shrink(args.ds_depth_1, args.ds_timesteps_1, args.ds_depth_2, args.ds_timesteps_2,
+                               args.ds_ratio, options.overrides())
+
+
+def check_line_supported(line: str, args: argparse.Namespace) -> None:
+    """Refuse inline options of features not implemented yet (Gradual Latent) and bad Deep Shrink values."""
     _, options = parse_prompt_line(line)
-    if options.deep_shrink_given:
-        raise UserError(f"Deep Shrink prompt options (--dsd1/--dst1/--dsd2/--dst2/--dsr) are not supported yet: {line}")
+    try:
+        line_deep_shrink(args, options)
+    except UserError as e:
+        raise UserError(f"{e}: {line}") from None
     if options.gradual_latent_given:
         raise UserError(f"Gradual Latent prompt options (--glt/--glr/...) are not supported yet: {line}")
 
@@ -111,7 +124,7 @@ class RequestBuilder:
 
     def requests_for_line(self, line: str, prompt_index: int) -> Iterator[Request]:
         """All images of one prompt line: dynamic prompts expanded, seeds assigned. spec §1.2, §3."""
-        check_line_supported(line)
+        check_line_supported(line, self.args)
         raw_prompts = expand_dynamic_prompts(line, self.args.images_per_prompt, self.dynamic_random)
         n_images = self.args.images_per_prompt if len(raw_prompts) == 1 else len(raw_prompts)
         seeds = list(parse_prompt_line(raw_prompts[0])[1].seeds or [])
@@ -144,7 +157,8 @@ class RequestBuilder:
             else a.negative_scale
         settings = GenSettings(width=width, height=height, steps=o.steps or a.steps,
                                scale=a.scale if o.scale is None else o.scale, negative_scale=negative_scale,
-                               strength=a.strength if o.strength is None else o.strength, sampler=a.sampler)
+                               strength=a.strength if o.strength is None else o.strength, sampler=a.sampler,
+                               deep_shrink=line_deep_shrink(a, o))
         spec = ImageSpec(prompt=prompt, negative_prompt=o.negative_prompt or "", seed=seed, init_image=init_image,
                          mask=mask, **self._size_cond(o))
         muls = pad_with_last(o.network_muls, self.n_networks) if o.network_muls and self.n_networks else None

@@ -140,7 +140,7 @@ def prompt_lines(args: argparse.Namespace, image_count: int) -> tuple[list[str] 
         raise UserError("no prompt: give --prompt, --from_file, --from_module or --interactive (or --image_path "
                         "with PNGs that carry a prompt)")
     for line in lines:
-        check_line_supported(line)
+        check_line_supported(line, args)
     return lines, False
 
 

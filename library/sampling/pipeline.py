@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from library.models.bundle import SDModels
+from library.sampling.deep_shrink import DeepShrink, deep_shrink_unet
 from library.sampling.img2img import (LATENT_FACTOR, decode_latents, encode_images, mask_to_latent_keep,
                                       round_down, tensor_to_images, upscale_images, upscale_latents)
 from library.sampling.samplers import make_scheduler
@@ -43,6 +44,7 @@ class GenSettings:
     negative_scale: float | None = None
     strength: float | None = None  # img2img strength; None -> 0.8 when there are init images
     sampler: str = "ddim"
+    deep_shrink: DeepShrink | None = None
 
 
 @dataclass
@@ -271,7 +273,8 @@ class Pipeline:
             keep = mask_to_latent_keep([s.mask for s in specs], settings.width, settings.height).to(self.device)
             inpaint = (init_latents, noise, keep)
         # 5. denoise
-        return self.denoise(latents, scheduler, timesteps, branches, settings, generators, inpaint)
+        with deep_shrink_unet(self.models.unet, settings.deep_shrink, self.models.is_sdxl):
+            return self.denoise(latents, scheduler, timesteps, branches, settings, generators, inpaint)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents -> PIL images (`--vae_batch_size` latents per VAE call)."""

@@ -187,7 +187,6 @@ def test_unknown_sampler_lists_valid_ones(tiny, capsys):
 @pytest.mark.parametrize("extra, option", [
     (["--control_net_models", "cn.safetensors"], "--control_net_models"),
     (["--control_net_lllite_models", "l.safetensors"], "--control_net_lllite_models"),
-    (["--ds_depth_1", "3"], "--ds_depth_1"),
     (["--gradual_latent_timesteps", "650"], "--gradual_latent_timesteps"),
     (["--XTI_embeddings", "x.pt"], "--XTI_embeddings"),
     (["--clip_guidance_scale", "1.0"], "--clip_guidance_scale"),
@@ -202,8 +201,8 @@ def test_unsupported_options_rejected(tiny, capsys, extra, option):
 
 
 def test_unsupported_inline_options_rejected(tiny, capsys):
-    msg = _exit_message(capsys, ["--ckpt", tiny["sd1"], "--prompt", "x --dsd1 3"])
-    assert "Deep Shrink" in msg and "not supported yet" in msg
+    msg = _exit_message(capsys, ["--ckpt", tiny["sd1"], "--prompt", "x --glt 650"])
+    assert "Gradual Latent" in msg and "not supported yet" in msg
 
 
 def test_missing_ckpt_and_bad_inputs(tmp_path, capsys):
