@@ -12,6 +12,7 @@ from typing import Any
 from library.config.options_common import section
 from library.errors import UserError
 from library.log import add_logging_arguments
+from library.sampling.gradual_latent import check_usable, resolve_gradual_latent
 from library.sampling.prompt_weighting import EMB_NORMALIZE_MODES
 from library.sampling.samplers import SAMPLERS
 
@@ -115,6 +116,18 @@ def _add_deep_shrink_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ds_ratio", type=float, default=0.5, help="shrink ratio (> 0)")
 
 
+def _add_gradual_latent_options(p: argparse.ArgumentParser) -> None:
+    g = section(p, "Gradual Latent, Euler-a only (spec §1.5; prompt options --glt/--glr/--gle/--gls/--glsn/--glus)")
+    g.add_argument("--gradual_latent_timesteps", type=int, default=None,
+                   help="enable Gradual Latent: the latent starts small and grows once the timestep is below this")
+    g.add_argument("--gradual_latent_ratio", type=float, default=0.5, help="start size ratio, in (0, 1]")
+    g.add_argument("--gradual_latent_ratio_step", type=float, default=0.125, help="ratio added at each growth")
+    g.add_argument("--gradual_latent_every_n_steps", type=int, default=3, help="grow every this many steps")
+    g.add_argument("--gradual_latent_s_noise", type=float, default=1.0, help="noise scale of the growing steps")
+    g.add_argument("--gradual_latent_unsharp_params", type=str, default=None,
+                   help='unsharp mask after enlarging: "ksize,sigma,strength[,target_x]" (target_x 1/0, default 1)')
+
+
 def _add_unsupported_options(p: argparse.ArgumentParser) -> None:
     g = section(p, "not supported yet (declared for command-line compatibility; giving one is an error)")
     for name in ("XTI_embeddings", "guide_image_path", "control_net_models", "control_net_preps",
@@ -123,11 +136,7 @@ def _add_unsupported_options(p: argparse.ArgumentParser) -> None:
     for name in ("control_net_ratios", "control_net_weights", "control_net_multipliers"):
         g.add_argument(f"--{name}", type=float, default=None, nargs="*", help="not supported yet")
     for name, typ, default in (("clip_guidance_scale", float, 0.0), ("clip_image_guidance_scale", float, 0.0),
-                               ("vgg16_guidance_scale", float, 0.0), ("vgg16_guidance_layer", int, 20),
-                               ("gradual_latent_timesteps", int, None), ("gradual_latent_ratio", float, 0.5),
-                               ("gradual_latent_ratio_step", float, 0.125),
-                               ("gradual_latent_every_n_steps", int, 3), ("gradual_latent_s_noise", float, 1.0),
-                               ("gradual_latent_unsharp_params", str, None)):
+                               ("vgg16_guidance_scale", float, 0.0), ("vgg16_guidance_layer", int, 20)):
         g.add_argument(f"--{name}", type=typ, default=default, help="not supported yet")
 
 
@@ -142,6 +151,7 @@ def build_gen_parser() -> argparse.ArgumentParser:
     _add_img2img_options(p)
     _add_network_options(p)
     _add_deep_shrink_options(p)
+    _add_gradual_latent_options(p)
     _add_unsupported_options(p)
     return p
 
@@ -154,7 +164,7 @@ UNSUPPORTED: dict[str, tuple[str, Any]] = {
     "guide_image_path": ("guide images (ControlNet / CLIP / VGG16 guidance)", None),
     "clip_guidance_scale": ("CLIP guidance", 0.0), "clip_image_guidance_scale": ("CLIP image guidance", 0.0),
     "vgg16_guidance_scale": ("VGG16 guidance", 0.0), "clip_vision_strength": ("CLIP-vision conditioning", None),
-    "gradual_latent_timesteps": ("Gradual Latent", None), "XTI_embeddings": ("Extended Textual Inversion", None),
+    "XTI_embeddings": ("Extended Textual Inversion", None),
     "network_regional_mask_max_color_codes": ("regional LoRA", None),
     "highres_fix_upscaler": ("upscaler modules", None), "highres_fix_upscaler_args": ("upscaler modules", None),
 }
@@ -172,6 +182,11 @@ def reject_unsupported(args: argparse.Namespace) -> None:
         raise UserError(f"--ds_ratio must be > 0, got {args.ds_ratio}")
     if args.ds_depth_1 is not None and args.ds_depth_1 < 0:
         raise UserError(f"--ds_depth_1 must be >= 0, got {args.ds_depth_1}")
+    gradual = resolve_gradual_latent(args.gradual_latent_timesteps, args.gradual_latent_ratio,
+                                     args.gradual_latent_ratio_step, args.gradual_latent_every_n_steps,
+                                     args.gradual_latent_s_noise, args.gradual_latent_unsharp_params)
+    if gradual is not None:
+        check_usable(args.sampler, inpaint=bool(args.mask_path))
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other")
     if sum(map(bool, (args.sdxl, args.v1, args.v2))) > 1:

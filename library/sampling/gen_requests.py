@@ -18,6 +18,7 @@ from PIL import Image
 from library.errors import UserError
 from library.sampling.deep_shrink import DeepShrink, resolve_deep_shrink
 from library.sampling.dynamic_prompts import expand_dynamic_prompts
+from library.sampling.gradual_latent import GradualLatent, check_usable, resolve_gradual_latent
 from library.sampling.img2img import fit_init_image, list_images, open_image
 from library.sampling.pipeline import GenSettings, ImageSpec
 from library.sampling.prompt_file import PromptOptions, pad_with_last, parse_prompt_line
@@ -63,15 +64,25 @@ def line_deep_shrink(args: argparse.Namespace, options: PromptOptions) -> DeepSh
                                args.ds_ratio, options.overrides())
 
 
+def line_gradual_latent(args: argparse.Namespace, options: PromptOptions) -> GradualLatent | None:
+    """Gradual Latent of one prompt line: `--gradual_latent_*` overridden by `--glt/--glr/--gle/--gls/--glsn/--glus`.
+
+    As with Deep Shrink, a line's override holds for this line only (upstream keeps it for later lines).
+    """
+    return resolve_gradual_latent(args.gradual_latent_timesteps, args.gradual_latent_ratio,
+                                  args.gradual_latent_ratio_step, args.gradual_latent_every_n_steps,
+                                  args.gradual_latent_s_noise, args.gradual_latent_unsharp_params, options.overrides())
+
+
 def check_line_supported(line: str, args: argparse.Namespace) -> None:
-    """Refuse inline options of features not implemented yet (Gradual Latent) and bad Deep Shrink values."""
+    """Refuse bad Deep Shrink / Gradual Latent values of a line (and Gradual Latent without Euler-a)."""
     _, options = parse_prompt_line(line)
     try:
         line_deep_shrink(args, options)
+        if line_gradual_latent(args, options) is not None:
+            check_usable(args.sampler, inpaint=bool(args.mask_path))
     except UserError as e:
         raise UserError(f"{e}: {line}") from None
-    if options.gradual_latent_given:
-        raise UserError(f"Gradual Latent prompt options (--glt/--glr/...) are not supported yet: {line}")
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -158,7 +169,7 @@ class RequestBuilder:
         settings = GenSettings(width=width, height=height, steps=o.steps or a.steps,
                                scale=a.scale if o.scale is None else o.scale, negative_scale=negative_scale,
                                strength=a.strength if o.strength is None else o.strength, sampler=a.sampler,
-                               deep_shrink=line_deep_shrink(a, o))
+                               deep_shrink=line_deep_shrink(a, o), gradual_latent=line_gradual_latent(a, o))
         spec = ImageSpec(prompt=prompt, negative_prompt=o.negative_prompt or "", seed=seed, init_image=init_image,
                          mask=mask, **self._size_cond(o))
         muls = pad_with_last(o.network_muls, self.n_networks) if o.network_muls and self.n_networks else None

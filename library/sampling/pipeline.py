@@ -1,4 +1,5 @@
-"""Our denoising pipeline: txt2img, img2img, inpaint, CFG, negative scale, SDXL size cond, hires fix.
+"""Our denoising pipeline: txt2img, img2img, inpaint, CFG, negative scale, SDXL size cond, hires fix,
+Deep Shrink, Gradual Latent.
 
 spec generation §2, §6, §7. The loop is ours (no diffusers pipeline class); Diffusers schedulers do the
 stepping. A run reads as: per-image generators -> start noise -> (init latents) -> conditioning branches ->
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from library.models.bundle import SDModels
 from library.sampling.deep_shrink import DeepShrink, deep_shrink_unet
+from library.sampling.gradual_latent import GradualLatent, check_usable, gradual_latent_scheduler
 from library.sampling.img2img import (LATENT_FACTOR, decode_latents, encode_images, mask_to_latent_keep,
                                       round_down, tensor_to_images, upscale_images, upscale_latents)
 from library.sampling.samplers import make_scheduler
@@ -45,6 +47,7 @@ class GenSettings:
     strength: float | None = None  # img2img strength; None -> 0.8 when there are init images
     sampler: str = "ddim"
     deep_shrink: DeepShrink | None = None
+    gradual_latent: GradualLatent | None = None
 
 
 @dataclass
@@ -224,15 +227,19 @@ class Pipeline:
 
     def denoise(self, latents: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, branches: Branches,
                 settings: GenSettings, generators: list[torch.Generator],
-                inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                resize_targets: Sequence[tuple[int, int] | None] | None = None) -> torch.Tensor:
         """Scheduler steps over `timesteps`; inpaint re-imposes the kept region after every step. spec §7.
 
         `inpaint = (init latents, noise, keep weights m)`: after step j the kept region is the init latents noised
-        to the next timestep (exactly the init latents after the last step).
+        to the next timestep (exactly the init latents after the last step). `resize_targets` (Gradual Latent):
+        the latent size step j ends on, or None.
         """
         step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
         for j, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not self.progress)):
             pred = self.predict(latents, t, scheduler, branches, settings)
+            if resize_targets is not None:
+                scheduler.resize_target = resize_targets[j]
             latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
             if inpaint is not None:
                 init, noise, keep = inpaint
@@ -254,6 +261,10 @@ class Pipeline:
         # 3. conditioning and scheduler
         branches = self.branches(specs, settings)
         scheduler = make_scheduler(settings.sampler, self.v_parameterization, self.for_training)
+        gradual = settings.gradual_latent
+        if gradual is not None:
+            check_usable(settings.sampler, inpaint=specs[0].mask is not None)
+            scheduler = gradual_latent_scheduler(scheduler, gradual)
         scheduler.set_timesteps(settings.steps, device=self.device)
         timesteps = scheduler.timesteps
         # 4. start latents
@@ -272,9 +283,14 @@ class Pipeline:
         if specs[0].mask is not None:
             keep = mask_to_latent_keep([s.mask for s in specs], settings.width, settings.height).to(self.device)
             inpaint = (init_latents, noise, keep)
+        resize_targets = None
+        if gradual is not None:  # start small, grow during denoising
+            resize_targets = gradual.schedule(timesteps, tuple(latents.shape[-2:]))
+            latents = gradual.start(latents)
         # 5. denoise
         with deep_shrink_unet(self.models.unet, settings.deep_shrink, self.models.is_sdxl):
-            return self.denoise(latents, scheduler, timesteps, branches, settings, generators, inpaint)
+            return self.denoise(latents, scheduler, timesteps, branches, settings, generators, inpaint,
+                                resize_targets)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents -> PIL images (`--vae_batch_size` latents per VAE call)."""

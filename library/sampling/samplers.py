@@ -111,7 +111,7 @@ def _euler(v_pred: bool, for_training: bool) -> SchedulerMixin:
 
 
 def _euler_a(v_pred: bool, for_training: bool) -> SchedulerMixin:
-    """Euler ancestral (gen_img subclasses it for Gradual Latent; that lives with the pipeline)."""
+    """Euler ancestral (Gradual Latent swaps in its subclass, see gradual_latent.py)."""
     return _build(EulerAncestralDiscreteScheduler, v_pred, for_training)
 
 

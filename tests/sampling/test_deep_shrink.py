@@ -16,29 +16,16 @@ from PIL import Image
 import gen_img
 import library.sampling.pipeline as pipeline_module
 from library.errors import UserError
-from library.models.loading import load_models
 from library.sampling.deep_shrink import (DeepShrink, deep_shrink_unet, down_path_modules, resize_to,
                                           resolve_deep_shrink)
 from library.sampling.pipeline import GenSettings, HiresSettings, ImageSpec, Pipeline
-from tools.make_tiny_model import write_tiny_model
 
 PROMPT = "a photo of a cat"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_ds")
-    return {f: str(write_tiny_model(f, out, formats=("diffusers",))["diffusers"]) for f in ("sd1", "sdxl")}
-
-
-@pytest.fixture(scope="module")
-def sd1(tiny):
-    return load_models(tiny["sd1"])
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny):
-    return load_models(tiny["sdxl"])
+def tiny(tiny_diffusers):
+    return tiny_diffusers
 
 
 def _input_sizes(module: torch.nn.Module) -> tuple[list, torch.utils.hooks.RemovableHandle]:

@@ -187,7 +187,6 @@ def test_unknown_sampler_lists_valid_ones(tiny, capsys):
 @pytest.mark.parametrize("extra, option", [
     (["--control_net_models", "cn.safetensors"], "--control_net_models"),
     (["--control_net_lllite_models", "l.safetensors"], "--control_net_lllite_models"),
-    (["--gradual_latent_timesteps", "650"], "--gradual_latent_timesteps"),
     (["--XTI_embeddings", "x.pt"], "--XTI_embeddings"),
     (["--clip_guidance_scale", "1.0"], "--clip_guidance_scale"),
     (["--guide_image_path", "g.png"], "--guide_image_path"),
@@ -200,9 +199,10 @@ def test_unsupported_options_rejected(tiny, capsys, extra, option):
     assert option in msg and "not supported yet" in msg
 
 
-def test_unsupported_inline_options_rejected(tiny, capsys):
+def test_inline_options_checked_before_loading(tiny, capsys):
+    """A line's Gradual Latent needs Euler-a (the default sampler is ddim): refused, naming the line."""
     msg = _exit_message(capsys, ["--ckpt", tiny["sd1"], "--prompt", "x --glt 650"])
-    assert "Gradual Latent" in msg and "not supported yet" in msg
+    assert "Gradual Latent" in msg and "euler_a" in msg and msg.endswith(": x --glt 650")
 
 
 def test_missing_ckpt_and_bad_inputs(tmp_path, capsys):
