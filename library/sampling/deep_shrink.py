@@ -148,10 +148,18 @@ def deep_shrink_unet(unet: nn.Module, setting: DeepShrink | None, sdxl: bool) ->
         t = timestep.flatten()[0].item() if torch.is_tensor(timestep) else float(timestep)
         call.update(timestep=t, size=sample.shape[-2:])
 
+    def shrink_checked(depth: int, x: torch.Tensor) -> torch.Tensor:
+        # upstream dies inside F.interpolate here; name the options instead
+        if any(int(n * setting.ratio) < 1 for n in x.shape[-2:]):
+            raise UserError(f"Deep Shrink: the {tuple(x.shape[-2:])} feature map at depth {depth} would shrink to "
+                            f"nothing with ratio {setting.ratio}; use a smaller depth (--ds_depth_* / --dsd*), "
+                            f"a larger --ds_ratio / --dsr, or a larger image")
+        return resize_to(x, scale=setting.ratio)
+
     def shrink(depth: int, _module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not setting.shrinks_at(depth, call["timestep"]):
             return None
-        return _with_first_input(args, kwargs, functools.partial(resize_to, scale=setting.ratio), "hidden_states")
+        return _with_first_input(args, kwargs, functools.partial(shrink_checked, depth), "hidden_states")
 
     def restore_size(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return _with_first_input(args, kwargs, functools.partial(resize_to, size=call["size"]), "input")

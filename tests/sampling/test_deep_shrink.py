@@ -232,3 +232,13 @@ def test_bad_values_exit_2_with_one_line(tiny, tmp_path, capsys, extra, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
     assert not os.path.exists(tmp_path / "o") or not os.listdir(tmp_path / "o")
+
+
+def test_shrinking_a_map_to_nothing_is_a_clear_error(tiny, tmp_path, capsys):
+    argv = ["--ckpt", tiny["sd1"], "--outdir", str(tmp_path / "o"), "--prompt", "a cat --d 1", "--W", "64", "--H", "64",
+            "--ds_depth_1", "1", "--ds_timesteps_1", "0", "--ds_ratio", "0.1", "--steps", "2"]
+    with pytest.raises(SystemExit) as e:
+        gen_img.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "would shrink to nothing with ratio 0.1" in err and "--ds_depth" in err
