@@ -12,6 +12,7 @@ from typing import Any
 from library.config.options_common import section
 from library.errors import UserError
 from library.log import add_logging_arguments
+from library.sampling.controlnet import resolve_control_nets
 from library.sampling.gradual_latent import check_usable, resolve_gradual_latent
 from library.sampling.prompt_weighting import EMB_NORMALIZE_MODES
 from library.sampling.samplers import SAMPLERS
@@ -88,7 +89,7 @@ def _add_img2img_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--highres_fix_upscaler", type=str, default=None, help="not supported yet")
     g.add_argument("--highres_fix_upscaler_args", type=str, default=None, help="not supported yet")
     g.add_argument("--highres_fix_disable_control_net", action="store_true",
-                   help="no ControlNet in the 2nd stage (ControlNet itself is not supported yet)")
+                   help="hires fix: no ControlNet in the 2nd stage")
 
 
 def _add_network_options(p: argparse.ArgumentParser) -> None:
@@ -128,12 +129,25 @@ def _add_gradual_latent_options(p: argparse.ArgumentParser) -> None:
                    help='unsharp mask after enlarging: "ksize,sigma,strength[,target_x]" (target_x 1/0, default 1)')
 
 
+def _add_control_net_options(p: argparse.ArgumentParser) -> None:
+    g = section(p, "ControlNet v1.x, SD1/SD2 only (spec §1.5)")
+    g.add_argument("--control_net_models", type=str, default=None, nargs="*",
+                   help="ControlNet files (original LDM layout or Diffusers) or Diffusers folders")
+    g.add_argument("--control_net_preps", type=str, default=None, nargs="*",
+                   help="per ControlNet: none (the guide image as is) or canny_<low>_<high> (needs opencv-python)")
+    g.add_argument("--control_net_ratios", type=float, default=None, nargs="*",
+                   help="per ControlNet: used while step/steps <= ratio (1.0)")
+    g.add_argument("--control_net_weights", type=float, default=None, nargs="*",
+                   help="per ControlNet: multiplier of its residuals (1.0)")
+    g.add_argument("--guide_image_path", type=str, default=None, nargs="*",
+                   help="hint image files or folders; one per ControlNet per image, cycled over the images")
+
+
 def _add_unsupported_options(p: argparse.ArgumentParser) -> None:
     g = section(p, "not supported yet (declared for command-line compatibility; giving one is an error)")
-    for name in ("XTI_embeddings", "guide_image_path", "control_net_models", "control_net_preps",
-                 "control_net_lllite_models"):
+    for name in ("XTI_embeddings", "control_net_lllite_models"):
         g.add_argument(f"--{name}", type=str, default=None, nargs="*", help="not supported yet")
-    for name in ("control_net_ratios", "control_net_weights", "control_net_multipliers"):
+    for name in ("control_net_multipliers",):
         g.add_argument(f"--{name}", type=float, default=None, nargs="*", help="not supported yet")
     for name, typ, default in (("clip_guidance_scale", float, 0.0), ("clip_image_guidance_scale", float, 0.0),
                                ("vgg16_guidance_scale", float, 0.0), ("vgg16_guidance_layer", int, 20)):
@@ -152,16 +166,14 @@ def build_gen_parser() -> argparse.ArgumentParser:
     _add_network_options(p)
     _add_deep_shrink_options(p)
     _add_gradual_latent_options(p)
+    _add_control_net_options(p)
     _add_unsupported_options(p)
     return p
 
 
 # option -> (what it enables, the value meaning "not given"): anything else given is rejected
 UNSUPPORTED: dict[str, tuple[str, Any]] = {
-    "control_net_models": ("ControlNet", None), "control_net_preps": ("ControlNet", None),
-    "control_net_ratios": ("ControlNet", None), "control_net_weights": ("ControlNet", None),
     "control_net_multipliers": ("ControlNet-LLLite", None), "control_net_lllite_models": ("ControlNet-LLLite", None),
-    "guide_image_path": ("guide images (ControlNet / CLIP / VGG16 guidance)", None),
     "clip_guidance_scale": ("CLIP guidance", 0.0), "clip_image_guidance_scale": ("CLIP image guidance", 0.0),
     "vgg16_guidance_scale": ("VGG16 guidance", 0.0), "clip_vision_strength": ("CLIP-vision conditioning", None),
     "XTI_embeddings": ("Extended Textual Inversion", None),
@@ -187,6 +199,7 @@ def reject_unsupported(args: argparse.Namespace) -> None:
                                      args.gradual_latent_s_noise, args.gradual_latent_unsharp_params)
     if gradual is not None:
         check_usable(args.sampler, inpaint=bool(args.mask_path))
+    resolve_control_nets(args)
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other")
     if sum(map(bool, (args.sdxl, args.v1, args.v2))) > 1:

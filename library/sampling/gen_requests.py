@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Sequence
 from PIL import Image
 
 from library.errors import UserError
+from library.sampling.controlnet import guide_images_for
 from library.sampling.deep_shrink import DeepShrink, resolve_deep_shrink
 from library.sampling.dynamic_prompts import expand_dynamic_prompts
 from library.sampling.gradual_latent import GradualLatent, check_usable, resolve_gradual_latent
@@ -52,6 +53,8 @@ class InitImages:
 
     images: list[str] = field(default_factory=list)
     masks: list[str] = field(default_factory=list)
+    guides: list[str] = field(default_factory=list)  # `--guide_image_path` files (ControlNet hints)
+    control_nets: int = 0  # how many ControlNets: each image takes that many guide images
 
 
 def line_deep_shrink(args: argparse.Namespace, options: PromptOptions) -> DeepShrink | None:
@@ -171,7 +174,7 @@ class RequestBuilder:
                                strength=a.strength if o.strength is None else o.strength, sampler=a.sampler,
                                deep_shrink=line_deep_shrink(a, o), gradual_latent=line_gradual_latent(a, o))
         spec = ImageSpec(prompt=prompt, negative_prompt=o.negative_prompt or "", seed=seed, init_image=init_image,
-                         mask=mask, **self._size_cond(o))
+                         mask=mask, control_images=self._control_images(), **self._size_cond(o))
         muls = pad_with_last(o.network_muls, self.n_networks) if o.network_muls and self.n_networks else None
         request = Request(spec, settings, raw, self.count, clip_prompt=o.clip_prompt, network_muls=muls,
                           source_path=source)
@@ -182,6 +185,13 @@ class RequestBuilder:
         names = ("original_width", "original_height", "original_width_negative", "original_height_negative",
                  "crop_top", "crop_left")
         return {n: getattr(o, n) if getattr(o, n) is not None else getattr(self.args, n) for n in names}
+
+    def _control_images(self) -> tuple[Image.Image, ...] | None:
+        """The ControlNet hints of the next image: upstream's groups of one guide image per ControlNet, cycled."""
+        if not self.init.control_nets:
+            return None
+        paths = guide_images_for(self.init.guides, self.count, self.init.control_nets)
+        return tuple(open_image(p, "RGB", "--guide_image_path") for p in paths)
 
     def _init_inputs(self, prompt_index: int) -> tuple[Image.Image | None, Image.Image | None, str | None]:
         """The init image and mask of the next image: one per prompt (from PNG text) or cycled. spec §1.4."""
@@ -203,7 +213,14 @@ def load_init_images(args: argparse.Namespace) -> InitImages:
         raise UserError("--mask_path needs --image_path (inpainting repaints an init image)")
     images = list_images(args.image_path, "--image_path") if args.image_path else []
     masks = list_images(args.mask_path, "--mask_path") if args.mask_path else []
-    return InitImages(images, masks)
+    guides = [f for path in args.guide_image_path or [] for f in list_images(path, "--guide_image_path")]
+    n_nets = len(args.control_net_models or [])
+    if n_nets and len(guides) % n_nets:
+        logger.warning("%d guide image(s) for %d ControlNets: the last %d are not used", len(guides), n_nets,
+                       len(guides) % n_nets)
+    if n_nets and len(guides) < n_nets:
+        raise UserError(f"--guide_image_path gives {len(guides)} image(s) but {n_nets} ControlNet(s) need one each")
+    return InitImages(images, masks, guides, n_nets)
 
 
 def batches(requests: Iterable[Request], batch_size: int) -> Iterator[list[Request]]:

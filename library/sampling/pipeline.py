@@ -1,5 +1,5 @@
 """Our denoising pipeline: txt2img, img2img, inpaint, CFG, negative scale, SDXL size cond, hires fix,
-Deep Shrink, Gradual Latent.
+Deep Shrink, Gradual Latent, ControlNet.
 
 spec generation §2, §6, §7. The loop is ours (no diffusers pipeline class); Diffusers schedulers do the
 stepping. A run reads as: per-image generators -> start noise -> (init latents) -> conditioning branches ->
@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from library.errors import UserError
 from library.models.bundle import SDModels
+from library.sampling.controlnet import ControlNetBatch, LoadedControlNet
 from library.sampling.deep_shrink import DeepShrink, deep_shrink_unet
 from library.sampling.gradual_latent import GradualLatent, check_usable, gradual_latent_scheduler
 from library.sampling.img2img import (LATENT_FACTOR, decode_latents, encode_images, mask_to_latent_keep,
@@ -65,6 +67,7 @@ class ImageSpec:
     original_height_negative: int | None = None
     crop_top: int | None = None
     crop_left: int | None = None
+    control_images: tuple[Image.Image, ...] | None = None  # ControlNet hints, one per `Pipeline.control_nets`
 
 
 @dataclass
@@ -75,6 +78,7 @@ class HiresSettings:
     steps: int = 28
     strength: float | None = None  # 1st stage strength (img2img only)
     latents_upscaling: bool = False
+    disable_control_net: bool = False  # `--highres_fix_disable_control_net`: none in the 2nd stage
 
 
 @dataclass
@@ -147,8 +151,10 @@ class Pipeline:
                  max_embeddings_multiples: int | None = None, emb_normalize_mode: str = "original",
                  token_replacers: Sequence[Any] | None = None, vae_batch_size: float | None = None,
                  for_training: bool = False, autocast_dtype: torch.dtype | None = None, progress: bool = True,
-                 v_parameterization: bool | None = None):
+                 v_parameterization: bool | None = None,
+                 control_nets: Sequence[LoadedControlNet] | None = None):
         self.models = models
+        self.control_nets = list(control_nets or [])
         self.v_parameterization = models.v_parameterization if v_parameterization is None else v_parameterization
         self.device = torch.device(device)
         self.clip_skip = clip_skip
@@ -216,28 +222,32 @@ class Pipeline:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, scheduler: Any, branches: Branches,
-                settings: GenSettings) -> torch.Tensor:
-        """One guided U-Net prediction (ε or v) for the current latents."""
+                settings: GenSettings, control: ControlNetBatch | None = None, step: int = 0,
+                n_steps: int = 1) -> torch.Tensor:
+        """One guided U-Net prediction (ε or v) for the current latents (step `step` of `n_steps`)."""
         x = scheduler.scale_model_input(latents, t)
         x = torch.cat([x] * branches.count).to(self.unet_dtype)
         with self._autocast():
+            extra = {} if control is None else control.residuals(step, n_steps, x, t, branches.context,
+                                                                 branches.count)
             out = self.models.unet(x, t, encoder_hidden_states=branches.context,
-                                   added_cond_kwargs=branches.added_cond).sample
+                                   added_cond_kwargs=branches.added_cond, **extra).sample
         return guide(out.float(), branches.count, settings.scale, settings.negative_scale)
 
     def denoise(self, latents: torch.Tensor, scheduler: Any, timesteps: torch.Tensor, branches: Branches,
                 settings: GenSettings, generators: list[torch.Generator],
                 inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                resize_targets: Sequence[tuple[int, int] | None] | None = None) -> torch.Tensor:
+                resize_targets: Sequence[tuple[int, int] | None] | None = None,
+                control: ControlNetBatch | None = None) -> torch.Tensor:
         """Scheduler steps over `timesteps`; inpaint re-imposes the kept region after every step. spec §7.
 
         `inpaint = (init latents, noise, keep weights m)`: after step j the kept region is the init latents noised
         to the next timestep (exactly the init latents after the last step). `resize_targets` (Gradual Latent):
-        the latent size step j ends on, or None.
+        the latent size step j ends on, or None. `control`: the batch's ControlNets and hints.
         """
         step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
         for j, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not self.progress)):
-            pred = self.predict(latents, t, scheduler, branches, settings)
+            pred = self.predict(latents, t, scheduler, branches, settings, control, j, len(timesteps))
             if resize_targets is not None:
                 scheduler.resize_target = resize_targets[j]
             latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
@@ -287,10 +297,22 @@ class Pipeline:
         if gradual is not None:  # start small, grow during denoising
             resize_targets = gradual.schedule(timesteps, tuple(latents.shape[-2:]))
             latents = gradual.start(latents)
+        control = self._control_batch(specs, settings)
         # 5. denoise
         with deep_shrink_unet(self.models.unet, settings.deep_shrink, self.models.is_sdxl):
             return self.denoise(latents, scheduler, timesteps, branches, settings, generators, inpaint,
-                                resize_targets)
+                                resize_targets, control)
+
+    def _control_batch(self, specs: Sequence[ImageSpec], settings: GenSettings) -> ControlNetBatch | None:
+        """The batch's ControlNets with its hint images; None when it has none (or no ControlNet is loaded)."""
+        if not self.control_nets or specs[0].control_images is None:
+            return None
+        if self.models.is_sdxl:
+            raise UserError("ControlNet is supported for SD1/SD2 models only, not SDXL")
+        if settings.deep_shrink is not None:
+            raise UserError("ControlNet and Deep Shrink cannot be combined (the shrunk U-Net does not fit the "
+                            "ControlNet's residuals)")
+        return ControlNetBatch(self.control_nets, [s.control_images for s in specs])
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents -> PIL images (`--vae_batch_size` latents per VAE call)."""
@@ -314,6 +336,8 @@ class Pipeline:
         latents1 = self.generate_latents(first_specs, first_settings)
         first_images = self.decode(latents1)
         second_specs = [replace(s, seed=s.seed + 1) for s in specs]
+        if hires.disable_control_net:
+            second_specs = [replace(s, control_images=None) for s in second_specs]
         strength = DEFAULT_STRENGTH if settings.strength is None else settings.strength
         second_settings = replace(settings, strength=strength)
         if hires.latents_upscaling:
