@@ -99,6 +99,20 @@ def load_state(accelerator, folder: str) -> TrainState:
         return TrainState.from_json(json.load(f))
 
 
+def resume_state(accelerator, args: argparse.Namespace) -> TrainState:
+    """The state ``--resume`` names (a fresh one without it); with ``--resume_from_huggingface`` the folder is
+    downloaded first and ``args.resume`` becomes its local path (the EMA reads it later)."""
+    if not getattr(args, "resume", None):
+        return TrainState()
+    if getattr(args, "resume_from_huggingface", False):
+        from .hub_upload import download_state
+
+        location = args.resume
+        args.resume = download_state(args)
+        logger.info("resuming from hub state %s (downloaded to %s)", location, args.resume)
+    return load_state(accelerator, args.resume)
+
+
 def _remove(path: str) -> None:
     if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -119,6 +133,11 @@ class Checkpointer:
                                                                  args.save_every_n_epochs)
         self.companions: list[Companion] = []  # written beside every model, pruned with it
         self.state_extras: list[StateExtra] = []  # written into every state folder
+        self.hub = None  # --huggingface_repo_id: uploads of saved models (and states), main process only
+        if accelerator.is_main_process:
+            from .hub_upload import HubUploader
+
+            self.hub = HubUploader.from_args(args)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -129,8 +148,11 @@ class Checkpointer:
             self.save_model(self._path(name + self.ext), event, epoch, step)
             for companion in self.companions:
                 companion.after_save(self._path(name), self.ext, event, epoch, step)
+            if self.hub is not None:  # the final model is uploaded synchronously, as sd-scripts does
+                self.hub.upload(self._path(name + self.ext), sync=event == "final")
 
     def _remove_model(self, name: str) -> None:
+        self._wait_upload(self._path(name + self.ext))
         _remove(self._path(name + self.ext))
         for companion in self.companions:
             for path in companion.paths(self._path(name), self.ext):
@@ -138,6 +160,18 @@ class Checkpointer:
 
     def _save_state(self, folder: str, state: TrainState) -> None:
         save_state(self.acc, self._path(folder), state, self.state_extras)
+        if self.hub is not None and getattr(self.args, "save_state_to_huggingface", False):
+            self.hub.upload(self._path(folder))
+
+    def _wait_upload(self, path: str) -> None:
+        """Never prune a file or state folder while its background upload is pending."""
+        if self.hub is not None:
+            self.hub.wait_for(path)
+
+    def finish(self) -> None:
+        """After the last save: wait for pending hub uploads."""
+        if self.hub is not None:
+            self.hub.close()
 
     def after_step(self, state: TrainState) -> None:
         a, step = self.args, state.global_step
@@ -174,6 +208,7 @@ class Checkpointer:
             if old_model is not None:
                 self._remove_model(model_name(old_model))
             if old_state is not None:
+                self._wait_upload(self._path(state_name(old_state)))
                 _remove(self._path(state_name(old_state)))
 
     def at_end(self, state: TrainState) -> Optional[str]:

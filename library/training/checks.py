@@ -9,19 +9,34 @@ from library.errors import UserError
 logger = logging.getLogger(__name__)
 
 
-HUB_OPTIONS = ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
-               "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload")
+HUB_OPTIONS = ("huggingface_repo_type", "huggingface_path_in_repo", "huggingface_repo_visibility",
+               "save_state_to_huggingface", "async_upload")
+
+
+def check_hub_options(args: argparse.Namespace) -> None:
+    """Hub upload / download options (library/training/hub_upload.py): warn where one has no effect."""
+    if getattr(args, "resume_from_huggingface", False) and not getattr(args, "resume", None):
+        logger.warning("--resume_from_huggingface without --resume: nothing to download, training starts fresh")
+    if not getattr(args, "huggingface_repo_id", None):
+        given = [o for o in HUB_OPTIONS if getattr(args, o, None) not in (None, False)]
+        if given:
+            logger.warning("--%s has no effect without --huggingface_repo_id (nothing is uploaded)", given[0])
+        if getattr(args, "huggingface_token", None) and not getattr(args, "resume_from_huggingface", False):
+            logger.info("--huggingface_token is only used for hub uploads (--huggingface_repo_id) and "
+                        "--resume_from_huggingface; it is kept out of every file it writes")
+        return
+    visibility = getattr(args, "huggingface_repo_visibility", None)
+    if visibility not in (None, "public", "private"):
+        logger.warning("--huggingface_repo_visibility %s: only 'public' makes a new repository public; it will be "
+                       "private", visibility)
+    if getattr(args, "save_state_to_huggingface", False) and not (
+            getattr(args, "save_state", False) or getattr(args, "save_state_on_train_end", False)):
+        logger.warning("--save_state_to_huggingface without --save_state (or --save_state_on_train_end): "
+                       "no state folder is saved, so none is uploaded")
 
 
 def reject_unsupported(args: argparse.Namespace, script: str) -> None:
     """Options of the spec this project does not implement yet: a clear error, never a silent no-op."""
-    given = [o for o in HUB_OPTIONS if getattr(args, o, None) not in (None, False)]
-    if given:
-        raise UserError(f"--{given[0]}: uploading to the Hugging Face hub is not supported yet (this toolkit works "
-                        "offline); upload the output folder yourself, e.g. `hf upload <repo> <output_dir>`")
-    if getattr(args, "huggingface_token", None):
-        logger.info("--huggingface_token is only used for hub uploads, which this toolkit does not do; it is kept "
-                    "out of every file it writes")
     if getattr(args, "dataset_class", None):
         raise UserError("--dataset_class (custom dataset classes) is not supported yet; use --dataset_config")
     if getattr(args, "lowram", False):
@@ -34,6 +49,7 @@ def reject_unsupported(args: argparse.Namespace, script: str) -> None:
 def verify_training_args(args: argparse.Namespace, script: str) -> None:
     """Errors and warnings of sd-scripts' ``verify_training_args`` and the trainers' assertions."""
     reject_unsupported(args, script)
+    check_hub_options(args)
     if getattr(args, "v_parameterization", False) and not getattr(args, "v2", False):
         logger.warning("--v_parameterization without --v2: the model must have been trained for v-prediction")
     if getattr(args, "clip_skip", None) is not None and getattr(args, "v2", False):

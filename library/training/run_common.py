@@ -248,8 +248,11 @@ def train_and_save(acc, method, group, args: argparse.Namespace, optimizer, lr_s
 
     logger.info("training: %d steps, %d epochs, %d batches per epoch%s", plan.max_train_steps, plan.num_epochs,
                 plan.batches_per_epoch, note)
-    state = train(acc, method, make_loader_factory(group, args, acc), group.set_current_epoch, optimizer, lr_sched,
-                  plan, checkpointer, args, state, hooks)
-    path = checkpointer.at_end(state)
+    try:
+        state = train(acc, method, make_loader_factory(group, args, acc), group.set_current_epoch, optimizer,
+                      lr_sched, plan, checkpointer, args, state, hooks)
+        path = checkpointer.at_end(state)
+    finally:
+        checkpointer.finish()  # pending hub uploads complete (or fail, logged) before the run returns
     acc.end_training()
     return path

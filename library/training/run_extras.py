@@ -36,11 +36,15 @@ class EmaSaver:
 
 
 def attach_extras(args: argparse.Namespace, acc, script: str, models, group, method, checkpointer: Checkpointer,
-                  hooks: Optional[LoopHooks] = None, encode_latents: Optional[Callable] = None) -> LoopHooks:
-    """Add validation, EMA and receipts to ``hooks`` (a new LoopHooks when None) and to ``checkpointer``."""
+                  hooks: Optional[LoopHooks] = None, encode_latents: Optional[Callable] = None,
+                  encode_text: Optional[Callable] = None) -> LoopHooks:
+    """Add validation, EMA and receipts to ``hooks`` (a new LoopHooks when None) and to ``checkpointer``.
+
+    ``encode_latents`` / ``encode_text``: the runner's encoders for the latent and (SDXL) text-encoder output
+    caches, so the validation images are cached the way the training images are."""
     hooks = hooks if hooks is not None else LoopHooks()
     # 1. validation set and validator
-    vgroup = build_validation_group(args, script, models, group, acc, encode_latents)
+    vgroup = build_validation_group(args, script, models, group, acc, encode_latents, encode_text)
     if vgroup is not None:
         seed = args.validation_seed if getattr(args, "validation_seed", None) is not None else args.seed
         hooks.validation = Validator(vgroup, acc, args, seed)
@@ -68,14 +72,18 @@ def attach_extras(args: argparse.Namespace, acc, script: str, models, group, met
 
 
 def build_validation_group(args: argparse.Namespace, script: str, models, group, acc,
-                           encode_latents: Optional[Callable] = None):
-    """The held-out images of ``validation_split`` as a dataset group, or None when nothing is held out."""
+                           encode_latents: Optional[Callable] = None, encode_text: Optional[Callable] = None):
+    """The held-out images of ``validation_split`` as a dataset group, or None when nothing is held out.
+
+    With ``--cache_latents`` / ``--cache_text_encoder_outputs`` (and the encoder for it) the validation
+    images are cached like the training ones: validation then needs neither the VAE nor the text encoders."""
     from library.config.dataset_blueprint import dataset_params_from_args
     from library.data.dataset import build_dataset_group
 
     params = dataset_params_from_args(args, script)
+    cache_te = bool(getattr(args, "cache_text_encoder_outputs", False)) and encode_text is not None
     vgroup = build_dataset_group(params, models.tokenizers, seed=args.seed, max_train_steps=args.max_train_steps,
-                                 max_token_length=args.max_token_length, part="validation")
+                                 max_token_length=args.max_token_length, part="validation", te_cache_expected=cache_te)
     if vgroup is None:
         return None
     vgroup.replacements = dict(group.replacements)  # Textual Inversion's caption replacement
@@ -86,6 +94,11 @@ def build_validation_group(args: argparse.Namespace, script: str, models, group,
 
         with torch.no_grad():
             cache_latents(vgroup, encode_latents, args.vae_batch_size, args.cache_latents_to_disk, acc.is_main_process)
+        acc.wait_for_everyone()
+    if cache_te:
+        from library.data.te_cache import cache_text_encoder_outputs
+
+        cache_text_encoder_outputs(vgroup, encode_text, args.cache_text_encoder_outputs_to_disk, acc.is_main_process)
         acc.wait_for_everyone()
     return vgroup
 

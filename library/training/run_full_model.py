@@ -18,7 +18,7 @@ import torch
 from library.models.bundle import SDModels
 
 from . import accelerate_setup as setup
-from .checkpointing import Checkpointer, TrainState, load_state
+from .checkpointing import Checkpointer, resume_state
 from .checks import verify_training_args
 from .full_model_saving import FullModelSaver, resolve_save_format
 from .loop import LoopHooks, LoopPlan
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: b
     method = script.make_method(models, args, acc, wdtype)
     method.attach(unet, te if train_text_encoder else None)
     checkpointer = _checkpointer(args, acc, models, plan)
-    state = load_state(acc, args.resume) if args.resume else TrainState()
+    state = resume_state(acc, args)
     method.sync_step(state.global_step)  # --stop_text_encoder_training 0, or a resume past the stop step
     tracker_init(acc, args, script.tracker)
     hooks = LoopHooks(sample=make_sample_hook(args, models, acc, wdtype))

@@ -12,7 +12,7 @@ import torch
 from library.errors import UserError
 
 from . import accelerate_setup as setup
-from .checkpointing import Checkpointer, TrainState, load_state
+from .checkpointing import Checkpointer, resume_state
 from .checks import verify_training_args
 from .diffusion_step import DiffusionObjective
 from .loop import LoopHooks, LoopPlan
@@ -109,11 +109,12 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
     method.save_metadata = _metadata_fn(args, models, group, plan, opt_name, acc)
     ext = "." + (args.save_model_as or "safetensors")
     checkpointer = Checkpointer(args, acc, lambda p, ev, ep, st: method.save(p, ev, ep, st), ext, plan.num_epochs)
-    state = load_state(acc, args.resume) if args.resume else TrainState()
+    state = resume_state(acc, args)
     tracker_init(acc, args, "network_train")
     hooks = LoopHooks(sample=make_sample_hook(args, models, acc, wdtype))
+    encode_text = encode_text_fn(models, acc, args, wdtype) if sdxl and args.cache_text_encoder_outputs else None
     hooks = attach_extras(args, acc, script, models, group, method, checkpointer, hooks,
-                          encode_latents_fn(models, acc, args))
+                          encode_latents_fn(models, acc, args), encode_text)
     # 6. train, final save
     return train_and_save(acc, method, group, args, optimizer, lr_sched, plan, checkpointer, state, hooks)
 

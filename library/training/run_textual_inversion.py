@@ -17,7 +17,7 @@ from library.errors import UserError
 
 from . import accelerate_setup as setup
 from . import ti_tokens
-from .checkpointing import Checkpointer, TrainState, load_state
+from .checkpointing import Checkpointer, resume_state
 from .checks import verify_training_args
 from .loop import LoopHooks
 from .methods.textual_inversion import TextualInversionMethod
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> str:
     method.save_metadata = lambda: modelspec_from_args(args, models.family, "textual-inversion")
     ext = "." + (args.save_model_as or "pt")
     checkpointer = Checkpointer(args, acc, method.save, ext, plan.num_epochs)
-    state = load_state(acc, args.resume) if args.resume else TrainState()
+    state = resume_state(acc, args)
     tracker_init(acc, args, "textual_inversion")
     replacer = (lambda s: s.replace(*prompt_replacement)) if prompt_replacement else None
     hooks = LoopHooks(sample=make_sample_hook(args, models, acc, wdtype, prompt_replacer=replacer))

@@ -7,7 +7,7 @@ VAE sampling uses a generator seeded by ``(validation_seed, k)``. So a validatio
 number each time for the same weights, and it draws nothing from the training RNGs: the training
 losses are the same with or without validation. Dropout is off (eval mode) during validation.
 
-Logs: ``loss/validation`` (mean over batches and bands) and ``loss/validation_t<lo>-<hi>`` per band.
+Logs: ``loss/validation`` (mean over items and bands) and ``loss/validation_t<lo>-<hi>`` per band.
 """
 from __future__ import annotations
 
@@ -57,7 +57,11 @@ class Validator:
         return bool(self.every_epochs) and epochs_done % self.every_epochs == 0
 
     def run(self, method) -> dict:
-        """Mean loss over the validation batches at every band; this process takes every N-th batch."""
+        """Mean loss over the validation items at every band; this process takes every N-th batch.
+
+        Each batch's mean counts with its number of items, and the ranks' sums and item counts are added
+        before dividing: the result is the mean over the whole validation set, whatever the batch sizes
+        and however many processes share the batches."""
         obj = method.obj
         lo, hi = timestep_bounds(obj.noise_cfg.min_timestep, obj.noise_cfg.max_timestep, obj.sched.num_train_timesteps)
         bands = band_timesteps(lo, hi)
@@ -67,10 +71,11 @@ class Validator:
             for k in mine:
                 batch = {key: (v.to(self.acc.device) if isinstance(v, torch.Tensor) else v)
                          for key, v in self.group[k].items()}
+                items = len(batch["loss_weights"])
                 for b, (t, _, _) in enumerate(bands):
                     loss = method.loss(batch, self._random(k, b, t, obj))
-                    sums[b] += float(loss)
-                sums[-1] += 1
+                    sums[b] += float(loss) * items
+                sums[-1] += items
         sums = self.acc.reduce(sums.to(self.acc.device), reduction="sum").cpu()
         count = max(float(sums[-1]), 1.0)
         per_band = [float(s) / count for s in sums[:-1]]

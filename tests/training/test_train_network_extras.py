@@ -97,8 +97,7 @@ def test_sample_options_need_prompts(tiny_sd, shapes_data, tmp_path, capsys):
     assert e.value.code == 2 and "--sample_prompts" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("opt", [["--huggingface_repo_id", "me/x"], ["--dataset_class", "a.B"],
-                                 ["--async_upload"]])
+@pytest.mark.parametrize("opt", [["--dataset_class", "a.B"]])
 def test_unsupported_options_are_rejected_not_ignored(tiny_sd, shapes_data, tmp_path, capsys, opt):
     with pytest.raises(SystemExit) as e:
         train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "o", 1, *opt))

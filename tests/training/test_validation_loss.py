@@ -88,6 +88,54 @@ def test_band_timesteps_spread_evenly():
     assert band_timesteps(200, 700, 2) == [(325, 200, 449), (575, 450, 699)]
 
 
+class _Batches:
+    """A validation group of fixed batches; item ``i`` of a batch has the loss ``values[i]``."""
+
+    def __init__(self, *values):
+        self.batches = [{"loss_weights": torch.ones(len(v)), "values": torch.tensor(v)} for v in values]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, k):
+        return self.batches[k]
+
+    def set_current_epoch(self, epoch):
+        pass
+
+
+class _Rank:
+    """The accelerator of process ``index`` of ``count``; ``reduce`` adds ``others`` (the other ranks' sums)."""
+
+    def __init__(self, index, count, others=()):
+        self.process_index, self.num_processes, self.device = index, count, torch.device("cpu")
+        self.others, self.sent = list(others), None
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        self.sent = tensor.clone()
+        return sum(self.others, tensor)
+
+
+def test_validation_loss_is_the_item_mean_whatever_the_processes():
+    """Batches of 2 and 1 items, shared by 1 or 2 processes: the mean over the 3 items, not over the batches."""
+    from types import SimpleNamespace
+
+    from library.training.validation import Validator
+
+    obj = SimpleNamespace(noise_cfg=SimpleNamespace(min_timestep=None, max_timestep=None, loss_type="l2"),
+                          sched=SimpleNamespace(num_train_timesteps=1000))
+    method = SimpleNamespace(obj=obj, module=torch.nn.Linear(1, 1), loss=lambda batch, rand: batch["values"].mean())
+    args = SimpleNamespace(validate_every_n_steps=1)
+    group = _Batches([1.0, 2.0], [6.0])
+    assert Validator(group, _Rank(0, 1), args, 0).run(method)["loss/validation"] == pytest.approx(3.0)
+    rank1 = _Rank(1, 2)
+    Validator(group, rank1, args, 0).run(method)
+    logs = Validator(group, _Rank(0, 2, [rank1.sent]), args, 0).run(method)
+    assert logs["loss/validation"] == pytest.approx(3.0)  # (1 + 2 + 6) / 3; the batch means' mean is 3.75
+    assert all(v == pytest.approx(3.0) for k, v in logs.items() if k.startswith("loss/validation_t"))
+
+
 def _scalars(logdir: Path) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -119,3 +167,55 @@ def test_validation_does_not_change_training_and_is_deterministic(tiny_sd, tmp_p
     assert len(bands) == 5
     mean = sum(dict(val[1][t])[4] for t in bands) / 5
     assert dict(val[1]["loss/validation"])[4] == pytest.approx(mean, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(tmp_path_factory):
+    from tools.make_tiny_model import write_tiny_model
+
+    return write_tiny_model("sdxl", tmp_path_factory.mktemp("xl"))
+
+
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_sdxl_validation_uses_the_text_encoder_output_cache(tiny_xl, tmp_path, monkeypatch, to_disk):
+    """With --cache_text_encoder_outputs the validation images are cached too: no text encoder runs during
+    validation, and the loss equals the one with freshly encoded conditioning."""
+    import sdxl_train_network
+    from library.training import conditioning, validation
+
+    data = make_shapes_folder(tmp_path / "data", repeats=1, n=8)
+    calls = {"validation": 0, "elsewhere": 0}
+    inside = [False]
+    real_encode, real_run = conditioning.encode_sdxl, validation.Validator.run
+
+    def encode(*a, **k):
+        calls["validation" if inside[0] else "elsewhere"] += 1
+        return real_encode(*a, **k)
+
+    def run(self, method):
+        inside[0] = True
+        try:
+            return real_run(self, method)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(conditioning, "encode_sdxl", encode)
+    monkeypatch.setattr(validation.Validator, "run", run)
+    common = ["--network_train_unet_only", "--validation_split", "0.25", "--validate_every_n_steps", "1"]
+    losses = {}
+    for name, extra in (("cached", ["--cache_text_encoder_outputs"] + (
+            ["--cache_text_encoder_outputs_to_disk"] if to_disk else [])), ("fresh", [])):
+        calls.update(validation=0, elsewhere=0)
+        sdxl_train_network.main(base_args(tiny_xl["safetensors"], data, tmp_path / name, 2, *common, *extra,
+                                          "--logging_dir", str(tmp_path / f"log_{name}")))
+        losses[name] = dict(_scalars(tmp_path / f"log_{name}")["loss/validation"])
+        if name == "cached":
+            # the cache encodes each of the 6 training and 2 validation images once (batch size 1), and that is all
+            assert calls == {"validation": 0, "elsewhere": 6 + 2}
+        else:
+            assert calls["validation"] == 2 * 2 * 5  # 2 passes x 2 batches x 5 bands: the probe sees encoding
+    assert list(losses["cached"]) == [1, 2]
+    for step, value in losses["cached"].items():
+        assert value == pytest.approx(losses["fresh"][step], rel=1e-5), step
+    if to_disk:  # the validation images' outputs were cached beside them, as the training images' are
+        assert len(list((data / "1_sks shape").glob("*_te_outputs.npz"))) == 8
