@@ -83,36 +83,46 @@ def resolve_control_nets(args: argparse.Namespace) -> list[ControlNetOption]:
     none / 1.0 / 1.0; longer lists, or any of them without models, are errors.
     """
     models = args.control_net_models or []
+    if getattr(args, "control_net_lllite_models", None):
+        return []  # ControlNet-LLLite: controlnet_lllite.resolve_lllites checks these options
     for name in ("control_net_preps", "control_net_ratios", "control_net_weights"):
         values = getattr(args, name)
         if values and len(values) > len(models):
             raise UserError(f"--{name} has {len(values)} value(s) but --control_net_models has {len(models)}")
     if not models:
         if args.guide_image_path:
-            raise UserError("--guide_image_path without --control_net_models: guide images are used by ControlNet "
-                            "only (CLIP / VGG16 guidance is not supported yet); see docs/gen_img.md")
+            raise UserError("--guide_image_path without --control_net_models or --control_net_lllite_models: guide "
+                            "images are used by ControlNet (-LLLite) only (CLIP / VGG16 guidance is not supported "
+                            "yet); see docs/gen_img.md")
         return []
     if args.sdxl:
-        raise UserError("ControlNet is supported for SD1/SD2 models only (SDXL ControlNet / ControlNet-LLLite are not "
-                        "supported yet)")
+        raise UserError("ControlNet is supported for SD1/SD2 models only (for SDXL use --control_net_lllite_models; "
+                        "SDXL ControlNets are not supported yet)")
     if not args.guide_image_path:
         raise UserError("--control_net_models needs hint images: give --guide_image_path")
+    return [ControlNetOption(path, canny, ratio, pick(args.control_net_weights, i, 1.0))
+            for i, (path, canny, ratio) in enumerate(hint_model_settings(args, "control_net_models", os.path.exists))]
 
-    def pick(values, i, default):
-        return values[i] if values and i < len(values) else default
 
-    options = []
-    for i, path in enumerate(models):
-        if not os.path.exists(path):
-            raise UserError(f"--control_net_models {path}: no such file or folder")
+def pick(values: Sequence | None, i: int, default):
+    """Entry i of a per-model option list, or the default where the list is missing or shorter (upstream)."""
+    return values[i] if values and i < len(values) else default
+
+
+def hint_model_settings(args: argparse.Namespace, option: str,
+                        exists) -> list[tuple[str, tuple[int, int] | None, float]]:
+    """(path, Canny thresholds or None, ratio) of each `--<option>` model from `--control_net_preps/_ratios`."""
+    out = []
+    for i, path in enumerate(getattr(args, option)):
+        if not exists(path):
+            raise UserError(f"--{option} {path}: no such file" + (" or folder" if exists is os.path.exists else ""))
         ratio = pick(args.control_net_ratios, i, 1.0)
         if ratio < 0:
             raise UserError(f"--control_net_ratios must be >= 0, got {ratio}")
-        options.append(ControlNetOption(path, parse_prep(pick(args.control_net_preps, i, None)), ratio,
-                                        pick(args.control_net_weights, i, 1.0)))
-    if any(o.canny for o in options) and _cv2() is None:
+        out.append((path, parse_prep(pick(args.control_net_preps, i, None)), ratio))
+    if any(canny for _, canny, _ in out) and _cv2() is None:
         raise UserError(CV2_MISSING)
-    return options
+    return out
 
 
 def guide_images_for(paths: Sequence[str], index: int, count: int) -> list[str]:
@@ -314,8 +324,8 @@ class LoadedControlNet:
 def load_control_nets(options: Sequence[ControlNetOption], models, device: torch.device | str) -> list[LoadedControlNet]:
     """Load every `--control_net_models` entry next to the model's U-Net (same device and dtype)."""
     if options and models.is_sdxl:
-        raise UserError("ControlNet is supported for SD1/SD2 models only (this model is SDXL); ControlNet-LLLite "
-                        "and SDXL ControlNets are not supported yet")
+        raise UserError("ControlNet is supported for SD1/SD2 models only (this model is SDXL); for SDXL use "
+                        "--control_net_lllite_models (SDXL ControlNets are not supported yet)")
     loaded = []
     for o in options:
         logger.info("ControlNet: %s (prep %s, ratio %s, weight %s)", o.path,

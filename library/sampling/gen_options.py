@@ -13,6 +13,7 @@ from library.config.options_common import section
 from library.errors import UserError
 from library.log import add_logging_arguments
 from library.sampling.controlnet import resolve_control_nets
+from library.sampling.controlnet_lllite import resolve_lllites
 from library.sampling.gradual_latent import check_usable, resolve_gradual_latent
 from library.sampling.prompt_weighting import EMB_NORMALIZE_MODES
 from library.sampling.samplers import SAMPLERS
@@ -130,25 +131,28 @@ def _add_gradual_latent_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_control_net_options(p: argparse.ArgumentParser) -> None:
-    g = section(p, "ControlNet v1.x, SD1/SD2 only (spec §1.5)")
+    g = section(p, "ControlNet v1.x (SD1/SD2) and ControlNet-LLLite (SDXL) (spec §1.5)")
     g.add_argument("--control_net_models", type=str, default=None, nargs="*",
                    help="ControlNet files (original LDM layout or Diffusers) or Diffusers folders")
     g.add_argument("--control_net_preps", type=str, default=None, nargs="*",
-                   help="per ControlNet: none (the guide image as is) or canny_<low>_<high> (needs opencv-python)")
+                   help="per ControlNet / LLLite: none (the guide image as is) or canny_<low>_<high> (needs "
+                        "opencv-python)")
     g.add_argument("--control_net_ratios", type=float, default=None, nargs="*",
-                   help="per ControlNet: used while step/steps <= ratio (1.0)")
+                   help="per ControlNet / LLLite: used while step/steps <= ratio (1.0)")
     g.add_argument("--control_net_weights", type=float, default=None, nargs="*",
                    help="per ControlNet: multiplier of its residuals (1.0)")
+    g.add_argument("--control_net_lllite_models", type=str, default=None, nargs="*",
+                   help="ControlNet-LLLite files (SDXL only; not together with --control_net_models)")
+    g.add_argument("--control_net_multipliers", type=float, default=None, nargs="*",
+                   help="per ControlNet-LLLite: multiplier of its modules (1.0)")
     g.add_argument("--guide_image_path", type=str, default=None, nargs="*",
-                   help="hint image files or folders; one per ControlNet per image, cycled over the images")
+                   help="hint image files or folders; one per ControlNet (or LLLite) per image, cycled over the "
+                        "images")
 
 
 def _add_unsupported_options(p: argparse.ArgumentParser) -> None:
     g = section(p, "not supported yet (declared for command-line compatibility; giving one is an error)")
-    for name in ("XTI_embeddings", "control_net_lllite_models"):
-        g.add_argument(f"--{name}", type=str, default=None, nargs="*", help="not supported yet")
-    for name in ("control_net_multipliers",):
-        g.add_argument(f"--{name}", type=float, default=None, nargs="*", help="not supported yet")
+    g.add_argument("--XTI_embeddings", type=str, default=None, nargs="*", help="not supported yet")
     for name, typ, default in (("clip_guidance_scale", float, 0.0), ("clip_image_guidance_scale", float, 0.0),
                                ("vgg16_guidance_scale", float, 0.0), ("vgg16_guidance_layer", int, 20)):
         g.add_argument(f"--{name}", type=typ, default=default, help="not supported yet")
@@ -173,7 +177,6 @@ def build_gen_parser() -> argparse.ArgumentParser:
 
 # option -> (what it enables, the value meaning "not given"): anything else given is rejected
 UNSUPPORTED: dict[str, tuple[str, Any]] = {
-    "control_net_multipliers": ("ControlNet-LLLite", None), "control_net_lllite_models": ("ControlNet-LLLite", None),
     "clip_guidance_scale": ("CLIP guidance", 0.0), "clip_image_guidance_scale": ("CLIP image guidance", 0.0),
     "vgg16_guidance_scale": ("VGG16 guidance", 0.0), "clip_vision_strength": ("CLIP-vision conditioning", None),
     "XTI_embeddings": ("Extended Textual Inversion", None),
@@ -200,6 +203,7 @@ def reject_unsupported(args: argparse.Namespace) -> None:
     if gradual is not None:
         check_usable(args.sampler, inpaint=bool(args.mask_path))
     resolve_control_nets(args)
+    resolve_lllites(args)
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other")
     if sum(map(bool, (args.sdxl, args.v1, args.v2))) > 1:

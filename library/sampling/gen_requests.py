@@ -214,7 +214,7 @@ def load_init_images(args: argparse.Namespace) -> InitImages:
     images = list_images(args.image_path, "--image_path") if args.image_path else []
     masks = list_images(args.mask_path, "--mask_path") if args.mask_path else []
     guides = [f for path in args.guide_image_path or [] for f in list_images(path, "--guide_image_path")]
-    n_nets = len(args.control_net_models or [])
+    n_nets = len(args.control_net_models or args.control_net_lllite_models or [])
     if n_nets and len(guides) % n_nets:
         logger.warning("%d guide image(s) for %d ControlNets: the last %d are not used", len(guides), n_nets,
                        len(guides) % n_nets)

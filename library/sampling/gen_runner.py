@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from library.errors import UserError
 from library.sampling.controlnet import load_control_nets, resolve_control_nets
+from library.sampling.controlnet_lllite import load_lllites, resolve_lllites
 from library.sampling.filenames import (a1111_parameters, gen_image_name, gen_png_text, hires_prefix,
                                         original_image_name, sequential_image_name, timestamp)
 from library.sampling.gen_options import reject_unsupported
@@ -163,7 +164,8 @@ def run(args: argparse.Namespace) -> list[str]:
     pipe = Pipeline(models, device, clip_skip=args.clip_skip, max_embeddings_multiples=args.max_embeddings_multiples,
                     emb_normalize_mode=args.emb_normalize_mode, token_replacers=load_ti(args, models),
                     vae_batch_size=vae_batch_size(args.vae_batch_size, args.batch_size),
-                    control_nets=load_control_nets(resolve_control_nets(args), models, device))
+                    control_nets=load_control_nets(resolve_control_nets(args), models, device),
+                    lllites=load_lllites(resolve_lllites(args), models, device))
     model_name = os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0]
     gen = GenRun(args, pipe, networks, default_muls, ImageSaver(args, model_name, models.is_sdxl))
     builder = RequestBuilder(args, 1024 if models.is_sdxl else 512, len(networks.networks), init,

@@ -1,5 +1,5 @@
 """Our denoising pipeline: txt2img, img2img, inpaint, CFG, negative scale, SDXL size cond, hires fix,
-Deep Shrink, Gradual Latent, ControlNet.
+Deep Shrink, Gradual Latent, ControlNet, ControlNet-LLLite.
 
 spec generation §2, §6, §7. The loop is ours (no diffusers pipeline class); Diffusers schedulers do the
 stepping. A run reads as: per-image generators -> start noise -> (init latents) -> conditioning branches ->
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from library.errors import UserError
 from library.models.bundle import SDModels
 from library.sampling.controlnet import ControlNetBatch, LoadedControlNet
+from library.sampling.controlnet_lllite import ControlNetLLLite, LLLiteBatch
 from library.sampling.deep_shrink import DeepShrink, deep_shrink_unet
 from library.sampling.gradual_latent import GradualLatent, check_usable, gradual_latent_scheduler
 from library.sampling.img2img import (LATENT_FACTOR, decode_latents, encode_images, mask_to_latent_keep,
@@ -152,9 +153,11 @@ class Pipeline:
                  token_replacers: Sequence[Any] | None = None, vae_batch_size: float | None = None,
                  for_training: bool = False, autocast_dtype: torch.dtype | None = None, progress: bool = True,
                  v_parameterization: bool | None = None,
-                 control_nets: Sequence[LoadedControlNet] | None = None):
+                 control_nets: Sequence[LoadedControlNet] | None = None,
+                 lllites: Sequence[ControlNetLLLite] | None = None):
         self.models = models
         self.control_nets = list(control_nets or [])
+        self.lllites = list(lllites or [])  # ControlNet-LLLite, hooked into the U-Net (SDXL)
         self.v_parameterization = models.v_parameterization if v_parameterization is None else v_parameterization
         self.device = torch.device(device)
         self.clip_skip = clip_skip
@@ -222,7 +225,7 @@ class Pipeline:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, scheduler: Any, branches: Branches,
-                settings: GenSettings, control: ControlNetBatch | None = None, step: int = 0,
+                settings: GenSettings, control: ControlNetBatch | LLLiteBatch | None = None, step: int = 0,
                 n_steps: int = 1) -> torch.Tensor:
         """One guided U-Net prediction (ε or v) for the current latents (step `step` of `n_steps`)."""
         x = scheduler.scale_model_input(latents, t)
@@ -238,7 +241,7 @@ class Pipeline:
                 settings: GenSettings, generators: list[torch.Generator],
                 inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 resize_targets: Sequence[tuple[int, int] | None] | None = None,
-                control: ControlNetBatch | None = None) -> torch.Tensor:
+                control: ControlNetBatch | LLLiteBatch | None = None) -> torch.Tensor:
         """Scheduler steps over `timesteps`; inpaint re-imposes the kept region after every step. spec §7.
 
         `inpaint = (init latents, noise, keep weights m)`: after step j the kept region is the init latents noised
@@ -299,13 +302,26 @@ class Pipeline:
             latents = gradual.start(latents)
         control = self._control_batch(specs, settings)
         # 5. denoise
-        with deep_shrink_unet(self.models.unet, settings.deep_shrink, self.models.is_sdxl):
-            return self.denoise(latents, scheduler, timesteps, branches, settings, generators, inpaint,
-                                resize_targets, control)
+        try:
+            with deep_shrink_unet(self.models.unet, settings.deep_shrink, self.models.is_sdxl):
+                return self.denoise(latents, scheduler, timesteps, branches, settings, generators, inpaint,
+                                    resize_targets, control)
+        finally:
+            if isinstance(control, LLLiteBatch):
+                control.close()  # the hooks stay inactive outside this batch
 
-    def _control_batch(self, specs: Sequence[ImageSpec], settings: GenSettings) -> ControlNetBatch | None:
-        """The batch's ControlNets with its hint images; None when it has none (or no ControlNet is loaded)."""
-        if not self.control_nets or specs[0].control_images is None:
+    def _control_batch(self, specs: Sequence[ImageSpec], settings: GenSettings) -> ControlNetBatch | LLLiteBatch | None:
+        """The batch's ControlNets (or LLLites) with its hint images; None when it has none (or none is loaded)."""
+        if specs[0].control_images is None:
+            return None
+        if self.lllites:
+            if not self.models.is_sdxl:
+                raise UserError("ControlNet-LLLite is supported for SDXL models only")
+            if settings.deep_shrink is not None:
+                raise UserError("ControlNet-LLLite and Deep Shrink cannot be combined (the shrunk U-Net does not fit "
+                                "the LLLite hint grids)")
+            return LLLiteBatch(self.lllites, [s.control_images for s in specs])
+        if not self.control_nets:
             return None
         if self.models.is_sdxl:
             raise UserError("ControlNet is supported for SD1/SD2 models only, not SDXL")

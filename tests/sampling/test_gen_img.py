@@ -185,7 +185,6 @@ def test_unknown_sampler_lists_valid_ones(tiny, capsys):
 
 
 @pytest.mark.parametrize("extra, option", [
-    (["--control_net_lllite_models", "l.safetensors"], "--control_net_lllite_models"),
     (["--XTI_embeddings", "x.pt"], "--XTI_embeddings"),
     (["--clip_guidance_scale", "1.0"], "--clip_guidance_scale"),
     (["--guide_image_path", "g.png"], "--guide_image_path"),
