@@ -17,6 +17,7 @@ from library.sampling.controlnet_lllite import resolve_lllites
 from library.sampling.gradual_latent import check_usable, resolve_gradual_latent
 from library.sampling.prompt_weighting import EMB_NORMALIZE_MODES
 from library.sampling.samplers import SAMPLERS
+from library.sampling.upscaler import check_upscaler_options
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -87,8 +88,10 @@ def _add_img2img_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--highres_fix_strength", type=float, default=None, help="hires fix: 1st stage strength (img2img)")
     g.add_argument("--highres_fix_save_1st", action="store_true", help="hires fix: also save 1st stage images")
     g.add_argument("--highres_fix_latents_upscaling", action="store_true", help="hires fix: bilinear latent upscale")
-    g.add_argument("--highres_fix_upscaler", type=str, default=None, help="not supported yet")
-    g.add_argument("--highres_fix_upscaler_args", type=str, default=None, help="not supported yet")
+    g.add_argument("--highres_fix_upscaler", type=str, default=None,
+                   help="hires fix: module whose create_upscaler(**kwargs) does the upscale")
+    g.add_argument("--highres_fix_upscaler_args", type=str, default=None,
+                   help="keyword arguments of create_upscaler, `k=v;k=v` (values are strings)")
     g.add_argument("--highres_fix_disable_control_net", action="store_true",
                    help="hires fix: no ControlNet in the 2nd stage")
 
@@ -181,7 +184,6 @@ UNSUPPORTED: dict[str, tuple[str, Any]] = {
     "vgg16_guidance_scale": ("VGG16 guidance", 0.0), "clip_vision_strength": ("CLIP-vision conditioning", None),
     "XTI_embeddings": ("Extended Textual Inversion", None),
     "network_regional_mask_max_color_codes": ("regional LoRA", None),
-    "highres_fix_upscaler": ("upscaler modules", None), "highres_fix_upscaler_args": ("upscaler modules", None),
 }
 
 
@@ -204,6 +206,7 @@ def reject_unsupported(args: argparse.Namespace) -> None:
         check_usable(args.sampler, inpaint=bool(args.mask_path))
     resolve_control_nets(args)
     resolve_lllites(args)
+    check_upscaler_options(args)
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other")
     if sum(map(bool, (args.sdxl, args.v1, args.v2))) > 1:

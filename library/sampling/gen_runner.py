@@ -23,11 +23,12 @@ from library.sampling.filenames import (a1111_parameters, gen_image_name, gen_pn
 from library.sampling.gen_options import reject_unsupported
 from library.sampling.gen_requests import (Request, RequestBuilder, batches, check_line_supported,
                                            load_init_images, prompts_from_images, read_prompt_file)
-from library.sampling.gen_setup import (LoadedNetworks, load_gen_models, load_networks, load_ti, resolve_ckpt,
-                                        set_attention)
+from library.sampling.gen_setup import (LoadedNetworks, load_gen_models, load_networks, load_ti, model_dtype,
+                                        resolve_ckpt, set_attention)
 from library.sampling.img2img import vae_batch_size
 from library.sampling.pipeline import HiresSettings, Pipeline
 from library.sampling.samplers import make_scheduler
+from library.sampling.upscaler import load_upscaler
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +80,13 @@ class GenRun:
     """Loaded models, networks, pipeline and saver of one gen_img invocation."""
 
     def __init__(self, args: argparse.Namespace, pipe: Pipeline, networks: LoadedNetworks,
-                 default_muls: list[float], saver: ImageSaver):
+                 default_muls: list[float], saver: ImageSaver, upscaler: object | None = None):
         self.args, self.pipe, self.networks, self.default_muls, self.saver = args, pipe, networks, default_muls, saver
         self.hires = None
         if args.highres_fix_scale:
             self.hires = HiresSettings(args.highres_fix_scale, args.highres_fix_steps, args.highres_fix_strength,
-                                       args.highres_fix_latents_upscaling, args.highres_fix_disable_control_net)
+                                       args.highres_fix_latents_upscaling, args.highres_fix_disable_control_net,
+                                       upscaler)
         self.paths: list[str] = []
 
     def run_batch(self, batch: list[Request]) -> None:
@@ -167,7 +169,10 @@ def run(args: argparse.Namespace) -> list[str]:
                     control_nets=load_control_nets(resolve_control_nets(args), models, device),
                     lllites=load_lllites(resolve_lllites(args), models, device))
     model_name = os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0]
-    gen = GenRun(args, pipe, networks, default_muls, ImageSaver(args, model_name, models.is_sdxl))
+    upscaler = None
+    if args.highres_fix_upscaler and args.highres_fix_scale:  # without hires fix: warned in reject_unsupported
+        upscaler = load_upscaler(args.highres_fix_upscaler, args.highres_fix_upscaler_args, model_dtype(args), device)
+    gen = GenRun(args, pipe, networks, default_muls, ImageSaver(args, model_name, models.is_sdxl), upscaler)
     builder = RequestBuilder(args, 1024 if models.is_sdxl else 512, len(networks.networks), init,
                              images_from_prompts=from_images, total_lines=len(lines) if lines is not None else None)
     # 3. generate

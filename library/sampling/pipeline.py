@@ -31,6 +31,7 @@ from library.sampling.gradual_latent import GradualLatent, check_usable, gradual
 from library.sampling.img2img import (LATENT_FACTOR, decode_latents, encode_images, mask_to_latent_keep,
                                       round_down, tensor_to_images, upscale_images, upscale_latents)
 from library.sampling.samplers import make_scheduler
+from library.sampling.upscaler import run_upscaler
 from library.sampling.text_encoding import PromptEmbeddings, encode_for_training_samples, encode_prompts
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class HiresSettings:
     strength: float | None = None  # 1st stage strength (img2img only)
     latents_upscaling: bool = False
     disable_control_net: bool = False  # `--highres_fix_disable_control_net`: none in the 2nd stage
+    upscaler: Any = None  # `--highres_fix_upscaler` plug-in (library/sampling/upscaler.py); replaces the resize
 
 
 @dataclass
@@ -342,7 +344,9 @@ class Pipeline:
 
     def generate_hires(self, specs: Sequence[ImageSpec], settings: GenSettings,
                        hires: HiresSettings) -> tuple[list[Image.Image], list[Image.Image]]:
-        """Hires fix: 1st stage small, upscale, img2img at full size with seed+1. Returns (1st, final). spec §7."""
+        """Hires fix: 1st stage small, upscale (resize or `hires.upscaler`), img2img at full size with seed+1.
+
+        Returns (1st, final). spec §7."""
         w1 = round_down(round(settings.width * hires.scale), 32)
         h1 = round_down(round(settings.height * hires.scale), 32)
         first_settings = replace(settings, width=w1, height=h1, steps=hires.steps,
@@ -356,7 +360,16 @@ class Pipeline:
             second_specs = [replace(s, control_images=None) for s in second_specs]
         strength = DEFAULT_STRENGTH if settings.strength is None else settings.strength
         second_settings = replace(settings, strength=strength)
-        if hires.latents_upscaling:
+        if hires.upscaler is not None:
+            ups, init = run_upscaler(hires.upscaler, self.models.vae, first_images, latents1, self.unet_dtype,
+                                     settings.width, settings.height, self.vae_batch_size)
+            if init is not None:
+                second_specs = [replace(s, init_image=None) for s in second_specs]
+                latents2 = self.generate_latents(second_specs, second_settings, init_latents=init.to(self.device))
+            else:
+                second_specs = [replace(s, init_image=im) for s, im in zip(second_specs, ups)]
+                latents2 = self.generate_latents(second_specs, second_settings)
+        elif hires.latents_upscaling:
             init = upscale_latents(latents1, settings.width, settings.height)
             second_specs = [replace(s, init_image=None) for s in second_specs]
             latents2 = self.generate_latents(second_specs, second_settings, init_latents=init)

@@ -21,13 +21,14 @@ from library.errors import UserError
 logger = logging.getLogger(__name__)
 
 
-def parse_network_args(items: Iterable[str] | None) -> dict[str, str]:
-    """``["key=value", ...]`` -> ``{key: value}`` with values kept as strings; a malformed item is a UserError."""
+def parse_network_args(items: Iterable[str] | None, option: str = "--network_args") -> dict[str, str]:
+    """``["key=value", ...]`` -> ``{key: value}`` with values kept as strings; a malformed item is a UserError
+    naming ``option``."""
     result: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"--network_args item {item!r} is not key=value")
+            raise UserError(f"{option} item {item!r} is not key=value")
         result[key.strip()] = value.strip()
     return result
 

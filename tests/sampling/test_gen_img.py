@@ -189,7 +189,6 @@ def test_unknown_sampler_lists_valid_ones(tiny, capsys):
     (["--clip_guidance_scale", "1.0"], "--clip_guidance_scale"),
     (["--guide_image_path", "g.png"], "--guide_image_path"),
     (["--clip_vision_strength", "0.5"], "--clip_vision_strength"),
-    (["--highres_fix_upscaler", "tools.latent_upscaler"], "--highres_fix_upscaler"),
     (["--network_regional_mask_max_color_codes", "3"], "--network_regional_mask_max_color_codes"),
 ])
 def test_unsupported_options_rejected(tiny, capsys, extra, option):
