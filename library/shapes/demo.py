@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,6 +262,10 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
 
         raise UserError(f"--base_model {s.base_model}: file not found (the repository ships models/shapes-sd1.safetensors)")
     out.mkdir(parents=True, exist_ok=True)
+    # a rerun into the same folder starts clean: old images would be judged again and old tensorboard events
+    # would be drawn into the new loss curve
+    for stale in ("before", "after", "logs"):
+        shutil.rmtree(out / stale, ignore_errors=True)
     t0 = time.perf_counter()
     dataset_toml = make_datasets(out, s)
     config = write_train_config(out, dataset_toml, s)
