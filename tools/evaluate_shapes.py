@@ -12,7 +12,6 @@ palette colour in Lab, shape the nearest calibrated centre of size-free geometri
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -20,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from library.data.images import glob_images  # noqa: E402
 from library.errors import UserError, exit_on_user_error  # noqa: E402
 from library.log import add_logging_arguments, setup_logging_from_args  # noqa: E402
 from library.shapes import evaluate, world  # noqa: E402
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _names(text: str) -> list[str]:
@@ -36,7 +35,7 @@ def find_images(paths: list[str]) -> list[str]:
     found = []
     for p in paths:
         if os.path.isdir(p):
-            found += sorted(f for f in glob.glob(os.path.join(p, "*")) if f.lower().endswith(IMAGE_EXTS))
+            found += glob_images(p)
         elif os.path.isfile(p):
             found.append(p)
         else:

@@ -44,22 +44,11 @@ class DemoSettings:
     extra_train_options: dict = field(default_factory=dict)
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))  # a TOML basic string is a JSON string for our values
+def write_toml(path: Path, values: dict) -> Path:
+    import toml
 
-
-def write_toml(path: Path, flat: dict, tables: Sequence[tuple[str, dict]] = ()) -> Path:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in flat.items()]
-    for name, table in tables:
-        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(toml.dumps(values), encoding="utf-8")
     return path
 
 
