@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -47,10 +48,17 @@ def _umask_permissions(file: str) -> None:
 
     Some writers (safetensors >= 0.8 among them) create their files 0600; on a shared machine a saved
     model would then be unreadable by the group, unlike every other output."""
+    with contextlib.suppress(OSError):
+        os.chmod(file, 0o666 & ~_process_umask())
+
+
+@functools.lru_cache(maxsize=1)
+def _process_umask() -> int:
+    # reading the umask means setting it; doing that once (first save, normally before any upload thread
+    # exists) keeps other threads' file creations from ever seeing a zero umask
     mask = os.umask(0)
     os.umask(mask)
-    with contextlib.suppress(OSError):
-        os.chmod(file, 0o666 & ~mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -134,7 +134,7 @@ class Checkpointer:
         self.companions: list[Companion] = []  # written beside every model, pruned with it
         self.state_extras: list[StateExtra] = []  # written into every state folder
         self.hub = None  # --huggingface_repo_id: uploads of saved models (and states), main process only
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and getattr(args, "huggingface_repo_id", None):  # no hub import otherwise
             from .hub_upload import HubUploader
 
             self.hub = HubUploader.from_args(args)

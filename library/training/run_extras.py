@@ -49,8 +49,11 @@ def attach_extras(args: argparse.Namespace, acc, script: str, models, group, met
         seed = args.validation_seed if getattr(args, "validation_seed", None) is not None else args.seed
         hooks.validation = Validator(vgroup, acc, args, seed)
         logger.info("validation: %d images in %d batches", sum(len(d.images) for d in vgroup.datasets), len(vgroup))
-    elif getattr(args, "validate_every_n_steps", None) or getattr(args, "validate_every_n_epochs", None):
-        logger.warning("--validate_every_n_* given but no validation images: set validation_split")
+    else:
+        unused = [f"--{k}" for k in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
+                                     "validation_seed") if getattr(args, k, None) is not None]
+        if unused:
+            logger.warning("%s given but no validation images: set validation_split", ", ".join(unused))
     # 2. EMA: updated after each step, saved beside each model and into each state folder
     ema = ema_from_args(args, list(method.trainable_parameters()), acc.device)
     if ema is not None:

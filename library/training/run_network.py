@@ -7,8 +7,6 @@ import random
 import time
 from typing import Optional
 
-import torch
-
 from library.errors import UserError
 
 from . import accelerate_setup as setup
@@ -20,8 +18,8 @@ from .lr_schedules import build_lr_scheduler
 from .methods.network import NetworkMethod
 from .network_host import NetworkHost, parse_network_args
 from .optimizers import build_optimizer
-from .run_common import (train_and_save, build_data, encode_latents_fn, encode_text_fn, load_base_models, make_sample_hook,
-                         tracker_init, training_facts)
+from .run_common import (train_and_save, build_data, cache_latents_if_asked, encode_latents_fn, encode_text_fn,
+                         load_base_models, make_sample_hook, tracker_init, training_facts)
 from .run_extras import attach_extras
 
 logger = logging.getLogger(__name__)
@@ -50,13 +48,7 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
     wdtype = setup.weight_dtype(args)
     models = load_base_models(args, acc, wdtype, sdxl=sdxl)
     group, params = build_data(args, script, models, acc)
-    if args.cache_latents:
-        from library.data.latent_cache import cache_latents
-
-        with torch.no_grad():
-            cache_latents(group, encode_latents_fn(models, acc, args), args.vae_batch_size,
-                          args.cache_latents_to_disk, acc.is_main_process)
-        acc.wait_for_everyone()
+    cache_latents_if_asked(args, group, models, acc)
     if sdxl and args.cache_text_encoder_outputs:
         from library.data.te_cache import cache_text_encoder_outputs
 

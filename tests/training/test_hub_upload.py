@@ -223,3 +223,21 @@ def test_train_db_diffusers_folder_and_ti_file_are_uploaded(tiny_sd, shapes_data
         tiny_sd["sd1"]["safetensors"], tmp_path / "ti", 1, "--train_data_dir", str(shapes_data), "--token_string",
         "zqx", "--init_word", "shape", "--use_object_template", *HUB))
     assert [c[:4] for c in hub.uploads()] == [("upload_file", "me/repo", None, "loras/zqx.pt")]
+
+
+def test_no_hub_uploader_without_repo_id(monkeypatch):
+    """Without --huggingface_repo_id the checkpointer never touches the hub module (nor huggingface_hub)."""
+    import argparse
+    import types
+
+    from library.training.checkpointing import Checkpointer
+
+    def refuse(args):
+        raise AssertionError("HubUploader.from_args called without --huggingface_repo_id")
+
+    monkeypatch.setattr(hub_upload.HubUploader, "from_args", classmethod(lambda cls, args: refuse(args)))
+    args = argparse.Namespace(output_dir="out", save_every_n_epochs=None, save_n_epoch_ratio=None,
+                              huggingface_token="t", async_upload=True)
+    checkpointer = Checkpointer(args, types.SimpleNamespace(is_main_process=True), lambda *a: None, ".safetensors", 1)
+    assert checkpointer.hub is None
+    checkpointer.finish()

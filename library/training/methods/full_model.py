@@ -37,6 +37,7 @@ class FullModelMethod:
         self.te_training = train_text_encoder
         self.te_stop_step = te_stop_step
         self.pad_per_batch = pad_per_batch  # train_db --no_token_padding
+        self.weighted_tokenizer = weighted_captions_tokenizer(models, args)  # --weighted_captions (SD1/SD2)
         self.unet: torch.nn.Module = models.unet
         self.text_encoder: torch.nn.Module = models.text_encoders[0]
         self.module: torch.nn.Module = self.unet
@@ -60,7 +61,7 @@ class FullModelMethod:
 
     def _conditioning(self, batch: dict) -> TextConditioning:
         a = self.args
-        weighted = weighted_captions_tokenizer(self.models, a)
+        weighted = self.weighted_tokenizer
         if self.pad_per_batch and weighted is None:
             return TextConditioning(encode_sd(self.text_encoder, self._ids_padded_to_longest(batch["captions"]),
                                               a.clip_skip, None).to(self.weight_dtype))

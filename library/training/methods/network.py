@@ -31,6 +31,7 @@ class NetworkMethod:
         self.host, self.models, self.obj, self.args = host, models, objective, args
         self.acc, self.weight_dtype = accelerator, weight_dtype
         self.train_unet, self.train_text_encoder = train_unet, train_text_encoder
+        self.weighted_tokenizer = weighted_captions_tokenizer(models, args)  # --weighted_captions (SD1/SD2)
         self.module: torch.nn.Module = host.network
         self.save_metadata: Optional[Callable[[str, int], dict]] = None  # set by the runner
         self.save_dtype: Optional[torch.dtype] = None
@@ -44,7 +45,7 @@ class NetworkMethod:
         with torch.set_grad_enabled(grad_te), self.acc.autocast():
             cond = text_conditioning(m.family, m.text_encoders, batch, clip_skip=a.clip_skip,
                                      max_token_length=a.max_token_length, device=dev, dtype=self.weight_dtype,
-                                     weighted_tokenizer=weighted_captions_tokenizer(m, a))
+                                     weighted_tokenizer=self.weighted_tokenizer)
         latents = batch_latents(batch, m.vae, self.obj.latent_scale, dev, self.weight_dtype, rand.generator)
         with self.acc.autocast():
             return diffusion_loss(lambda x, t, c: call_unet(m.unet, x, t, c), latents, cond, batch, self.obj, rand)
