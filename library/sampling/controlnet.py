@@ -342,32 +342,28 @@ class ControlNetBatch:
             raise UserError(f"each image needs {len(nets)} guide image(s), one per ControlNet")
         self.nets = list(nets)
         self.images = images  # images[b][n]: the hint of batch row b for ControlNet n
-        self._hints: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._hints: dict[tuple[int, int, int, int], torch.Tensor] = {}
 
-    def hint(self, n: int, height: int, width: int) -> torch.Tensor:
-        """(B, 3, height, width) hints of ControlNet n (cached per size: Gradual Latent changes it)."""
-        key = (n, height, width)
+    def hint(self, n: int, height: int, width: int, branches: int) -> torch.Tensor:
+        """(branches·B, 3, height, width) hints of ControlNet n on its device and dtype, the same hints for every
+        guidance branch (cached per size: Gradual Latent changes it)."""
+        key = (n, height, width, branches)
         if key not in self._hints:
-            canny = self.nets[n].option.canny
-            self._hints[key] = torch.cat([make_hint(row[n], canny, width, height) for row in self.images])
+            net = self.nets[n]
+            param = next(net.model.parameters())
+            hint = torch.cat([make_hint(row[n], net.option.canny, width, height) for row in self.images])
+            self._hints[key] = torch.cat([hint.to(param.device, param.dtype)] * branches)
         return self._hints[key]
-
-    def active(self, step: int, n_steps: int) -> LoadedControlNet | None:
-        """ControlNet `step % n` while `step / n_steps <= its ratio` (upstream's alternation and ratio rule)."""
-        net = self.nets[step % len(self.nets)]
-        return net if step / n_steps <= net.option.ratio else None
 
     def residuals(self, step: int, n_steps: int, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                   branches: int) -> dict[str, object]:
-        """U-Net keyword arguments adding the active ControlNet's weighted residuals ({} when none is active)."""
-        net = self.active(step, n_steps)
-        if net is None:
+        """U-Net keyword arguments adding the active ControlNet's weighted residuals ({} when none is active):
+        ControlNet `step % n` while `step / n_steps <= its ratio` (upstream's alternation and ratio rule)."""
+        n = step % len(self.nets)
+        net = self.nets[n]
+        if step / n_steps > net.option.ratio:
             return {}
-        n = self.nets.index(net)
-        h, w = x.shape[-2] * 8, x.shape[-1] * 8
-        param = next(net.model.parameters())
-        hint = self.hint(n, h, w).to(param.device, param.dtype)
-        hint = torch.cat([hint] * branches)  # the same hint for every guidance branch
+        hint = self.hint(n, x.shape[-2] * 8, x.shape[-1] * 8, branches)
         down, mid = net.model(x, t, encoder_hidden_states=context, controlnet_cond=hint,
                               conditioning_scale=net.option.weight, return_dict=False)
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

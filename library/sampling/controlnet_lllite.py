@@ -143,7 +143,6 @@ class ControlNetLLLite:
 
     def __init__(self, option: LLLiteOption, unet: torch.nn.Module, sd: dict[str, torch.Tensor]):
         self.option = option
-        self.multiplier = option.multiplier
         targets = lllite_targets(unet)
         names = sorted({k.split(".", 1)[0] for k in sd})
         unknown = [n for n in names if n not in targets]
@@ -162,13 +161,13 @@ class ControlNetLLLite:
 
     def _hook(self, name: str):
         def hook(_module, args):
-            if self.cond is None or self.multiplier == 0.0:
+            if self.cond is None or self.option.multiplier == 0.0:
                 return None
             x, cond = args[0], self.cond[name]
             if cond.shape[:2] != x.shape[:2]:
                 raise UserError(f"ControlNet-LLLite: hint grid {tuple(cond.shape[:2])} does not fit the U-Net's "
                                 f"{tuple(x.shape[:2])} (image width and height must be multiples of 32)")
-            return (x + self.modules[name].delta(x, cond) * self.multiplier,) + tuple(args[1:])
+            return (x + self.modules[name].delta(x, cond) * self.option.multiplier,) + tuple(args[1:])
         return hook
 
     def embed(self, hint: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ silently ignoring them.
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from library.config.options_common import section
@@ -19,6 +20,7 @@ from library.sampling.prompt_weighting import EMB_NORMALIZE_MODES
 from library.sampling.samplers import SAMPLERS
 from library.sampling.upscaler import check_upscaler_options
 
+logger = logging.getLogger(__name__)
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = section(p, "model and precision (spec §1.1)")
@@ -187,6 +189,26 @@ UNSUPPORTED: dict[str, tuple[str, Any]] = {
 }
 
 
+# enabling option -> (its tuning options, the prompt-line options that use them when the enabler is unset)
+LINE_DEFAULT_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "ds_depth_1": (("ds_timesteps_1", "ds_depth_2", "ds_timesteps_2", "ds_ratio"), "--dsd1/--dst1/--dsd2/--dst2/--dsr"),
+    "gradual_latent_timesteps": (("gradual_latent_ratio", "gradual_latent_ratio_step", "gradual_latent_every_n_steps",
+                                  "gradual_latent_s_noise", "gradual_latent_unsharp_params"),
+                                 "--glt/--glr/--gle/--gls/--glsn/--glus"),
+}
+
+
+def warn_line_defaults_only(args: argparse.Namespace) -> None:
+    """Warn once per feature when its tuning options are given without its enabling option: they then only serve
+    as defaults for prompt lines giving that feature's own options (a plain --prompt ignores them)."""
+    defaults = build_gen_parser().parse_args([])
+    for enabler, (names, line_options) in LINE_DEFAULT_OPTIONS.items():
+        given = [f"--{n}" for n in names if getattr(args, n) != getattr(defaults, n)]
+        if given and getattr(args, enabler) is None:
+            logger.warning("%s without --%s: used only by prompt lines with their own %s options (as defaults)",
+                           ", ".join(given), enabler, line_options)
+
+
 def reject_unsupported(args: argparse.Namespace) -> None:
     """Refuse every option of a feature that is not implemented yet (never silently ignored)."""
     for name, (feature, unset) in UNSUPPORTED.items():
@@ -207,6 +229,7 @@ def reject_unsupported(args: argparse.Namespace) -> None:
     resolve_control_nets(args)
     resolve_lllites(args)
     check_upscaler_options(args)
+    warn_line_defaults_only(args)
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other")
     if sum(map(bool, (args.sdxl, args.v1, args.v2))) > 1:

@@ -273,3 +273,25 @@ def test_bad_values_exit_2_with_one_line(tiny, tmp_path, capsys, extra, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("error:")
     assert not os.path.exists(tmp_path / "o") or not os.listdir(tmp_path / "o")
+
+
+def test_tuning_options_without_enabler_warn_once(caplog):
+    """`--gradual_latent_*` / `--ds_*` without `--gradual_latent_timesteps` / `--ds_depth_1` only serve prompt lines'
+    own --gl* / --ds* options: one warning line per feature, none when enabled or left at the defaults."""
+    from library.sampling.gen_options import build_gen_parser, reject_unsupported
+
+    def warnings(argv):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="library.sampling.gen_options"):
+            reject_unsupported(build_gen_parser().parse_args(argv))
+        return [r.getMessage() for r in caplog.records]
+
+    assert warnings([]) == []
+    assert warnings(["--gradual_latent_ratio", "0.25", "--gradual_latent_timesteps", "500",
+                     "--sampler", "euler_a"]) == []
+    assert warnings(["--ds_ratio", "0.3", "--ds_depth_1", "2"]) == []
+    [gl] = warnings(["--gradual_latent_ratio", "0.25", "--gradual_latent_every_n_steps", "2"])
+    assert "--gradual_latent_ratio, --gradual_latent_every_n_steps without --gradual_latent_timesteps" in gl
+    assert "--glt" in gl
+    ds_and_gl = warnings(["--ds_ratio", "0.3", "--gradual_latent_s_noise", "0.9"])
+    assert len(ds_and_gl) == 2 and "--ds_ratio without --ds_depth_1" in ds_and_gl[0] and "--dsd1" in ds_and_gl[0]
