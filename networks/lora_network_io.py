@@ -19,14 +19,19 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.ckpt``/``.pt`` plain dict (weights-only load)."""
     if not os.path.isfile(path):
         raise UserError(f"network weights file not found: {path}")
+    if is_safetensors(path):
+        from .lora_family import read_tensor_file
+
+        read_tensor_file(path, "network weights")  # a text or truncated file: one line naming it
     try:
         if is_safetensors(path):
             from safetensors.torch import load_file
 
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot read network weights {path}: {e}") from None
+    except Exception as e:  # safetensors, pickle and zip raise many error types for a corrupt file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot read network weights {path}: {first}") from None
 
 
 def save_state_dict_file(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,

@@ -96,6 +96,22 @@ def unet_targets(unet: nn.Module, include_conv: bool) -> list[Target]:
     return [Target(f"{PREFIX_UNET}.{rename.get(p, p)}".replace(".", "_"), m, True) for p, m in found]
 
 
+def target_layers(text_encoders, unet: nn.Module | None) -> dict[str, nn.Module]:
+    """LoRA module name -> the layer it adapts, for every layer a kohya file may name (TE + U-Net C3Lier set)."""
+    encoders = [te for te in (text_encoders if isinstance(text_encoders, (list, tuple)) else [text_encoders])
+                if te is not None]
+    layers = {t.lora_name: t.module for prefix, te in zip(te_prefixes(len(encoders)), encoders)
+              for t in text_encoder_targets(prefix, te)}
+    if unet is not None:
+        layers.update({t.lora_name: t.module for t in unet_targets(unet, include_conv=True)})
+    return layers
+
+
+def target_weight_shapes(text_encoders, unet: nn.Module | None) -> dict[str, tuple[int, ...]]:
+    """``{LoRA module name: weight shape}`` of :func:`target_layers`, what the family checks compare against."""
+    return {name: tuple(layer.weight.shape) for name, layer in target_layers(text_encoders, unet).items()}
+
+
 NUM_OF_BLOCKS = 12  # down/up blocks of the 25-entry block lists (12 down, 1 mid, 12 up)
 _RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
 

@@ -23,9 +23,10 @@ import torch  # noqa: E402
 
 from library.errors import UserError, exit_on_user_error  # noqa: E402
 from library.log import add_logging_arguments, setup_logging_from_args  # noqa: E402
+from networks.lora_family import SD1_OR_SD2, SD2, SDXL, check_fits_layers, check_same_family  # noqa: E402
 from networks.lora_modules import fit_to_shape  # noqa: E402
 from networks.lora_svd import module_delta  # noqa: E402
-from networks.lora_targets import te_prefixes, text_encoder_targets, unet_targets  # noqa: E402
+from networks.lora_targets import target_layers, target_weight_shapes  # noqa: E402
 from networks.lora_tool_io import (check_inputs_exist, check_lora_output, complete_modules, merged_from,  # noqa: E402
                                    module_alpha, precision_dtype, read_lora, save_lora)
 
@@ -64,22 +65,13 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------ into a checkpoint
 
-def target_layers(models) -> dict[str, torch.nn.Module]:
-    """LoRA module name -> the Linear/Conv2d it adapts (TE attention/MLP, U-Net C3Lier set, §a.1)."""
-    layers = {}
-    for prefix, te in zip(te_prefixes(len(models.text_encoders)), models.text_encoders):
-        layers.update({t.lora_name: t.module for t in text_encoder_targets(prefix, te)})
-    layers.update({t.lora_name: t.module for t in unet_targets(models.unet, include_conv=True)})
-    return layers
-
-
 @torch.no_grad()
 def merge_into_models(models, paths: list[str], ratios: list[float], dtype: torch.dtype) -> int:
     """``W += ratio·(alpha/rank)·up@down`` for every LoRA module with a target; returns unmatched count.
 
     The delta is composed in float32 and added in the merge dtype.
     """
-    layers = target_layers(models)
+    layers = target_layers(models.text_encoders, models.unet)
     unmatched = 0
     for path, ratio in zip(paths, ratios):
         sd, _ = read_lora(path)
@@ -101,14 +93,19 @@ def merge_into_models(models, paths: list[str], ratios: list[float], dtype: torc
 
 def merge_into_checkpoint(args: argparse.Namespace, sdxl: bool, merge_dtype: torch.dtype,
                           save_dtype: torch.dtype) -> None:
-    """Load the base, merge every LoRA, save with the source file's other tensors kept (§7)."""
+    """Load the base, check every LoRA fits it, merge, save with the source file's other tensors kept (§7)."""
     from library.models.checkpoint_io import CheckpointReader
     from library.models.loading import load_models
     from library.models.saving import save_ldm_checkpoint
     from library.training.modelspec import build_modelspec
 
+    files = check_same_family(args.models, "--models")  # unreadable / mixed inputs fail before loading
     v2 = bool(getattr(args, "v2", False))
     models = load_models(args.sd_model, v2=v2, sdxl=sdxl, dtype=merge_dtype)
+    # a LoRA of another model would merge nothing and the unchanged model would be written as "merged"
+    shapes = target_weight_shapes(models.text_encoders, models.unet)
+    for tf in files:
+        check_fits_layers(tf, shapes, models.family, "--models")
     merge_into_models(models, args.models, args.ratios, merge_dtype)
     metadata = None
     if not args.no_metadata and args.save_to.lower().endswith(".safetensors"):
@@ -196,6 +193,13 @@ def merge_loras_to_file(args: argparse.Namespace, sdxl: bool, merge_dtype: torch
     from library.training.modelspec import build_modelspec
 
     check_lora_output(args.save_to)
+    if sdxl:
+        expected, against = SDXL, "sdxl_merge_lora.py merges SDXL LoRAs (use merge_lora.py)"
+    elif getattr(args, "v2", False):
+        expected, against = SD2, "--v2 says the LoRAs are for SD2"
+    else:
+        expected, against = SD1_OR_SD2, "merge_lora.py merges SD1/SD2 LoRAs (use sdxl_merge_lora.py)"
+    check_same_family(args.models, "--models", expected, against)
     merged = merge_lora_files(args.models, args.ratios, merge_dtype, args.concat, args.shuffle)
     v2 = merged.v2
     if v2 is None and sdxl:

@@ -24,6 +24,7 @@ from tqdm import tqdm  # noqa: E402
 
 from library.errors import UserError, exit_on_user_error  # noqa: E402
 from library.log import add_logging_arguments, setup_logging_from_args  # noqa: E402
+from networks.lora_family import check_same_family  # noqa: E402
 from networks.lora_svd import (DYNAMIC_METHODS, dynamic_rank, module_delta, relative_error,  # noqa: E402
                                retention, svd_factors)
 from networks.lora_tool_io import (check_inputs_exist, check_lora_output, complete_modules, module_alpha,  # noqa: E402
@@ -146,6 +147,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.model is None:
         raise UserError("--model is required")
     check_inputs_exist([args.model], "--model")
+    check_same_family([args.model], "--model")  # readable, and not a mix of SDXL and SD1/SD2 modules
     check_lora_output(args.save_to)
     if args.new_rank < 1 or (args.new_conv_rank is not None and args.new_conv_rank < 1):
         raise UserError("--new_rank and --new_conv_rank must be at least 1")

@@ -21,6 +21,7 @@ from tqdm import tqdm  # noqa: E402
 
 from library.errors import UserError, exit_on_user_error  # noqa: E402
 from library.log import add_logging_arguments, setup_logging_from_args  # noqa: E402
+from networks.lora_family import check_same_family  # noqa: E402
 from networks.lora_svd import module_delta, svd_factors  # noqa: E402
 from networks.lora_tool_io import (check_inputs_exist, check_lora_output, complete_modules, merged_from,  # noqa: E402
                                    module_alpha, precision_dtype, read_lora, save_lora)
@@ -90,6 +91,7 @@ def svd_merge(args: argparse.Namespace) -> None:
         raise UserError(f"--models/--ratios: give one ratio per model ({len(args.models or [])} models, "
                         f"{len(args.ratios or [])} ratios)")
     check_inputs_exist(args.models, "--models")
+    check_same_family(args.models, "--models")  # one model family, equal widths: else the sum is meaningless
     check_lora_output(args.save_to)
     if args.new_rank < 1 or (args.new_conv_rank is not None and args.new_conv_rank < 1):
         raise UserError("--new_rank and --new_conv_rank must be at least 1")

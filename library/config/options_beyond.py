@@ -11,7 +11,7 @@ from library.config.options_common import Container, section
 BEYOND_SD_SCRIPTS_OPTIONS = (
     "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
     "max_validation_steps", "ema", "ema_decay", "ema_update_after_step", "ema_power", "ema_every_n_steps",
-    "ema_device", "sample_with_ema", "check_grads", "dry_run",
+    "ema_device", "sample_with_ema", "check_grads", "dry_run", "verify_images",
 )
 
 
@@ -26,6 +26,9 @@ def add_beyond_arguments(parser: Container) -> None:
     g.add_argument("--dry_run", action="store_true",
                    help="build the dataset and print the plan (images, buckets, steps, saves, samples, memory "
                         "estimate) without loading models, then exit")
+    g.add_argument("--verify_images", action="store_true",
+                   help="decode every training image before training (slow; also finds corrupt data inside a "
+                        "file, which the default header and end-of-file check cannot)")
 
 
 def _add_validation_arguments(g: Container) -> None:

@@ -23,8 +23,8 @@ from library.sampling.filenames import (a1111_parameters, gen_image_name, gen_pn
 from library.sampling.gen_options import reject_unsupported
 from library.sampling.gen_requests import (Request, RequestBuilder, batches, check_line_supported,
                                            load_init_images, prompts_from_images, read_prompt_file)
-from library.sampling.gen_setup import (LoadedNetworks, load_gen_models, load_networks, load_ti, model_dtype,
-                                        resolve_ckpt, set_attention)
+from library.sampling.gen_setup import (LoadedNetworks, check_input_files, load_gen_models, load_networks, load_ti,
+                                        model_dtype, resolve_ckpt, set_attention)
 from library.sampling.img2img import vae_batch_size
 from library.sampling.pipeline import HiresSettings, Pipeline
 from library.sampling.samplers import make_scheduler
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> list[str]:
     if from_images:
         lines = prompts_from_images(init.images)
     resolve_ckpt(args.ckpt)
+    check_input_files(args)
     # 2. models, networks, embeddings
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_gen_models(args, device)

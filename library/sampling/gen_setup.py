@@ -111,6 +111,50 @@ def show_network_metadata(path: str) -> None:
     print(json.dumps({"file": path, "metadata": meta}, indent=2, ensure_ascii=False))
 
 
+def _network_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(`--network_module`, `--network_weights`) pairs; the counts must agree."""
+    modules = args.network_module or []
+    weights = args.network_weights or []
+    if len(weights) != len(modules):
+        raise UserError(f"--network_weights: give one file per --network_module ({len(modules)} modules, "
+                        f"{len(weights)} files)")
+    return list(zip(modules, weights))
+
+
+def _kohya_named(module_name: str, tf) -> bool:
+    """Whether the family checks apply: our LoRA, or a plug-in file with kohya ``lora_*`` names (LyCORIS)."""
+    return module_name == "networks.lora" or bool(tf.modules())
+
+
+def check_input_files(args: argparse.Namespace) -> None:
+    """Before any model loads: every network and embedding file is readable and of one known family."""
+    from networks.lora_family import embedding_family, family_of, read_tensor_file
+
+    for name, path in _network_pairs(args):
+        tf = read_tensor_file(path, "--network_weights")
+        if _kohya_named(name, tf):
+            family_of(tf, "--network_weights")
+    for path in args.textual_inversion_embeddings or []:
+        embedding_family(read_tensor_file(path, "--textual_inversion_embeddings"))
+
+
+def check_networks_fit(args: argparse.Namespace, models: SDModels) -> None:
+    """Every network file suits the loaded model: same family, matching widths, at least one layer named.
+
+    A LoRA for another model would otherwise be ignored (no key matches) and the image written anyway.
+    """
+    from networks.lora_family import check_fits_layers, read_tensor_file
+    from networks.lora_targets import target_weight_shapes
+
+    shapes = None
+    for name, path in _network_pairs(args):
+        tf = read_tensor_file(path, "--network_weights")
+        if not _kohya_named(name, tf):
+            continue  # another plug-in's own key names: the plug-in checks them
+        shapes = shapes if shapes is not None else target_weight_shapes(models.text_encoders, models.unet)
+        check_fits_layers(tf, shapes, models.family, "--network_weights")
+
+
 def load_networks(args: argparse.Namespace, models: SDModels, device: torch.device) -> tuple[LoadedNetworks, list[float]]:
     """Create every `--network_module` network; merge the first N, apply the rest. spec §8.
 
@@ -118,19 +162,14 @@ def load_networks(args: argparse.Namespace, models: SDModels, device: torch.devi
     """
     from library.training.network_host import import_network_module
 
-    modules = args.network_module or []
-    weights = args.network_weights or []
-    if len(weights) != len(modules):
-        raise UserError(f"--network_weights: give one file per --network_module ({len(modules)} modules, "
-                        f"{len(weights)} files)")
+    pairs = _network_pairs(args)
+    check_networks_fit(args, models)
     muls = list(args.network_mul or [])
-    merge_n = len(modules) if args.network_merge else (args.network_merge_n_models or 0)
+    merge_n = len(pairs) if args.network_merge else (args.network_merge_n_models or 0)
     dtype = next(models.unet.parameters()).dtype
     te = models.text_encoders if models.is_sdxl else models.text_encoders[0]
     loaded, defaults = LoadedNetworks(pre_calc=args.network_pre_calc), []
-    for i, (name, path) in enumerate(zip(modules, weights)):
-        if not os.path.isfile(path):
-            raise UserError(f"--network_weights {path}: file not found")
+    for i, (name, path) in enumerate(pairs):
         if args.network_show_meta:
             show_network_metadata(path)
         mul = muls[i] if i < len(muls) else 1.0

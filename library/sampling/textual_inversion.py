@@ -38,6 +38,9 @@ def token_strings(stem: str, n_vectors: int) -> list[str]:
 
 def _vectors_per_encoder(family: str, path: str) -> list[torch.Tensor]:
     """The vectors for each text encoder: SD1/2 the first tensor, SDXL `clip_l` and `clip_g`."""
+    from networks.lora_family import check_embedding_matches
+
+    check_embedding_matches(path, family)  # an SDXL file's clip_l would otherwise load into SD1 unnoticed
     if family != "sdxl":
         vectors = [load_embedding(path, for_trainer=True)]
     else:

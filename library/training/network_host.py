@@ -58,11 +58,13 @@ class NetworkHost:
         self.module = import_network_module(module) if isinstance(module, str) else check_network_module(module)
         self.network: Any = None
         self.weights_sd: Mapping[str, torch.Tensor] | None = None
+        self.model_family: str | None = None  # sd1/sd2/sdxl of the models the network was built on
 
     # --- building -------------------------------------------------------------------------------
     def create(self, multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
                unet, network_dropout: float | None = None, network_args: Mapping[str, str] | None = None) -> Any:
         """``create_network`` with ``dropout=<network_dropout>`` added when the user did not pass one."""
+        self.model_family = _model_family(text_encoder, unet)
         kwargs = dict(network_args or {})
         if "dropout" not in kwargs:
             kwargs["dropout"] = network_dropout  # LyCORIS reads dropout from kwargs (spec cli §12)
@@ -73,7 +75,12 @@ class NetworkHost:
     def create_from_weights(self, multiplier: float, file: str | None, vae, text_encoder, unet,
                             weights_sd: Mapping[str, torch.Tensor] | None = None, for_inference: bool = False,
                             network_args: Mapping[str, str] | None = None) -> Any:
-        """``create_network_from_weights`` (``--dim_from_weights``, merging, generation); no dropout added."""
+        """``create_network_from_weights`` (``--dim_from_weights``, merging, generation); no dropout added.
+
+        A LoRA file of another model family is refused here, before a network of no modules is built."""
+        self.model_family = _model_family(text_encoder, unet)
+        if file is not None and weights_sd is None:
+            self._check_family(file)
         self.network, self.weights_sd = self.module.create_network_from_weights(
             multiplier, file, vae, text_encoder, unet, weights_sd=weights_sd, for_inference=for_inference,
             **dict(network_args or {}))
@@ -84,7 +91,29 @@ class NetworkHost:
         self.network.apply_to(text_encoder, unet, apply_text_encoder, apply_unet)
 
     def load_weights(self, file: str) -> Any:
+        """``--network_weights``: checked against the network first, so nothing is silently left unloaded.
+
+        A file of another model family, with a tensor of another shape (named with both shapes), or sharing
+        no tensor with the network (e.g. only text-encoder modules with ``--network_train_unet_only``) is a
+        ``UserError``; the plug-in then loads it as before (a partial match is fine)."""
+        from networks.lora_family import check_fits_network
+
+        tf = self._check_family(file)
+        if hasattr(self.network, "state_dict"):
+            shapes = {k: tuple(v.shape) for k, v in self.network.state_dict().items()}
+            shared = check_fits_network(tf, shapes)
+            logger.info("--network_weights %s: %d of its %d tensors load into the network", file, shared,
+                        len(tf.shapes))
         return self.network.load_weights(file)
+
+    def _check_family(self, file: str):
+        """The file's tensor names and shapes, after checking it suits the model family (kohya names only)."""
+        from networks.lora_family import check_family, read_tensor_file
+
+        tf = read_tensor_file(file, "--network_weights")
+        if self.model_family is not None and tf.modules():  # another plug-in's own names: nothing to tell
+            check_family(tf, self.model_family, "--network_weights")
+        return tf
 
     def param_groups(self, text_encoder_lr: float | None, unet_lr: float | None,
                      default_lr: float | None) -> list[dict]:
@@ -145,6 +174,12 @@ class NetworkHost:
                            self.module.__name__)
             self._warned_max_norm = True
         return None
+
+
+def _model_family(text_encoder, unet) -> str:
+    from networks.lora_family import model_family_of
+
+    return model_family_of(text_encoder, unet)
 
 
 def _accepts_positional(fn, count: int) -> bool:

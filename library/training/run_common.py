@@ -65,11 +65,12 @@ def _merge_base_weights(args: argparse.Namespace, models: SDModels) -> None:
 def build_data(args: argparse.Namespace, script: str, models: SDModels, acc):
     """Dataset group of the run (scanned before any training step)."""
     from library.config.dataset_blueprint import dataset_params_from_args
-    from library.data.dataset import build_dataset_group
+    from library.data.dataset import build_dataset_group, scan_mode
 
     params = dataset_params_from_args(args, script)
     group = build_dataset_group(params, models.tokenizers, seed=args.seed, max_train_steps=args.max_train_steps,
                                 max_token_length=args.max_token_length, debug_dataset=args.debug_dataset,
+                                scan=scan_mode(args),
                                 te_cache_expected=bool(getattr(args, "cache_text_encoder_outputs", False)),
                                 latents_cache_expected=bool(args.cache_latents))
     if models.is_sdxl:
