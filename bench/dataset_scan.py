@@ -3,7 +3,8 @@
 Generates tiny PNGs (8-64 px, varied aspect; one encoded template per size, so generation is
 cheap and not measured) with caption files in a few ``N_name`` folders, then measures, in a fresh
 subprocess, wall time per phase and peak RSS of:
-  discover (glob + caption files) -> header sizes (the "header" scan) -> buckets -> first epoch
+  discover (glob + caption files) -> header sizes and end-of-file checks (the "header" scan: header
+  plus a few bytes at each file's end, ``library/data/integrity.py``) -> buckets -> first epoch
   (every batch's image list), and the whole ``build_dataset_group`` call at resolution 512 with buckets.
 Files are in the page cache right after generation, so this is a warm-cache figure.
 
@@ -73,7 +74,7 @@ def measure(root: str) -> dict:
     times["discover + captions"] = time.perf_counter() - start
     start = time.perf_counter()
     _read_missing_sizes(params, infos)
-    times["header sizes (scan)"] = time.perf_counter() - start
+    times["header sizes + end check (scan)"] = time.perf_counter() - start
     start = time.perf_counter()
     buckets = BucketSet(params.resolution, True, False, params.min_bucket_reso, params.max_bucket_reso,
                         params.bucket_reso_steps)

@@ -87,6 +87,14 @@ def parse_face_info(path: str) -> tuple[int, int, int, int] | None:
         return None  # sd-scripts crashes here; a name without numbers simply has no face info
 
 
+def applicable_face(path: str, crop_range: tuple[float, float] | None) -> tuple[int, int, int, int] | None:
+    """The face ``face_crop`` crops around for this image, or None when it does not apply (spec §9)."""
+    if crop_range is None:
+        return None
+    face = parse_face_info(path)
+    return face if face is not None and face[0] > 0 else None
+
+
 def face_crop(image: np.ndarray, face: tuple[int, int, int, int], target: Reso,
               crop_range: tuple[float, float], random_crop: bool, rng: random.Random) -> np.ndarray:
     """Scale so the face fits ``crop_range``, then crop ``target`` around it (spec dataset-config §9)."""

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from library.config.dataset_blueprint import SubsetParams
-from library.data.augment import color_aug, face_crop, parse_face_info
+from library.data.augment import applicable_face, color_aug, face_crop
 from library.data.buckets import Reso, crop_top_left
 from library.data.image_info import ImageInfo
 from library.data.images import load_image
@@ -55,8 +55,8 @@ def load_pixels(info: ImageInfo, subset: SubsetParams, bucketed: bool, resolutio
     image = load_image(info.path, alpha=subset.alpha_mask)
     if bucketed:
         return trim_and_resize(image, info.bucket, info.resized_size, subset.random_crop, rng)
-    face = parse_face_info(info.path) if subset.face_crop_aug_range is not None else None
-    if face is not None and face[0] > 0:
+    face = applicable_face(info.path, subset.face_crop_aug_range)
+    if face is not None:
         image = face_crop(image, face, resolution, subset.face_crop_aug_range, subset.random_crop, rng)
     image = crop_without_bucket(image, resolution, subset.random_crop, rng, info.path)
     # on this path the original size is the size after the crop and crop_ltrb is zero (§7.3)

@@ -161,12 +161,15 @@ class BucketSet:
             return select_predefined(image_size, self.predefined)
         return select_no_upscale(image_size, self.resolution[0] * self.resolution[1], self.steps)
 
-    def add_image(self, key: str, image_size: Reso, num_repeats: int = 1) -> BucketChoice:
-        """Assign ``key`` to its bucket ``num_repeats`` times; returns the choice."""
+    def add_image(self, key: str, image_size: Reso, num_repeats: int = 1, name: str | None = None) -> BucketChoice:
+        """Assign ``key`` to its bucket ``num_repeats`` times; returns the choice.
+
+        An image no bucket can take is a ``UserError`` starting with ``name`` (default: ``key``).
+        """
         try:
             choice = self.select(image_size)
         except UserError as e:
-            raise UserError(f"{key}: {e}") from None
+            raise UserError(f"{key if name is None else name}: {e}") from None
         if choice.bucket not in self.resos:
             self._insert_bucket(choice.bucket)
         self.buckets[self.resos.index(choice.bucket)].extend([key] * num_repeats)

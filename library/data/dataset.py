@@ -9,6 +9,9 @@ spec dataset-config §1 (datasets and seed), §7.5 (batches and epochs), §11 (b
   DataLoader workers (persistent or not) see the trainer's updates without sd-scripts' collator trick.
 * Determinism (see ``train_dataset``): a batch is a pure function of (seed, epoch, index), so any
   number of workers and a resume mid-epoch give bit-identical batches.
+* A ``UserError`` in a DataLoader worker (a file that broke after the scan, say) reaches the main
+  process as itself, so the user sees the same one ``error:`` line as with ``num_workers=0``; torch
+  would re-raise it wrapped in the worker's traceback text (``WorkerFailure``, ``BatchLoader``).
 * ``make_dataloader`` uses ``shuffle=False``: sd-scripts' DataLoader shuffles the batch list with
   the global RNG (``shuffle=True``) on top of the dataset's own per-epoch shuffle; here the group's
   per-epoch shuffle (seeded by seed + epoch, §7.5) is the only one, which keeps the order reproducible.
@@ -21,7 +24,7 @@ import random
 from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from library.config.dataset_blueprint import DatasetParams
 from library.data.dataset_build import build_dataset
@@ -74,7 +77,12 @@ class DatasetGroup(Dataset):
         epoch, step, max_steps = self._position.tolist()
         ctx = ItemContext(epoch, step, max_steps, self.tokenizers, self.max_token_length, self.replacements,
                           self.debug_dataset)
-        return self.datasets[which].get_batch(local, ctx)
+        try:
+            return self.datasets[which].get_batch(local, ctx)
+        except UserError as e:
+            if get_worker_info() is None:
+                raise
+            return WorkerFailure(e)  # as data: BatchLoader raises it in the main process
 
     # ---- position (spec §7.5)
     @property
@@ -117,8 +125,9 @@ class DatasetGroup(Dataset):
     def scan(self, mode: str = "header") -> None:
         """Check every image training will decode (spec: fail before training, not during it).
 
-        ``"header"``: each image header parses (sizes read while building count; cheap, seconds for
-        100,000 files). ``"full"``: PIL ``verify()`` of every file (catches truncated data; slower).
+        ``"header"``: each image header parses and the file ends where its format says (sizes read
+        while building count; cheap, seconds for 100,000 files). ``"full"`` (``--verify_images``):
+        every file is decoded as training will (also finds corrupt data mid-file; slow).
         Images whose latents come from a cache are not decoded in training and are not checked.
         """
         if mode not in SCAN_MODES:
@@ -129,6 +138,7 @@ class DatasetGroup(Dataset):
             paths = {i.path for i in dataset.images if not i.has_cached_latents}
             paths |= {i.cond_path for i in dataset.images if i.cond_path is not None}
             if mode == "full":
+                logger.info("decoding %d images of dataset %d to verify them", len(paths), dataset.index)
                 scan_images(sorted(paths))
             else:
                 read_sizes(sorted(paths - dataset.verified_paths))
@@ -210,9 +220,31 @@ def build_dataset_group(params: list[DatasetParams], tokenizers: list, *, seed: 
     return group
 
 
+def scan_mode(args) -> str:
+    """The image scan a run's options ask for: ``"full"`` with ``--verify_images``, else ``"header"``."""
+    return "full" if getattr(args, "verify_images", False) else "header"
+
+
+class WorkerFailure:
+    """A ``UserError`` raised in a DataLoader worker, sent to the main process as a batch would be."""
+
+    def __init__(self, error: UserError) -> None:
+        self.error = error
+
+
+class BatchLoader(DataLoader):
+    """A DataLoader that raises a worker's ``UserError`` in the main process as the error itself."""
+
+    def __iter__(self) -> Iterator:
+        for batch in super().__iter__():
+            if isinstance(batch, WorkerFailure):
+                raise batch.error
+            yield batch
+
+
 def collate_batches(items) -> dict:
     """The DataLoader's collate: an item already is a batch, so return it (list of one or the dict)."""
-    if isinstance(items, dict):
+    if isinstance(items, (dict, WorkerFailure)):
         return items
     if len(items) != 1:
         raise ValueError(f"expected one batch per DataLoader step, got {len(items)}")
@@ -265,5 +297,5 @@ def make_dataloader(group: DatasetGroup, num_workers: int = 0, persistent_worker
         group.set_current_epoch(epoch)
     sampler = EpochSampler(group, process_index, num_processes)
     sampler.skip_first(skip)
-    return DataLoader(group, batch_size=1, sampler=sampler, collate_fn=collate_batches,
+    return BatchLoader(group, batch_size=1, sampler=sampler, collate_fn=collate_batches,
                       num_workers=num_workers, persistent_workers=persistent_workers and num_workers > 0)

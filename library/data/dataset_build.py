@@ -9,6 +9,7 @@ import logging
 import os
 
 from library.config.dataset_blueprint import DatasetParams, SubsetParams
+from library.data.augment import applicable_face
 from library.data.buckets import BucketSet
 from library.data.caption_files import add_tag_frequency
 from library.data.discovery import SubsetImages, discover_dreambooth, discover_finetuning, pair_conditioning, \
@@ -17,6 +18,7 @@ from library.data.image_info import ImageInfo, bad_files_error, read_sizes
 from library.data.latent_cache import npz_shapes
 from library.data.repeats import balance_reg_images
 from library.data.train_dataset import TrainDataset
+from library.data.transforms import no_bucket_misfit
 from library.data.validation_split import select_part
 from library.errors import UserError
 
@@ -52,10 +54,10 @@ def build_dataset(params: DatasetParams, index: int, seed: int, *, part: str = "
     bucket_set, bucketed = _bucket_set(params, subsets, infos, train_reso, where)
     # 4. reg balancing: reg images repeat until they match the train images (§4.3)
     images, num_train, num_reg = _balance(infos)
-    # 5. buckets (§7) and the dataset
-    for position, info in enumerate(images):
-        choice = bucket_set.add_image(position, info.image_size, info.num_repeats)
-        info.bucket, info.resized_size = choice.bucket, choice.resized
+    # 5. buckets (§7) and the dataset; images that cannot fit stop the run now, not in a worker
+    _assign_buckets(bucket_set, images)
+    if not bucketed:
+        _check_no_bucket_sizes(params, subsets, images)
     bucket_set.log_summary()
     dataset = TrainDataset(params, index, subsets, [len(f.infos) for f in found], images, bucket_set, bucketed, seed)
     dataset.num_train_images, dataset.num_reg_images = num_train, num_reg
@@ -158,6 +160,37 @@ def _balance(infos: list[ImageInfo]) -> tuple[list[ImageInfo], int, int]:
         reg[position].num_repeats = repeats
         registered.append(reg[position])
     return train + registered, num_train, num_reg
+
+
+def _assign_buckets(bucket_set: BucketSet, images: list[ImageInfo]) -> None:
+    """Each image's bucket and resize (§7); every image no bucket can take is named in one error."""
+    bad = []
+    for position, info in enumerate(images):
+        try:
+            choice = bucket_set.add_image(position, info.image_size, info.num_repeats, name=info.path)
+        except UserError as e:
+            bad.append(str(e))
+            continue
+        info.bucket, info.resized_size = choice.bucket, choice.resized
+    if bad:
+        raise bad_files_error(bad, "unbucketable")
+
+
+def _check_no_bucket_sizes(params: DatasetParams, subsets: list[SubsetParams], images: list[ImageInfo]) -> None:
+    """Without buckets an image must fit ``resolution`` exactly or be cropped down to it (§7.3)."""
+    target = params.resolution
+    bad = []
+    for info in images:
+        if info.has_cached_latents:
+            continue  # never decoded, so never cropped
+        subset = subsets[info.subset]
+        can_crop = subset.random_crop or applicable_face(info.path, subset.face_crop_aug_range) is not None
+        misfit = no_bucket_misfit(info.image_size, target, can_crop)
+        if misfit is not None:
+            bad.append(f"{info.path} ({info.image_size[0]}x{info.image_size[1]}, {misfit})")
+    if bad:
+        raise bad_files_error(bad, "wrongly sized", f"without buckets an image must be {target[0]}x{target[1]}, "
+                              "or larger with random_crop; enable_bucket resizes images to fit")
 
 
 def _check_conditioning_sizes(images: list[ImageInfo]) -> None:

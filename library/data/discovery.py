@@ -61,7 +61,7 @@ def discover_dreambooth(subset: SubsetParams, index: int) -> SubsetImages:
         logger.warning("image info file not found, it will be written: %s", cache_file)
     paths = glob_images(subset.image_dir)
     names = _listing(subset.image_dir)
-    captions, missing = [], []
+    captions, missing, blank = [], [], []
     for path in paths:
         caption = find_caption_in(path, names, subset)
         if caption is None:
@@ -69,8 +69,11 @@ def discover_dreambooth(subset: SubsetParams, index: int) -> SubsetImages:
             if subset.class_tokens is None:
                 logger.warning("neither caption file nor class tokens are found, empty caption for %s", path)
             caption = subset.class_tokens or ""
+        elif not caption.strip():
+            blank.append(path)
         captions.append(caption)
     _log_missing(missing, subset)
+    warn_blank_captions(blank, "caption files")
     infos = [ImageInfo(p, p, c, subset.num_repeats, subset.is_reg, index) for p, c in zip(paths, captions)]
     return SubsetImages(infos, captions)
 
@@ -108,6 +111,13 @@ def _log_missing(missing: list[str], subset: SubsetParams) -> None:
         logger.warning("  ... and %d more", len(missing) - MAX_LISTED_MISSING)
 
 
+def warn_blank_captions(images: list[str], source: str) -> None:
+    """A caption that is empty or only whitespace trains as "" (as sd-scripts): legal, but rarely meant."""
+    if images:
+        logger.warning("%d images have an empty or whitespace-only caption (from %s); they train without text: %s",
+                       len(images), source, _first(images))
+
+
 def discover_finetuning(subset: SubsetParams, index: int) -> SubsetImages:
     """Images and captions from a fine-tuning metadata JSON (§5); sizes from ``train_resolution``."""
     metadata = _read_metadata(subset.metadata_file)
@@ -128,6 +138,7 @@ def discover_finetuning(subset: SubsetParams, index: int) -> SubsetImages:
         if not (subset.color_aug or subset.random_crop):
             info.latents_npz, info.latents_npz_flipped = _npz_for_key(key, subset.image_dir, names)
         infos.append(info)
+    warn_blank_captions([i.key for i in infos if not i.caption.strip()], subset.metadata_file)
     return SubsetImages(infos, tag_captions)
 
 

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from library.data.buckets import Reso
-from library.data.images import MAX_LISTED_BAD_FILES, read_image_size
+from library.data.images import bad_file_entry, bad_files_error, read_image_size
 from library.errors import UserError
+
+__all__ = ["ImageInfo", "bad_files_error", "read_sizes"]
 
 
 @dataclass(slots=True, eq=False)
@@ -51,19 +53,12 @@ class ImageInfo:
         return self.latents is not None or self.latents_npz is not None
 
 
-def bad_files_error(bad: list[str], what: str = "unreadable") -> UserError:
-    """One error line naming the first few bad files and how many more (as ``scan_images``)."""
-    listed = "; ".join(bad[:MAX_LISTED_BAD_FILES])
-    more = f" and {len(bad) - MAX_LISTED_BAD_FILES} more" if len(bad) > MAX_LISTED_BAD_FILES else ""
-    noun = "image" if len(bad) == 1 else "images"
-    return UserError(f"{len(bad)} {what} {noun}, first: {listed}{more}")
-
-
 def read_sizes(paths: Iterable[str]) -> dict[str, Reso]:
     """Upright (w, h) of every image from its header; one ``UserError`` lists all unreadable files.
 
-    This is the "header" scan: a file whose header parses is taken as readable. Reading headers only
-    keeps a 100,000-image scan to seconds (bench/dataset_scan.py); ``scan_images`` decodes-verifies.
+    This is the "header" scan: a file whose header parses and whose end is where its format says
+    (``integrity``) is taken as readable. A few bytes per file keep a 100,000-image scan to seconds
+    (bench/dataset_scan.py); ``scan_images`` decodes every file (``--verify_images``).
     """
     sizes: dict[str, Reso] = {}
     bad: list[str] = []
@@ -71,9 +66,7 @@ def read_sizes(paths: Iterable[str]) -> dict[str, Reso]:
         try:
             sizes[path] = read_image_size(path)
         except UserError as e:
-            bad.append(str(e).removeprefix("cannot read image "))
-        except OSError as e:  # imagesize raises these directly for missing or unreadable files
-            bad.append(f"{path} ({e.strerror or e})")
+            bad.append(bad_file_entry(path, e))
     if bad:
         raise bad_files_error(bad)
     return sizes

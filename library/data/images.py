@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
-import imagesize
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from library.data.integrity import looks_complete
 from library.errors import UserError
 
 _BASE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp"]
@@ -28,6 +29,8 @@ _ORIENTATION_TRANSPOSE = {
 }
 _SWAPS_AXES = {5, 6, 7, 8}
 MAX_LISTED_BAD_FILES = 5
+# what Pillow raises for a corrupt, truncated or absurdly large file (the bomb error is no OSError)
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 def image_extensions() -> list[str]:
@@ -86,18 +89,24 @@ def exif_orientation(image: Image.Image) -> int:
 
 
 def read_image_size(path: str) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, from the file header without decoding pixels."""
-    # stored (unrotated) size: imagesize 2.x would rotate by EXIF itself, but the rotation must
-    # follow exif_orientation() below so that sizes and decoded pixels always agree
-    width, height = imagesize.get(path, exif_rotation=False)
+    """(width, height) after EXIF orientation, from the file header without decoding pixels.
+
+    The file's end is checked too (``integrity.looks_complete``, a few bytes): a file that does not
+    end where its format says is decoded once, as training would, so a truncated file is a
+    ``UserError`` here rather than in a DataLoader worker, and a file with a trailer still passes.
+    """
     try:
-        with Image.open(path) as image:  # lazy: reads headers only
-            if width <= 0 or height <= 0:  # a format imagesize does not know
-                width, height = image.size
+        # Pillow's lazy open reads headers only; its size is the one the decode will have, and the
+        # rotation follows exif_orientation() as load_image does, so sizes and pixels always agree
+        with open(path, "rb") as f, Image.open(f) as image:
+            width, height = image.size
             if exif_orientation(image) in _SWAPS_AXES:
                 width, height = height, width
-    except (OSError, UnidentifiedImageError) as e:
+            complete = looks_complete(image.format, f)
+    except _DECODE_ERRORS as e:
         raise UserError(f"cannot read image {path}: {_reason(e, path)}") from None
+    if not complete:
+        load_image(path)  # raises, naming the file, exactly when training's decode would
     return int(width), int(height)
 
 
@@ -123,42 +132,50 @@ def load_image(path: str, alpha: bool = False) -> np.ndarray:
             if orientation in _ORIENTATION_TRANSPOSE:
                 image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
             return np.array(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except _DECODE_ERRORS as e:
         raise UserError(f"cannot read image {path}: {_reason(e, path)}") from None
 
 
 def _reason(error: BaseException, path: str) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return error.strerror  # "No such file or directory", without repeating the path
     text = str(error) or type(error).__name__
     return text.replace(f" '{path}'", "").replace(f" {path}", "")
 
 
-def _check_one(path: str) -> tuple[int, int]:
-    with Image.open(path) as image:
-        width, height = image.size
-        if exif_orientation(image) in _SWAPS_AXES:
-            width, height = height, width
-        image.verify()  # checks structure (PNG chunk CRCs, truncation) without decoding
-    if width <= 0 or height <= 0:
-        raise ValueError(f"invalid size {width}x{height}")
-    return width, height
+def bad_files_error(bad: list[str], what: str = "unreadable", hint: str = "") -> UserError:
+    """One error line naming the first few bad files, how many more, and what to do (``hint``)."""
+    listed = "; ".join(bad[:MAX_LISTED_BAD_FILES])
+    more = f" and {len(bad) - MAX_LISTED_BAD_FILES} more" if len(bad) > MAX_LISTED_BAD_FILES else ""
+    noun = "image" if len(bad) == 1 else "images"
+    return UserError(f"{len(bad)} {what} {noun}, first: {listed}{more}" + (f"; {hint}" if hint else ""))
+
+
+def bad_file_entry(path: str, error: UserError) -> str:
+    """``"<path> (<reason>)"`` from the error ``read_image_size`` / ``load_image`` raised for ``path``."""
+    return f"{path} ({str(error).removeprefix(f'cannot read image {path}: ')})"
+
+
+def _decoded_size(path: str) -> tuple[int, int] | str:
+    """Upright (width, height) of the decoded image, or what went wrong (``bad_file_entry``)."""
+    try:
+        pixels = load_image(path)
+    except UserError as e:
+        return bad_file_entry(path, e)
+    return pixels.shape[1], pixels.shape[0]
 
 
 def scan_images(paths: Iterable[str]) -> dict[str, tuple[int, int]]:
-    """Open and verify every image up front; one UserError lists the bad files.
+    """Decode every image as training will (``--verify_images``); one UserError lists the bad files.
 
-    Returns each readable image's upright (width, height). Training then cannot stop hours in
-    on a broken file.
+    Returns each image's upright (width, height). A full decode per file is slow, but it also finds
+    what no header or end-marker check can: corrupt compressed data in the middle of a file.
     """
-    sizes: dict[str, tuple[int, int]] = {}
-    bad: list[str] = []
-    for path in paths:
-        try:
-            sizes[path] = _check_one(path)
-        except Exception as e:  # PIL raises many types for corrupt data
-            bad.append(f"{path} ({_reason(e, path)})")
+    paths = list(paths)
+    # Pillow's decoders release the GIL, so threads decode in parallel
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(_decoded_size, paths))
+    bad = [r for r in results if isinstance(r, str)]
     if bad:
-        listed = "; ".join(bad[:MAX_LISTED_BAD_FILES])
-        more = f" and {len(bad) - MAX_LISTED_BAD_FILES} more" if len(bad) > MAX_LISTED_BAD_FILES else ""
-        noun = "image" if len(bad) == 1 else "images"
-        raise UserError(f"{len(bad)} unreadable {noun}, first: {listed}{more}")
-    return sizes
+        raise bad_files_error(bad)
+    return dict(zip(paths, results))

@@ -91,6 +91,21 @@ def trim_and_resize(image: np.ndarray, bucket_reso: Reso, resized_size: Reso, ra
     return image, original_size, get_crop_ltrb(bucket_reso, original_size)
 
 
+def no_bucket_misfit(size: Reso, target: Reso, can_crop: bool) -> str | None:
+    """Why an image of upright ``size`` fails on the no-bucket path (§7.3), or None when it fits.
+
+    Exactly the conditions ``crop_without_bucket`` (and ``augment.face_crop`` before it) raise on,
+    so the dataset scan can refuse these images before training. ``can_crop``: ``random_crop``, or a
+    face crop applies to this image; either crops a larger image down, neither enlarges one.
+    """
+    width, height = size
+    if not can_crop and (width > target[0] or height > target[1]):
+        return "too large"
+    if width < target[0] or height < target[1]:
+        return "too small"
+    return None
+
+
 def crop_without_bucket(image: np.ndarray, target: Reso, random_crop: bool, rng: random.Random,
                         path: str = "") -> np.ndarray:
     """No-bucket path: the image must be W x H, or larger with ``random_crop`` (spec §7.3)."""

@@ -25,10 +25,11 @@ TRAINER_KIND = {"train_network": "network", "sdxl_train_network": "network", "tr
 def report(args: argparse.Namespace, script: str, sdxl: bool = False) -> None:
     """Build datasets and plan, print the report (main process only); returns None, loads no model."""
     from library.config.dataset_blueprint import dataset_params_from_args
-    from library.data.dataset import build_dataset_group
+    from library.data.dataset import build_dataset_group, scan_mode
 
     params = dataset_params_from_args(args, script)
-    build = dict(seed=args.seed, max_train_steps=args.max_train_steps, max_token_length=args.max_token_length)
+    build = dict(seed=args.seed, max_train_steps=args.max_train_steps, max_token_length=args.max_token_length,
+                 scan=scan_mode(args))
     group = build_dataset_group(params, [], **build)
     vgroup = build_dataset_group(params, [], part="validation", **build)
     processes = int(os.environ.get("WORLD_SIZE", "1"))

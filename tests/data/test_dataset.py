@@ -106,12 +106,23 @@ def test_corrupt_image_named_at_build_time(tmp_path):
         build([db_params([SubsetParams(image_dir=str(folder))])])
 
 
-def test_truncated_image_found_by_full_scan_only(tmp_path):
+def test_truncated_image_found_by_header_scan(tmp_path):
     folder = make_folder(tmp_path / "1_x", [(64, 64)] * 2)
     data = (folder / "img1.png").read_bytes()
-    (folder / "img1.png").write_bytes(data[: len(data) // 2])
+    (folder / "img1.png").write_bytes(data[: len(data) // 2])  # the header still parses
     params = [db_params([SubsetParams(image_dir=str(folder))])]
-    build(params)  # the header parses
+    with pytest.raises(UserError, match=r"1 unreadable image, first: .*img1\.png \(image file is truncated\)"):
+        build(params)
+
+
+def test_corrupt_data_inside_a_file_found_by_full_scan_only(tmp_path):
+    folder = make_folder(tmp_path / "1_x", [(64, 64)] * 2)
+    data = bytearray((folder / "img1.png").read_bytes())
+    start = data.index(b"IDAT") + 100
+    data[start:start + 50] = bytes(b ^ 0x5A for b in data[start:start + 50])  # header and IEND intact
+    (folder / "img1.png").write_bytes(bytes(data))
+    params = [db_params([SubsetParams(image_dir=str(folder))])]
+    build(params)
     with pytest.raises(UserError, match="img1.png"):
         build(params, scan="full")
 
@@ -246,9 +257,8 @@ def test_long_caption_input_ids(tmp_path, max_token_length, rows):
 
 def test_no_bucket_requires_exact_size(tmp_path):
     folder = make_folder(tmp_path / "1_x", [(96, 64)])
-    group = build([db_params([SubsetParams(image_dir=str(folder))], enable_bucket=False)])
-    with pytest.raises(UserError, match="random_crop"):
-        group[0]
+    with pytest.raises(UserError, match=r"1 wrongly sized image, first: .*img0\.png \(96x64, too large\); .*random_crop"):
+        build([db_params([SubsetParams(image_dir=str(folder))], enable_bucket=False)])  # at the scan, not in training
     group = build([db_params([SubsetParams(image_dir=str(folder), random_crop=True)], enable_bucket=False)])
     batch = group[0]
     assert batch["images"].shape == (1, 3, 64, 64) and batch["crop_top_lefts"].tolist() == [[0, 0]]

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from library.data.transforms import crop_without_bucket, flip_horizontal, resize_area, to_tensor, trim_and_resize
+from library.data.augment import face_crop
+from library.data.transforms import crop_without_bucket, flip_horizontal, no_bucket_misfit, resize_area, to_tensor, \
+    trim_and_resize
 from library.errors import UserError
 
 
@@ -58,6 +60,31 @@ def test_no_bucket_crop_rules():
     assert crop_without_bucket(big, (64, 32), True, rng).shape == (32, 64, 3)
     with pytest.raises(UserError, match="image size is small"):
         crop_without_bucket(np.zeros((16, 64, 3), np.uint8), (64, 32), True, rng)
+
+
+def _fits(image, target, random_crop, face) -> bool:
+    """What training does with the image on the no-bucket path: True unless it raises."""
+    rng = random.Random(0)
+    try:
+        if face is not None:
+            image = face_crop(image, face, target, (2.0, 3.0), random_crop, rng)
+        crop_without_bucket(image, target, random_crop, rng)
+    except UserError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("random_crop, with_face", [(False, False), (True, False), (False, True), (True, True)])
+def test_no_bucket_misfit_is_exactly_when_the_crop_fails(random_crop, with_face):
+    target = (8, 6)
+    for width in range(1, 13):
+        for height in range(1, 11):
+            face = (width // 2 + 1, height // 2 + 1, 2, 2) if with_face else None
+            image = np.zeros((height, width, 3), np.uint8)
+            misfit = no_bucket_misfit((width, height), target, random_crop or with_face)
+            assert (misfit is None) == _fits(image, target, random_crop, face), (width, height)
+            if misfit == "too large":
+                assert width > 8 or height > 6
 
 
 def test_flip_and_tensor():
