@@ -113,7 +113,8 @@ class LoRANetwork(nn.Module):
         u_targets = unet_targets(unet, with_conv) if unet is not None else []
         self.text_encoder_loras: list[LoRAModule] = self._create_modules(te_targets)
         self.unet_loras: list[LoRAModule] = self._create_modules(u_targets)
-        logger.info("LoRA modules: text encoder %d, U-Net %d", len(self.text_encoder_loras), len(self.unet_loras))
+        logger.debug("LoRA modules created: text encoder %d, U-Net %d", len(self.text_encoder_loras),
+                     len(self.unet_loras))
         # registered now (not in apply_to as sd-scripts does), so .to()/.parameters() work before apply_to
         for lora in self.text_encoder_loras + self.unet_loras:
             if hasattr(self, lora.lora_name):
@@ -166,6 +167,10 @@ class LoRANetwork(nn.Module):
             self.unet_loras = []
         for lora in self.text_encoder_loras + self.unet_loras:
             lora.apply_to()
+        # counted after the drop: modules of a part that is not applied are neither trained nor saved
+        logger.info("LoRA modules: text encoder %s, U-Net %s",
+                    len(self.text_encoder_loras) if apply_text_encoder else "not trained",
+                    len(self.unet_loras) if apply_unet else "not trained")
         if self.weights_sd:
             logger.info("weights loaded: %s", self.load_state_dict(self.weights_sd, strict=False))
 

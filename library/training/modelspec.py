@@ -113,16 +113,31 @@ def family_from_args(args: argparse.Namespace, sdxl: bool = False) -> str:
     return "sd2" if getattr(args, "v2", False) else "sd1"
 
 
+def trained_resolution(group: Any) -> Optional[tuple[int, int]]:
+    """(width, height) the datasets were trained at: a dataset config's own ``resolution`` (or the
+    ``--resolution`` it fell back to), the largest by area when datasets differ; None when no dataset has one
+    (fine-tuning buckets taken from ``train_resolution`` metadata).
+
+    sd-scripts writes ``--resolution`` here, so a LoRA trained at 64 px through ``--dataset_config`` claimed 512x512.
+    """
+    sizes = [tuple(d.params.resolution) for d in getattr(group, "datasets", [])
+             if getattr(getattr(d, "params", None), "resolution", None) is not None]
+    return max(sizes, key=lambda wh: (wh[0] * wh[1], wh)) if sizes else None
+
+
 def modelspec_from_args(args: argparse.Namespace, family: str, kind: str,
-                        timestamp: Optional[float] = None) -> dict[str, str]:
-    """``build_modelspec`` fed from sd-scripts options (``--metadata_*``, ``--resolution``, ...), §b.3."""
+                        timestamp: Optional[float] = None, resolution: Resolution = None) -> dict[str, str]:
+    """``build_modelspec`` fed from sd-scripts options (``--metadata_*``, ``--resolution``, ...), §b.3.
+
+    ``resolution``: what was actually trained (:func:`trained_resolution`); ``--resolution`` when None.
+    """
 
     def get(name: str) -> Any:
         return getattr(args, name, None)
 
     return build_modelspec(
         family, bool(get("v_parameterization")), kind,
-        resolution=get("resolution"), title=get("metadata_title"), output_name=get("output_name"),
+        resolution=resolution if resolution is not None else get("resolution"), title=get("metadata_title"), output_name=get("output_name"),
         timestamp=timestamp, author=get("metadata_author"), description=get("metadata_description"),
         license=get("metadata_license"), tags=get("metadata_tags"),
         min_timestep=get("min_timestep"), max_timestep=get("max_timestep"), clip_skip=get("clip_skip"),

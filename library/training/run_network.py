@@ -134,13 +134,14 @@ def _batches_per_process(group, acc) -> int:
 
 def _metadata_fn(args, models, group, plan, opt_name: str, acc):
     from .metadata import build_training_metadata, metadata_for_save, ss_epoch_value
-    from .modelspec import modelspec_from_args
+    from .modelspec import modelspec_from_args, trained_resolution
 
     facts = training_facts(args, models, group, plan, opt_name, acc)
     base = build_training_metadata(args, facts)
 
     def metadata(event: str, epoch: int, global_step: int) -> dict:
-        spec = modelspec_from_args(args, models.family, "lora", timestamp=facts.training_started_at)
+        spec = modelspec_from_args(args, models.family, "lora", timestamp=facts.training_started_at,
+                                   resolution=trained_resolution(group))
         return metadata_for_save(base, global_step=global_step, epoch=ss_epoch_value(event, epoch, plan.num_epochs),
                                  no_metadata=args.no_metadata, modelspec=spec, finished_at=time.time())
 

@@ -21,7 +21,7 @@ from .checkpointing import Checkpointer, resume_state
 from .checks import verify_training_args
 from .loop import LoopHooks
 from .methods.textual_inversion import TextualInversionMethod
-from .modelspec import modelspec_from_args
+from .modelspec import modelspec_from_args, trained_resolution
 from .run_common import (train_and_save, build_data, cache_latents_if_asked, encode_latents_fn, load_base_models,
                          make_sample_hook, optimizer_and_schedule, tracker_init)
 from .run_extras import attach_extras
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> str:
     method = TextualInversionMethod.from_args(models, args, acc, wdtype, token_ids)
     method.attach(prepared_te)
     method.save_dtype = setup.save_dtype(args)
-    method.save_metadata = lambda: modelspec_from_args(args, models.family, "textual-inversion")
+    method.save_metadata = lambda: modelspec_from_args(args, models.family, "textual-inversion",
+                                                       resolution=trained_resolution(group))
     ext = "." + (args.save_model_as or "pt")
     checkpointer = Checkpointer(args, acc, method.save, ext, plan.num_epochs)
     state = resume_state(acc, args)
