@@ -137,14 +137,20 @@ def _model_index(models: SDModels, scheduler_cls: str) -> dict:
     return idx
 
 
-def _save_weights(sd: dict, folder: Path, stem: str, use_safetensors: bool) -> None:
+# file names the loaders look for: diffusers (U-Net, VAE) and transformers (text encoders); transformers reads
+# `model.safetensors` but `pytorch_model.bin`, so a `model.bin` text encoder made the folder unloadable
+WEIGHT_NAMES = {"diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+                "transformers": ("model.safetensors", "pytorch_model.bin")}
+
+
+def _save_weights(sd: dict, folder: Path, library: str, use_safetensors: bool) -> None:
+    st_name, bin_name = WEIGHT_NAMES[library]
     if use_safetensors:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / f"{stem}.safetensors"),
-                  metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / st_name), metadata={"format": "pt"})
     else:
-        torch.save(sd, folder / f"{stem}.bin")
+        torch.save(sd, folder / bin_name)
 
 
 def save_diffusers(models: SDModels, folder: str, dtype: torch.dtype | None = None,
@@ -157,7 +163,7 @@ def save_diffusers(models: SDModels, folder: str, dtype: torch.dtype | None = No
         for name, model in (("unet", models.unet), ("vae", models.vae)):
             (root / name).mkdir(parents=True)
             model.save_config(root / name)
-            _save_weights(_cast(model.state_dict(), dtype), root / name, "diffusion_pytorch_model", use_safetensors)
+            _save_weights(_cast(model.state_dict(), dtype), root / name, "diffusers", use_safetensors)
         for i, te in enumerate(models.text_encoders):
             sub = root / ("text_encoder" if i == 0 else f"text_encoder_{i + 1}")
             sub.mkdir()
@@ -165,7 +171,7 @@ def save_diffusers(models: SDModels, folder: str, dtype: torch.dtype | None = No
             sd = _cast(te.state_dict(), dtype)
             # hub layout keeps `text_model.` whatever the installed transformers names internally (pitfall 11)
             sd = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in sd.items()}
-            _save_weights(sd, sub, "model", use_safetensors)
+            _save_weights(sd, sub, "transformers", use_safetensors)
         sched_cls = _write_scheduler_and_tokenizers(models, root, reference_model, save_tokenizers)
         (root / "model_index.json").write_text(json.dumps(_model_index(models, sched_cls), indent=2), encoding="utf-8")
     logger.info("saved %s Diffusers folder %s", models.family.upper(), folder)
