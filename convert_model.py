@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+setup_parser = build_parser  # sd-scripts' name for it
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)

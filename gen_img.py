@@ -15,6 +15,10 @@ from library.log import setup_logging_from_args  # noqa: E402
 from library.sampling.gen_options import build_gen_parser  # noqa: E402
 
 
+def setup_parser():
+    return build_gen_parser()
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> list[str]:
     args = build_gen_parser().parse_args(argv)

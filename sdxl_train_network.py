@@ -8,11 +8,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from library.compat.trainers import ScriptTrainer, train_script  # noqa: E402
 from library.training import entry  # noqa: E402
 
 
 def setup_parser():
     return entry.setup_parser("sdxl_train_network")
+
+
+class SdxlNetworkTrainer(ScriptTrainer):
+    """sd-scripts' trainer class, for wrappers: ``SdxlNetworkTrainer().train(args)`` (library/compat/trainers.py)."""
+
+    script = "sdxl_train_network"
+
+
+def train(args):
+    """Train with an already parsed namespace (sd-scripts' module-level ``train(args)``, used by wrappers)."""
+    return train_script("sdxl_train_network", args)
 
 
 def main(argv=None) -> None:

@@ -8,11 +8,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from library.compat.trainers import ScriptTrainer, train_script  # noqa: E402
 from library.training import entry  # noqa: E402
 
 
 def setup_parser():
     return entry.setup_parser("train_network")
+
+
+class NetworkTrainer(ScriptTrainer):
+    """sd-scripts' trainer class, for wrappers: ``NetworkTrainer().train(args)`` (library/compat/trainers.py)."""
+
+    script = "train_network"
+
+
+def train(args):
+    """Train with an already parsed namespace (sd-scripts' module-level ``train(args)``, used by wrappers)."""
+    return train_script("train_network", args)
 
 
 def main(argv=None) -> None:

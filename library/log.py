@@ -1,7 +1,9 @@
 """Logging set-up shared by every script (sd-scripts' --console_log_* options)."""
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import sys
 
 _configured = False
@@ -72,6 +74,7 @@ class _DropMessages(logging.Filter):
 
 def quiet_known_warnings() -> None:
     """Drop third-party warnings that fire on correct use (we cast frozen models on purpose)."""
+    _quiet_deepspeed_probe()
     drop = _DropMessages("that should be kept in float32")
     for name in ("diffusers.models.modeling_utils", "diffusers"):
         logging.getLogger(name).addFilter(drop)
@@ -81,6 +84,21 @@ def quiet_known_warnings() -> None:
         dlog.get_logger("diffusers.models.modeling_utils").addFilter(drop)
     except ImportError:
         pass
+
+
+def _quiet_deepspeed_probe() -> None:
+    """accelerate imports DeepSpeed whenever it is installed, and DeepSpeed then warns "Setting accelerator
+    to CPU" on every machine without a GPU, in every run, DeepSpeed used or not. On such a machine CPU is
+    the answer its probe would reach anyway, so it is given up front (only when nobody chose already)."""
+    if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch
+
+    others = (torch.cuda.is_available(), getattr(torch, "xpu", None) is not None and torch.xpu.is_available(),
+              torch.backends.mps.is_available(), importlib.util.find_spec("torch_npu") is not None,
+              importlib.util.find_spec("habana_frameworks") is not None)
+    if not any(others):
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def add_logging_arguments(parser) -> None:

@@ -5,14 +5,17 @@
 
 (a) Precedence is command line > config file > parser default, as upstream: the file's values
     become a namespace and the command line is parsed again into it.
-(b) Every key must be an option of this script (a parser ``dest``). An unknown key is a
-    ``UserError`` naming the key, the file and the closest valid name
-    (``unknown key 'learning_rat' in x.toml; did you mean 'learning_rate'?``). Upstream keeps
-    unknown keys as silent extra attributes, so a typo is ignored.
+(b) Keys that are not options of this script follow the one rule of ``config_rules``: another
+    sd-scripts script's option is a warning naming that script, a near-miss of one of this script's
+    options is a ``UserError`` with "did you mean" (``unknown key 'learning_rat' in x.toml; did you mean
+    'learning_rate'?``), anything else (front-ends' bookkeeping keys) is ignored with one warning
+    listing the keys. Upstream keeps every unknown key as a silent extra attribute, so a typo is ignored.
 (c) Values are checked and converted with the option's own ``type``, ``choices`` and ``nargs``,
     like a command-line value: a TOML string ``"1e-4"`` for a float option becomes ``0.0001``,
     an int for a float option becomes a float; a wrong type or a value outside ``choices`` is a
-    ``UserError`` naming key and file. Flags (``store_true``) need TOML booleans. List options
+    ``UserError`` naming key and file. What upstream's unchecked config path accepts with a clear meaning
+    is accepted with that meaning (``config_rules``): ``0``/``1`` for flags, ``""`` for an unset optional
+    value, ``8.0`` for an integer, ``max_token_length = 75``, ``dynamo_backend = "no"``. List options
     (``nargs``) take arrays; a scalar is wrapped into a one-element list. ``resolution`` and
     ``face_crop_aug_range`` may be written as numbers or arrays (``512``, ``[768, 512]``) and are
     turned into the strings the command line would give. Upstream converts nothing.
@@ -33,7 +36,6 @@ values); after loading, ``args.config_file`` is the path without its extension.
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import os
 from pathlib import Path
@@ -41,6 +43,7 @@ from typing import Any, NoReturn, Sequence
 
 import toml
 
+from library.config.config_rules import CONFIG_ONLY_VALUES, classify_keys
 from library.errors import UserError
 from library.fileio import write_text_atomic
 
@@ -58,12 +61,20 @@ _PATH_OPTIONS = (
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", Path: "a path string"}
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+                           script: str | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``) merged with ``--config_file``; handle ``--output_config``.
 
+    ``script`` (default: the parser's ``prog`` without ``.py``) decides which keys belong to another script.
     Spec cli-options §14 with the changes listed in this module's docstring.
     """
     cli = parser.parse_args(argv)
+    return merge_config_file(parser, cli, argv, script)
+
+
+def merge_config_file(parser: argparse.ArgumentParser, cli: argparse.Namespace, argv: Sequence[str] | None,
+                      script: str | None = None) -> argparse.Namespace:
+    """The part of ``parse_args_with_config`` after the first parse (also what ``read_config_from_file`` does)."""
     if getattr(cli, "output_config", False):
         verify_command_line_training_args(cli)
         write_config_from_args(parser, cli)
@@ -71,7 +82,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
         verify_command_line_training_args(cli)
         return cli
     path = resolve_config_path(cli.config_file)
-    values = load_config_values(parser, path)
+    values = load_config_values(parser, path, script)
     args = parser.parse_args(argv, namespace=argparse.Namespace(**values))
     args.config_file = os.path.splitext(path)[0]  # upstream stores the name without extension
     logger.info("loaded options from %s", path)
@@ -84,8 +95,12 @@ def resolve_config_path(config_file: str) -> str:
     return config_file if config_file.endswith(".toml") else config_file + ".toml"
 
 
-def load_config_values(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    """Read, flatten and check a ``--config_file`` TOML; return ``{dest: converted value}``."""
+def load_config_values(parser: argparse.ArgumentParser, path: str, script: str | None = None) -> dict[str, Any]:
+    """Read, flatten and check a ``--config_file`` TOML; return ``{dest: converted value}``.
+
+    Keys that are not options of the script are sorted by ``config_rules.classify_keys``: typos raise,
+    the others are dropped with a warning.
+    """
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     try:
@@ -94,7 +109,39 @@ def load_config_values(parser: argparse.ArgumentParser, path: str) -> dict[str, 
     except (toml.TomlDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a valid UTF-8 TOML file: {e}") from None
     actions = _actions_by_dest(parser)
-    return {key: _check_value(actions, key, value, path) for key, value in flatten_sections(data).items()}
+    flat = flatten_sections(data)
+    for key in _NOT_IN_FILE:
+        if key in flat:
+            logger.warning("key '%s' in %s is ignored: it only has a meaning on the command line", key, path)
+            del flat[key]
+    own = [d for d in actions if d not in _NOT_IN_FILE]
+    drop_foreign_keys(flat, own, script or script_of(parser), path)
+    return {key: _check_value(actions, key, value, path) for key, value in flat.items()}
+
+
+def script_of(parser: argparse.ArgumentParser) -> str:
+    prog = parser.prog or ""
+    return prog[:-3] if prog.endswith(".py") else prog
+
+
+def drop_foreign_keys(values: dict[str, Any], own: list[str], script: str, where: str) -> None:
+    """Apply the key rule of ``config_rules`` to ``values`` in place: raise on a typo, drop the rest with
+    warnings. ``where`` names the file (or object) the keys came from."""
+    verdicts = classify_keys(list(values), script, own)
+    if verdicts.typos:
+        key, close = verdicts.typos[0]
+        more = f" (and {len(verdicts.typos) - 1} more such key(s): " \
+               f"{', '.join(k for k, _ in verdicts.typos[1:])})" if len(verdicts.typos) > 1 else ""
+        raise UserError(f"unknown key '{key}' in {where}; did you mean '{close}'?{more}")
+    for key, scripts in verdicts.other_script:
+        logger.warning("key '%s' in %s is an option of %s, not of %s.py: ignored", key, where,
+                       " / ".join(f"{s}.py" for s in scripts[:3]) + (" ..." if len(scripts) > 3 else ""), script)
+        del values[key]
+    if verdicts.unknown:
+        logger.warning("%s: ignored %d key(s) that are options of no sd-scripts script (front-end settings?): %s",
+                       where, len(verdicts.unknown), ", ".join(verdicts.unknown))
+        for key in verdicts.unknown:
+            del values[key]
 
 
 def flatten_sections(data: dict[str, Any]) -> dict[str, Any]:
@@ -166,18 +213,20 @@ def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Acti
 
 
 def _check_value(actions: dict[str, argparse.Action], key: str, value: Any, path: str) -> Any:
-    """Check one file value against its option like argparse checks a command-line value."""
-    if key in _NOT_IN_FILE:
-        raise UserError(f"key '{key}' in {path} is not allowed: it only has a meaning on the command line")
-    action = actions.get(key)
-    if action is None:
-        close = difflib.get_close_matches(key, [d for d in actions if d not in _NOT_IN_FILE], n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else " (not an option of this script)"
-        raise UserError(f"unknown key '{key}' in {path}{hint}")
+    """Check one file value against its option like argparse checks a command-line value, plus the value
+    rules of ``config_rules`` (what upstream's unchecked config path accepts with a clear meaning)."""
+    action = actions[key]
+    equivalents = CONFIG_ONLY_VALUES.get(key, {})
+    if _hashable(value) and value in equivalents and not isinstance(value, bool):
+        return equivalents[value]
     if isinstance(action, argparse._StoreConstAction):  # store_true / store_false / store_const
+        if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+            value = bool(value)  # upstream tests truthiness; GUIs write 0/1 for a ticked box
         if not isinstance(value, bool):
-            raise UserError(f"'{key}' in {path} is a flag: write true or false, not {value!r}")
+            raise UserError(f"'{key}' in {path} is a flag: write true or false (or 1 / 0), not {value!r}")
         return value
+    if value == "" and action.default is None:
+        return None  # upstream: an empty string is falsy, i.e. "not given"
     if isinstance(action, argparse._CountAction):
         return _convert_scalar(action, key, value, path, int)
     nargs = action.nargs
@@ -191,6 +240,10 @@ def _check_value(actions: dict[str, argparse.Action], key: str, value: Any, path
     if key in _COMMA_STRING_OPTIONS:
         value = _comma_string(key, value, path)
     return _convert_scalar(action, key, value, path, action.type or str)
+
+
+def _hashable(value: Any) -> bool:
+    return not isinstance(value, (list, dict))
 
 
 def _comma_string(key: str, value: Any, path: str) -> Any:
@@ -220,6 +273,8 @@ def _convert_scalar(action: argparse.Action, key: str, value: Any, path: str, ty
         out = float(value)
     elif typ is int and isinstance(value, int):
         out = value
+    elif typ is int and isinstance(value, float) and value.is_integer():
+        out = int(value)  # 8.0 means 8 (what upstream's arithmetic does with it)
     else:
         raise UserError(f"'{key}' in {path} must be {expected}, got {value!r}")
     if action.choices is not None and out not in action.choices:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import toml
 import voluptuous as vol
 
+from library.config.ranges import range_of
 from library.errors import UserError
 
 STYLES = ("dreambooth", "finetuning", "controlnet")
@@ -80,30 +81,52 @@ def parse_resolution(v: Any) -> tuple[int, int]:
             raise vol.Invalid('expected an integer, "W,H" or [W, H]') from None
         v = parts[0] if len(parts) == 1 else parts
     if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
+        v = (v, v)
     if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        if min(v) < 1:
+            raise vol.Invalid("out of range: width and height must be >= 1")
         return (v[0], v[1])
     raise vol.Invalid('expected an integer, "W,H" or [W, H]')
 
 
+def _in_range_of(option: str, check: Callable) -> Callable:
+    """``check`` the type, then the range declared for ``--option`` (library/config/ranges.py): a dataset
+    key and the command-line option it mirrors share one range."""
+    def validate(v: Any) -> Any:
+        value = check(v)
+        allowed = range_of(option)
+        if allowed is not None and value not in allowed:
+            raise vol.Invalid(f"out of range: it must be {allowed.describe()} (as --{option})")
+        return value
+
+    return validate
+
+
 # key groups of spec dataset-config §2.1
 SUBSET_COMMON: dict[str, Callable] = {
-    "color_aug": _bool, "face_crop_aug_range": _float_pair, "flip_aug": _bool, "num_repeats": _int,
-    "random_crop": _bool, "shuffle_caption": _bool, "keep_tokens": _int, "keep_tokens_separator": _str,
-    "secondary_separator": _str, "enable_wildcard": _bool, "token_warmup_min": _int, "token_warmup_step": _number,
+    "color_aug": _bool, "face_crop_aug_range": _float_pair, "flip_aug": _bool,
+    "num_repeats": _int,  # < 1 is allowed: such a subset is ignored with a warning, as upstream
+    "random_crop": _bool, "shuffle_caption": _bool, "keep_tokens": _in_range_of("keep_tokens", _int),
+    "keep_tokens_separator": _str, "secondary_separator": _str, "enable_wildcard": _bool,
+    "token_warmup_min": _in_range_of("token_warmup_min", _int),
+    "token_warmup_step": _in_range_of("token_warmup_step", _number),
     "caption_prefix": _str, "caption_suffix": _str,
     # later sd-scripts' validation keys (docs/beyond-sd-scripts.md): valid in a subset, dataset or [general]
-    "validation_split": _fraction, "validation_seed": _int,
+    "validation_split": _fraction, "validation_seed": _in_range_of("validation_seed", _int),
 }
-DROPOUT = {"caption_dropout_every_n_epochs": _int, "caption_dropout_rate": _number, "caption_tag_dropout_rate": _number}
+DROPOUT = {"caption_dropout_every_n_epochs": _in_range_of("caption_dropout_every_n_epochs", _int),
+           "caption_dropout_rate": _in_range_of("caption_dropout_rate", _number),
+           "caption_tag_dropout_rate": _in_range_of("caption_tag_dropout_rate", _number)}
 DB_ASCENDABLE = {"caption_extension": _str, "class_tokens": _str, "cache_info": _bool}
 DB_DISTINCT = {vol.Required("image_dir"): _str, "is_reg": _bool, "alpha_mask": _bool}
 FT_DISTINCT = {vol.Required("metadata_file"): _str, "image_dir": _str, "alpha_mask": _bool}
 CN_ASCENDABLE = {"caption_extension": _str, "cache_info": _bool}
 CN_DISTINCT = {vol.Required("image_dir"): _str, vol.Required("conditioning_data_dir"): _str}
 DATASET = {
-    "batch_size": _int, "bucket_no_upscale": _bool, "bucket_reso_steps": _int, "enable_bucket": _bool,
-    "max_bucket_reso": _int, "min_bucket_reso": _int, "resolution": parse_resolution, "network_multiplier": _float,
+    "batch_size": _in_range_of("train_batch_size", _int), "bucket_no_upscale": _bool,
+    "bucket_reso_steps": _in_range_of("bucket_reso_steps", _int), "enable_bucket": _bool,
+    "max_bucket_reso": _in_range_of("max_bucket_reso", _int), "min_bucket_reso": _in_range_of("min_bucket_reso", _int),
+    "resolution": parse_resolution, "network_multiplier": _float,
 }
 
 _STYLE_HINT = {

@@ -19,6 +19,7 @@ from library.config.options_scripts import (
     add_textual_inversion_arguments,
 )
 from library.config.options_training import add_training_arguments
+from library.config.ranges import at_least, ranged
 from library.log import add_logging_arguments
 
 SCRIPTS = ("train_network", "sdxl_train_network", "train_db", "fine_tune", "train_textual_inversion")
@@ -83,9 +84,11 @@ def add_optimizer_arguments(parser: Container) -> None:
                         "AdaFactor, or any 'module.Class'")
     g.add_argument("--use_8bit_adam", action="store_true", help="legacy: same as --optimizer_type AdamW8bit")
     g.add_argument("--use_lion_optimizer", action="store_true", help="legacy: same as --optimizer_type Lion")
-    g.add_argument("--learning_rate", type=float, default=2.0e-6, help="base learning rate (default: 2e-6)")
-    g.add_argument("--max_grad_norm", type=float, default=1.0,
-                   help="clip the gradient norm to this (default: 1.0; 0 disables clipping)")
+    ranged(g.add_argument("--learning_rate", type=float, default=2.0e-6, help="base learning rate (default: 2e-6)"),
+           at_least(0))
+    ranged(g.add_argument("--max_grad_norm", type=float, default=1.0,
+                          help="clip the gradient norm to this (default: 1.0; 0 disables clipping)"),
+           at_least(0, "0 = no clipping"))
     g.add_argument("--optimizer_args", type=str, default=None, nargs="*",
                    help="extra optimizer arguments as key=value Python literals, e.g. weight_decay=0.01 "
                         "betas=0.9,0.999")
@@ -96,22 +99,26 @@ def add_optimizer_arguments(parser: Container) -> None:
     g.add_argument("--lr_scheduler", type=str, default="constant",
                    help="LR schedule: linear, cosine, cosine_with_restarts, polynomial, constant (default), "
                         "constant_with_warmup, adafactor")
-    g.add_argument("--lr_warmup_steps", type=int, default=0,
-                   help="linear warmup steps (default: 0; not allowed with the constant schedule)")
-    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1,
-                   help="number of restarts of cosine_with_restarts (default: 1)")
-    g.add_argument("--lr_scheduler_power", type=float, default=1, help="power of the polynomial schedule (default: 1)")
+    ranged(g.add_argument("--lr_warmup_steps", type=int, default=0,
+                          help="linear warmup steps (default: 0; not allowed with the constant schedule)"),
+           at_least(0, "a negative number of warmup steps has no meaning"))
+    ranged(g.add_argument("--lr_scheduler_num_cycles", type=int, default=1,
+                          help="number of restarts of cosine_with_restarts (default: 1)"), at_least(1))
+    ranged(g.add_argument("--lr_scheduler_power", type=float, default=1,
+                          help="power of the polynomial schedule (default: 1)"),
+           at_least(0))
 
 
 def add_custom_train_arguments(parser: Container, support_weighted_captions: bool = True) -> None:
     """Loss weighting options (spec cli-options §10)."""
     g = section(parser, "loss weighting")
-    g.add_argument("--min_snr_gamma", type=float, default=None,
-                   help="Min-SNR loss weighting with this gamma (5 is typical)")
+    ranged(g.add_argument("--min_snr_gamma", type=float, default=None,
+                          help="Min-SNR loss weighting with this gamma (5 is typical)"), at_least(0, "0 = off"))
     g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true",
                    help="scale the v-prediction loss like the noise-prediction loss (needs --v_parameterization)")
-    g.add_argument("--v_pred_like_loss", type=float, default=None,
-                   help="add a v-prediction-like loss with this weight (not with --v_parameterization)")
+    ranged(g.add_argument("--v_pred_like_loss", type=float, default=None,
+                          help="add a v-prediction-like loss with this weight (not with --v_parameterization)"),
+           at_least(0, "0 = off"))
     g.add_argument("--debiased_estimation_loss", action="store_true", help="weight the loss by 1/sqrt(SNR)")
     if support_weighted_captions:
         g.add_argument("--weighted_captions", action="store_true", default=False,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from library.config.options_common import Container, section
+from library.config.ranges import FRACTION, at_least, ranged
 
 
 def add_dataset_arguments(
@@ -34,8 +35,8 @@ def add_dataset_arguments(
                         "a leading dot is added if missing)")
     g.add_argument("--caption_extention", type=str, default=None,
                    help="legacy misspelling of --caption_extension; when given it overrides it")
-    g.add_argument("--keep_tokens", type=int, default=0,
-                   help="keep the first N tags in place: never shuffled or dropped (default: 0)")
+    ranged(g.add_argument("--keep_tokens", type=int, default=0,
+                          help="keep the first N tags in place: never shuffled or dropped (default: 0)"), at_least(0))
     g.add_argument("--keep_tokens_separator", type=str, default="",
                    help="marker in a caption that splits a fixed head (and an optional fixed tail after a "
                         "second marker) from the shuffled middle, e.g. '|||'")
@@ -64,23 +65,30 @@ def add_dataset_arguments(
     g.add_argument("--cache_latents", action="store_true",
                    help="encode every image once with the VAE and keep the latents in memory "
                         "(disables color_aug/random_crop)")
-    g.add_argument("--vae_batch_size", type=int, default=1, help="batch size when caching latents (default: 1)")
+    ranged(g.add_argument("--vae_batch_size", type=int, default=1, help="batch size when caching latents (default: 1)"),
+           at_least(1))
     g.add_argument("--cache_latents_to_disk", action="store_true",
                    help="cache latents to <image>.npz next to each image and reuse them in later runs; "
                         "implies --cache_latents")
     g.add_argument("--enable_bucket", action="store_true",
                    help="aspect-ratio bucketing: batch images of similar aspect ratio at their own size")
-    g.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side in pixels (default: 256)")
-    g.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side in pixels (default: 1024)")
-    g.add_argument("--bucket_reso_steps", type=int, default=64,
-                   help="bucket sides are multiples of this (default: 64; SDXL needs a multiple of 32)")
+    ranged(g.add_argument("--min_bucket_reso", type=int, default=256,
+                          help="smallest bucket side in pixels (default: 256)"),
+           at_least(1))
+    ranged(g.add_argument("--max_bucket_reso", type=int, default=1024,
+                          help="largest bucket side in pixels (default: 1024)"),
+           at_least(1))
+    ranged(g.add_argument("--bucket_reso_steps", type=int, default=64,
+                          help="bucket sides are multiples of this (default: 64; SDXL needs a multiple of 32)"),
+           at_least(1))
     g.add_argument("--bucket_no_upscale", action="store_true",
                    help="one bucket per image size, never upscaling (min/max_bucket_reso are ignored)")
-    g.add_argument("--token_warmup_min", type=int, default=1,
-                   help="tag-count warmup: number of tags used at step 0 (default: 1)")
-    g.add_argument("--token_warmup_step", type=float, default=0,
-                   help="tag-count warmup: step at which all tags are used; a value < 1 is a fraction of "
-                        "--max_train_steps; 0 disables the warmup (default)")
+    ranged(g.add_argument("--token_warmup_min", type=int, default=1,
+                          help="tag-count warmup: number of tags used at step 0 (default: 1)"), at_least(0))
+    ranged(g.add_argument("--token_warmup_step", type=float, default=0,
+                          help="tag-count warmup: step at which all tags are used; a value < 1 is a fraction of "
+                               "--max_train_steps; 0 disables the warmup (default)"),
+           at_least(0, "0 = no warmup, < 1 = a fraction of --max_train_steps"))
     # [v0.9.0+] listed by the spec; v0.8.x masks come only from ControlNet-style subsets (spec §5).
     g.add_argument("--alpha_mask", action="store_true",
                    help="use the image's alpha channel as the loss mask (with --masked_loss)")
@@ -88,12 +96,13 @@ def add_dataset_arguments(
                    help="custom dataset class 'package.module.Class'; replaces --dataset_config and folder mode")
 
     if support_caption_dropout:
-        g.add_argument("--caption_dropout_rate", type=float, default=0.0,
-                       help="probability of training a sample with an empty caption (default: 0.0)")
-        g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0,
-                       help="use empty captions for the whole epoch every N epochs (default: 0 = never)")
-        g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
-                       help="probability of dropping each (non-kept) tag (default: 0.0)")
+        ranged(g.add_argument("--caption_dropout_rate", type=float, default=0.0,
+                              help="probability of training a sample with an empty caption (default: 0.0)"), FRACTION)
+        ranged(g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0,
+                              help="use empty captions for the whole epoch every N epochs (default: 0 = never)"),
+               at_least(0, "0 = never"))
+        ranged(g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                              help="probability of dropping each (non-kept) tag (default: 0.0)"), FRACTION)
 
     if support_dreambooth:
         g.add_argument("--reg_data_dir", type=str, default=None,
@@ -103,8 +112,8 @@ def add_dataset_arguments(
         g.add_argument("--in_json", type=str, default=None,
                        help="fine-tuning metadata JSON (captions/tags per image); selects fine-tuning mode "
                             "when no --dataset_config is given")
-        g.add_argument("--dataset_repeats", type=int, default=1,
-                       help="repeats of the fine-tuning dataset per epoch (default: 1)")
+        ranged(g.add_argument("--dataset_repeats", type=int, default=1,
+                              help="repeats of the fine-tuning dataset per epoch (default: 1)"), at_least(1))
 
 
 def add_masked_loss_arguments(parser: Container) -> None:

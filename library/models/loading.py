@@ -42,7 +42,7 @@ def load_models(path: str, *, v2: bool = False, sdxl: bool | None = None, v_para
         models = _load_diffusers_folder(path, dtype, variant)
     else:
         raise UserError(f"{path}: no such file or folder (--pretrained_model_name_or_path / --ckpt)")
-    _check_family_flags(models.family, path, v2, sdxl)
+    check_family_flags(models.family, path, v2, sdxl)
     models.v_parameterization = v_parameterization
     models.tokenizers = load_tokenizers(models.family, path if os.path.isdir(path) else None, tokenizer_cache_dir)
     if vae:
@@ -52,11 +52,33 @@ def load_models(path: str, *, v2: bool = False, sdxl: bool | None = None, v_para
     return models
 
 
-def _check_family_flags(family: str, path: str, v2: bool, sdxl: bool | None) -> None:
+def peek_family(path: str) -> str | None:
+    """The model family of a checkpoint file or Diffusers folder from its header / configs only (no tensor is
+    read); None for a legacy (non-zip) pickle, whose names cannot be listed without loading it whole."""
+    if os.path.isdir(path):
+        return _folder_family(Path(path))
+    if Path(path).suffix.lower() != ".safetensors" and not _is_zip_file(path):
+        return None
+    reader = CheckpointReader(path)
+    try:
+        return detect_family(reader.keys(), path)
+    finally:
+        reader.close()
+
+
+def _is_zip_file(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def check_family_flags(family: str, path: str, v2: bool, sdxl: bool | None) -> None:
+    """``v2``: --v2 was given; ``sdxl``: True = an SDXL model is required (an sdxl_* script or --sdxl),
+    False = an SD 1.x/2.x model is required, None = any."""
     if v2 and family != "sd2":
         raise UserError(f"{path}: --v2 was given but this is an {family.upper()} model")
     if sdxl and family != "sdxl":
-        raise UserError(f"{path}: --sdxl was given but this is an {family.upper()} model")
+        raise UserError(f"{path} is an {family.upper()} model, but this needs an SDXL model "
+                        "(an sdxl_* script, or --sdxl)")
     if sdxl is False and family == "sdxl":
         raise UserError(f"{path}: this is an SDXL model; use the SDXL script / --sdxl")
     if family == "sd2" and not v2:

@@ -27,7 +27,16 @@ def setup_parser(script: str) -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def trainer_main(script: str, argv: Sequence[str] | None = None) -> None:
-    args = parse_args_with_config(setup_parser(script), argv)
+    args = parse_args_with_config(setup_parser(script), argv, script)
+    run_script(script, args)
+
+
+def run_script(script: str, args: argparse.Namespace):
+    """Set up logging and run ``script``'s runner on parsed options; returns what the runner returns
+    (the final file's path, or None after ``--dry_run``). ``UserError`` propagates."""
     setup_logging_from_args(args)
     module, kwargs = RUNNERS[script]
-    importlib.import_module(module).run(args, **kwargs)  # imported late: --help stays fast
+    from .run_lock import releasing
+
+    with releasing():  # the runner takes the output-name lock once its options are checked
+        return importlib.import_module(module).run(args, **kwargs)  # imported late: --help stays fast

@@ -107,3 +107,25 @@ def build_lr_scheduler(
         return _named_scheduler(optimizer, kind, warmup, total, num_cycles, power, kwargs)
     except (TypeError, ValueError) as e:  # e.g. polynomial lr_end ≥ lr, a bad --lr_scheduler_args key
         raise UserError(f"--lr_scheduler {name}: {e}") from e
+
+
+def check_scheduler(name: str, scheduler_type: Optional[str], scheduler_args: Optional[list[str]],
+                    optimizer_type: Optional[str] = None) -> None:
+    """Before any model loads: the schedule name is known or the custom class resolves, and its args parse.
+    (Whether the arguments fit the class is only known when it is built.)"""
+    parse_kwargs(scheduler_args, "--lr_scheduler_args")
+    if scheduler_type:
+        module_name, _, class_name = scheduler_type.rpartition(".")
+        try:
+            module = importlib.import_module(module_name) if module_name else torch.optim.lr_scheduler
+            getattr(module, class_name)
+        except (ImportError, AttributeError):
+            raise UserError(f"--lr_scheduler_type {scheduler_type}: class not found "
+                            "(use a torch.optim.lr_scheduler class name or module.Class)") from None
+        return
+    if name.startswith("adafactor"):
+        if (optimizer_type or "").lower() != "adafactor":
+            raise UserError("--lr_scheduler adafactor needs --optimizer_type AdaFactor")
+        return
+    if name not in SCHEDULER_NAMES:
+        raise UserError(f"--lr_scheduler {name}: unknown scheduler; use one of {', '.join(SCHEDULER_NAMES)}")

@@ -47,6 +47,7 @@ def _class_builder(module: str, class_name: str, display: str, **fixed: Any) -> 
                             f"upgrade it: pip install -U {_PIP.get(module.split('.')[0], module)}") from e
         return cls(params, lr=lr, **fixed, **kwargs)
 
+    build.source = (module, class_name)  # type: ignore[attr-defined]
     return build
 
 
@@ -58,6 +59,7 @@ def _sgd_nesterov_builder(module: str, class_name: str, display: str) -> Builder
         kwargs.setdefault("momentum", 0.9)
         return inner(params, lr, kwargs)
 
+    build.source = (module, class_name)  # type: ignore[attr-defined]
     return build
 
 
@@ -90,6 +92,9 @@ OPTIMIZERS: dict[str, Builder] = {
     "AdaFactor": _adafactor,
 }
 _BY_LOWER = {name.lower(): name for name in OPTIMIZERS}
+# built-in name -> (module, class) it builds, for the check before any model loads
+_SOURCES = {name: getattr(builder, "source", ("transformers.optimization", "Adafactor"))
+            for name, builder in OPTIMIZERS.items()}
 
 
 def parse_kwargs(pairs: Optional[Iterable[str]], option: str = "--optimizer_args") -> dict[str, Any]:
@@ -160,9 +165,32 @@ def _custom_class(optimizer_type: str) -> type:
         module = importlib.import_module(module_name) if module_name else torch.optim
         return getattr(module, class_name)
     except (ImportError, AttributeError) as e:
-        valid = ", ".join(OPTIMIZERS)
-        raise UserError(f"--optimizer_type {optimizer_type}: unknown optimizer; use one of {valid}, "
-                        "a torch.optim class name, or module.Class") from e
+        from library.config.config_rules import closest_option
+
+        close = closest_option(optimizer_type, OPTIMIZERS)
+        hint = f"did you mean {close}? Otherwise use" if close else "use"
+        raise UserError(f"--optimizer_type {optimizer_type}: unknown optimizer; {hint} one of "
+                        f"{', '.join(OPTIMIZERS)}, a torch.optim class name, or module.Class") from None
+
+
+def check_optimizer(optimizer_type: Optional[str], use_8bit_adam: bool = False,
+                    use_lion_optimizer: bool = False) -> str:
+    """Before any model loads: the optimizer name resolves and its package imports (the same errors
+    ``build_optimizer`` would raise later); returns the resolved name."""
+    name = resolve_optimizer_type(optimizer_type, use_8bit_adam, use_lion_optimizer)
+    builtin = _BY_LOWER.get(name.lower())
+    if builtin is not None:
+        module, class_name = _SOURCES[builtin]
+        mod = _import(module, builtin)
+        if not hasattr(mod, class_name):
+            raise UserError(f"--optimizer_type {builtin}: {module}.{class_name} not found; "
+                            f"upgrade it: pip install -U {_PIP.get(module.split('.')[0], module)}")
+    elif name.lower().endswith("8bit") and "." not in name:
+        raise UserError(f"--optimizer_type {name}: unknown 8-bit optimizer; use one of "
+                        + ", ".join(n for n in OPTIMIZERS if n.lower().endswith("8bit")))
+    else:
+        _custom_class(name)
+    return name
 
 
 def build_optimizer(

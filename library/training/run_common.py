@@ -62,24 +62,31 @@ def _merge_base_weights(args: argparse.Namespace, models: SDModels) -> None:
         logger.info("merged base weights %s x %s", path, mult)
 
 
-def build_data(args: argparse.Namespace, script: str, models: SDModels, acc):
-    """Dataset group of the run (scanned before any training step)."""
+def build_data(args: argparse.Namespace, script: str, sdxl: bool):
+    """Dataset group of the run, built and scanned before any model loads (bad images, captions or dataset
+    settings fail first); the tokenizers are attached once the models are loaded (``attach_tokenizers``)."""
     from library.config.dataset_blueprint import dataset_params_from_args
     from library.data.dataset import build_dataset_group, scan_mode
 
     params = dataset_params_from_args(args, script)
-    group = build_dataset_group(params, models.tokenizers, seed=args.seed, max_train_steps=args.max_train_steps,
+    group = build_dataset_group(params, [], seed=args.seed, max_train_steps=args.max_train_steps,
                                 max_token_length=args.max_token_length, debug_dataset=args.debug_dataset,
                                 scan=scan_mode(args),
                                 te_cache_expected=bool(getattr(args, "cache_text_encoder_outputs", False)),
                                 latents_cache_expected=bool(args.cache_latents))
-    if models.is_sdxl:
+    if sdxl:
         group.verify_bucket_reso_steps(32)
     if len(group) == 0:
         raise UserError("no training images found (check --train_data_dir / --dataset_config)")
+    return group, params
+
+
+def attach_tokenizers(args: argparse.Namespace, group, models: SDModels) -> None:
+    """Give the dataset built before the models their tokenizers (captions are tokenized per item);
+    ``--debug_dataset`` then shows the first batches and exits."""
+    group.tokenizers = list(models.tokenizers)
     if args.debug_dataset:
         _debug_dataset(group)
-    return group, params
 
 
 def _debug_dataset(group) -> None:

@@ -17,15 +17,16 @@ import torch
 
 from library.models.bundle import SDModels
 
-from . import accelerate_setup as setup
+from . import accelerate_setup as setup, run_lock
 from .checkpointing import Checkpointer, resume_state
 from .checks import verify_training_args
 from .full_model_saving import FullModelSaver, resolve_save_format
 from .loop import LoopHooks, LoopPlan
 from .methods.full_model import FullModelMethod
 from .modelspec import modelspec_from_args
-from .run_common import (train_and_save, build_data, cache_latents_if_asked, encode_latents_fn, load_base_models,
-                         make_sample_hook, optimizer_and_schedule, tracker_init)
+from .preflight import preflight
+from .run_common import (attach_tokenizers, build_data, cache_latents_if_asked, encode_latents_fn, load_base_models,
+                         make_sample_hook, optimizer_and_schedule, tracker_init, train_and_save)
 from .run_extras import attach_extras
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: b
     """Train the U-Net (and text encoder) in full; returns the path of the final model."""
     # 1. options and seed
     verify_training_args(args, script.name)
+    preflight(args, script.name)
+    run_lock.hold(args)  # one run per output name; --dry_run only checks
     if args.seed is None:
         # sd-scripts leaves D/F unseeded; a drawn seed keeps that randomness and makes the run repeatable
         args.seed = random.randint(0, 2**32 - 1)
@@ -56,13 +59,14 @@ def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: b
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
-    # 2. accelerator, models, data
+    # 2. data (scanned before any model loads), accelerator, models
+    group, _ = build_data(args, script.name, sdxl=False)
     acc = setup.make_accelerator(args)
     wdtype = setup.weight_dtype(args)
     models = load_base_models(args, acc, wdtype, sdxl=False, train_unet=True, train_text_encoder=train_text_encoder)
     if script.after_load:
         script.after_load(models, args)
-    group, _ = build_data(args, script.name, models, acc)
+    attach_tokenizers(args, group, models)
     cache_latents_if_asked(args, group, models, acc)
     # 3. what trains
     unet, te = models.unet, models.text_encoders[0]

@@ -9,7 +9,7 @@ from typing import Optional
 
 from library.errors import UserError
 
-from . import accelerate_setup as setup
+from . import accelerate_setup as setup, run_lock
 from .checkpointing import Checkpointer, resume_state
 from .checks import verify_training_args
 from .diffusion_step import DiffusionObjective
@@ -18,8 +18,9 @@ from .lr_schedules import build_lr_scheduler
 from .methods.network import NetworkMethod
 from .network_host import NetworkHost, parse_network_args
 from .optimizers import build_optimizer
-from .run_common import (train_and_save, build_data, cache_latents_if_asked, encode_latents_fn, encode_text_fn,
-                         load_base_models, make_sample_hook, tracker_init, training_facts)
+from .preflight import preflight
+from .run_common import (attach_tokenizers, build_data, cache_latents_if_asked, encode_latents_fn, encode_text_fn,
+                         load_base_models, make_sample_hook, tracker_init, train_and_save, training_facts)
 from .run_extras import attach_extras
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
     verify_training_args(args, script)
     if sdxl:
         _verify_sdxl(args)
+    preflight(args, script)
+    run_lock.hold(args)  # one run per output name; --dry_run only checks
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.seed is None:
@@ -43,11 +46,12 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
-    # 2. accelerator, models, data
+    # 2. data (scanned before any model loads), accelerator, models
+    group, params = build_data(args, script, sdxl)
     acc = setup.make_accelerator(args)
     wdtype = setup.weight_dtype(args)
     models = load_base_models(args, acc, wdtype, sdxl=sdxl)
-    group, params = build_data(args, script, models, acc)
+    attach_tokenizers(args, group, models)
     cache_latents_if_asked(args, group, models, acc)
     if sdxl and args.cache_text_encoder_outputs:
         from library.data.te_cache import cache_text_encoder_outputs

@@ -15,15 +15,16 @@ import torch
 
 from library.errors import UserError
 
-from . import accelerate_setup as setup
+from . import accelerate_setup as setup, run_lock
 from . import ti_tokens
 from .checkpointing import Checkpointer, resume_state
 from .checks import verify_training_args
 from .loop import LoopHooks
 from .methods.textual_inversion import TextualInversionMethod
 from .modelspec import modelspec_from_args, trained_resolution
-from .run_common import (train_and_save, build_data, cache_latents_if_asked, encode_latents_fn, load_base_models,
-                         make_sample_hook, optimizer_and_schedule, tracker_init)
+from .preflight import preflight
+from .run_common import (attach_tokenizers, build_data, cache_latents_if_asked, encode_latents_fn, load_base_models,
+                         make_sample_hook, optimizer_and_schedule, tracker_init, train_and_save)
 from .run_extras import attach_extras
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> str:
     """Train a Textual Inversion embedding; returns the path of the final file."""
     # 1. options, seed, base model family
     _verify(args)
+    run_lock.hold(args)  # one run per output name; --dry_run only checks
     if args.seed is None:  # sd-scripts leaves T unseeded; a drawn seed keeps that and makes the run repeatable
         args.seed = random.randint(0, 2**32 - 1)
     if getattr(args, "dry_run", False):
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> str:
 
     set_seed(args.seed)
     _reject_sdxl(args.pretrained_model_name_or_path)
-    # 2. accelerator, models, new tokens, data
+    # 2. data (scanned before any model loads), accelerator, models, new tokens
+    group, _ = build_data(args, SCRIPT, sdxl=False)
     acc = setup.make_accelerator(args)
     wdtype = setup.weight_dtype(args)
     models = load_base_models(args, acc, wdtype, sdxl=False, train_text_encoder=True)
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> str:
     strings, token_ids = _add_new_tokens(args, te, models.tokenizers[0])
     data_replacement, prompt_replacement = ti_tokens.caption_replacement(strings, args.use_object_template,
                                                                          args.use_style_template)
-    group, _ = build_data(args, SCRIPT, models, acc)  # after add_tokens: captions tokenize with the new tokens
+    attach_tokenizers(args, group, models)  # after add_tokens: captions tokenize with the new tokens
     if data_replacement:
         group.add_replacement(*data_replacement)
     cache_latents_if_asked(args, group, models, acc)
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> str:
 def _verify(args: argparse.Namespace) -> None:
     """Script checks (spec cli-options §12 T, §13); ``output_name`` defaults to the token string."""
     verify_training_args(args, SCRIPT)
+    preflight(args, SCRIPT)
     if not args.token_string:
         raise UserError("--token_string is required (the new word the embedding is trained for)")
     if args.num_vectors_per_token < 1:

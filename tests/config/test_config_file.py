@@ -117,9 +117,61 @@ def test_unknown_key_names_key_file_and_suggestion(tmp_path):
     assert "unknown key 'learning_rat'" in msg and "x.toml" in msg and "did you mean 'learning_rate'?" in msg
 
 
-def test_option_of_another_script_is_unknown(tmp_path):
-    with pytest.raises(UserError, match="unknown key 'network_dim'"):
-        _parse(tmp_path, "network_dim = 4\n", script="train_db")
+def test_option_of_another_script_is_a_warning_naming_it(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        args = _parse(tmp_path, "network_dim = 4\nlearning_rate_te1 = 1e-5\n", script="train_db")
+    assert not hasattr(args, "network_dim") and not hasattr(args, "learning_rate_te1")
+    assert "key 'network_dim' in" in caplog.text and "is an option of" in caplog.text
+    assert "train_network.py" in caplog.text and "not of train_db.py: ignored" in caplog.text
+    assert "sdxl_train.py" in caplog.text  # learning_rate_te1 belongs to sdxl_train.py
+
+
+def test_front_end_keys_are_ignored_with_one_warning(tmp_path, caplog):
+    """kohya_ss writes epoch / noise_offset_type, lora-scripts lr_restart_cycles: bookkeeping keys of no
+    sd-scripts script; one warning lists them all, the run goes on."""
+    with caplog.at_level(logging.WARNING):
+        args = _parse(tmp_path, 'epoch = 10\nnoise_offset_type = "Original"\n[optimizer]\nlr_restart_cycles = 1\n'
+                                "learning_rate = 1e-4\n")
+    warnings = [r.getMessage() for r in caplog.records if "options of no sd-scripts script" in r.getMessage()]
+    assert len(warnings) == 1 and all(k in warnings[0] for k in ("epoch", "noise_offset_type", "lr_restart_cycles"))
+    assert args.learning_rate == 1e-4 and not hasattr(args, "epoch")
+
+
+@pytest.mark.parametrize("key,close", [("learning_rat", "learning_rate"), ("Learning_Rate", "learning_rate"),
+                                       ("netwrok_dim", "network_dim"), ("max_trian_steps", "max_train_steps"),
+                                       ("optimiser_type", "optimizer_type"), ("sed", "seed")])
+def test_typo_of_an_option_is_an_error(tmp_path, key, close):
+    with pytest.raises(UserError, match=f"unknown key '{key}' in .*; did you mean '{close}'"):
+        _parse(tmp_path, f"{key} = 1\n")
+
+
+def test_edit_distance_is_the_textbook_one():
+    """Oracle: distances worked out by hand (optimal string alignment: a swap of neighbours counts 1, "ca" -> "abc" is 3)."""
+    from library.config.config_rules import edit_distance
+
+    for a, b, d in [("kitten", "sitting", 3), ("learning_rat", "learning_rate", 1), ("netwrok", "network", 1),
+                    ("abc", "abc", 0), ("", "abc", 3), ("epoch", "seed", 5), ("ca", "abc", 3)]:
+        assert edit_distance(a, b, 10) == d, (a, b)
+    assert edit_distance("abcdef", "uvwxyz", 2) == 3  # stopped early: "more than the limit"
+
+
+@pytest.mark.parametrize("text,attr,expected", [
+    ("persistent_data_loader_workers = 1\n", "persistent_data_loader_workers", True),
+    ("shuffle_caption = 0\n", "shuffle_caption", False),
+    ('reg_data_dir = ""\n', "reg_data_dir", None),
+    ('vae = ""\n', "vae", None),
+    ("max_token_length = 75\n", "max_token_length", None),
+    ('dynamo_backend = "no"\n', "dynamo_backend", "no"),
+    ("max_train_epochs = 10.0\n", "max_train_epochs", 10),
+    ('network_args = ""\n', "network_args", None),
+])
+def test_values_upstream_accepts_through_its_config_path(tmp_path, text, attr, expected):
+    args = _parse(tmp_path, text)
+    assert getattr(args, attr) == expected and type(getattr(args, attr)) is type(expected)
+
+
+def test_empty_string_keeps_its_meaning_where_the_default_is_not_unset(tmp_path):
+    assert _parse(tmp_path, 'caption_extension = ""\n').caption_extension == ""
 
 
 def test_string_converted_like_the_command_line(tmp_path):
@@ -135,11 +187,12 @@ def test_string_converted_like_the_command_line(tmp_path):
     ("output_name = 3\n", "'output_name' in .* must be a string"),
     ("seed = true\n", "'seed' in .* must be an integer"),
     ('shuffle_caption = "yes"\n', "'shuffle_caption' in .* is a flag: write true or false"),
-    ("shuffle_caption = 1\n", "is a flag"),
+    ("shuffle_caption = 2\n", "is a flag"),
     ('mixed_precision = "fp32"\n', r"'mixed_precision' in .*: invalid choice 'fp32' \(choose from 'no', 'fp16', 'bf16'\)"),
     ("max_token_length = 100\n", "invalid choice 100"),
     ('network_args = [1, 2]\n', "'network_args' in .* must be a string"),
-    ('config_file = "other.toml"\n', "only has a meaning on the command line"),
+    ("max_token_length = 76\n", "invalid choice 76"),
+    ("max_train_steps = 2.5\n", "must be an integer"),
 ])
 def test_wrong_type_or_choice(tmp_path, text, match):
     with pytest.raises(UserError, match=match):
