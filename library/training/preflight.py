@@ -101,12 +101,14 @@ def check_other_inputs(args: argparse.Namespace, script: str, family: Optional[s
 
 
 def _check_network_file(path: str, option: str, family: Optional[str]) -> None:
-    """A LoRA for another model family is refused before any model loads (networks/lora_family.py)."""
-    from networks import lora_family
+    """Readable, and a LoRA for another model family is refused, before any model loads
+    (networks/lora_family.py reads the header only)."""
+    from networks.lora_family import check_file_for_family, read_tensor_file
 
-    check = getattr(lora_family, "check_file_for_family", None)
-    if check is not None and family is not None:
-        check(path, family, option)
+    if family is None:
+        read_tensor_file(path, option)
+    else:
+        check_file_for_family(path, family, option)
 
 
 def _must_exist(path: str, option: str, want: str = "") -> None:

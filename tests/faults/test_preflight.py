@@ -181,3 +181,19 @@ def test_every_numeric_training_option_declares_a_range():
         for action in build_parser(script)._actions:
             if action.type in (int, float) and action.dest not in free:
                 assert getattr(action, "value_range", None) is not None, (script, action.dest)
+
+
+def test_network_weights_for_another_family_or_unreadable(tiny, data, tmp_path, tripwire, capsys):
+    """Checked from the file's header before the base model loads (networks/lora_family.py)."""
+    from safetensors.torch import save_file
+    import torch
+
+    sdxl_lora = tmp_path / "xl.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(sdxl_lora))
+    _expect_exit_2(train_network, base_args(tiny["sd1"], data, tmp_path / "out", 2, "--network_weights",
+                                            str(sdxl_lora)), capsys, "xl.safetensors", "SDXL", "SD1")
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello", encoding="utf-8")
+    _expect_exit_2(train_network, base_args(tiny["sd1"], data, tmp_path / "out", 2, "--base_weights", str(text)),
+                   capsys, "--base_weights", "notes.safetensors")
