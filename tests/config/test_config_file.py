@@ -256,3 +256,35 @@ def test_user_error_exits_2_with_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'learning_rate'?" in err
+
+
+def _upstream_read_config(parser, path: Path):
+    """sd-scripts v0.8.7's read_config_from_file, step by step (spec cli-options §14): load, flatten the
+    top-level tables, make a Namespace, parse an empty command line into it. No conversion, no checks."""
+    import argparse
+
+    import toml
+
+    data = toml.load(str(path))
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return parser.parse_args([], namespace=argparse.Namespace(**flat))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_output_config_is_read_by_upstreams_unconverting_reader(tmp_path, script):
+    """Upstream converts nothing, so what we write must already have the command line's types (resolution
+    a string, floats as floats, lists as arrays) for upstream to see the same options."""
+    argv = ROUND_TRIP_ARGV[script]
+    direct = parse_args_with_config(build_parser(script), argv)
+    _output_config(script, argv, tmp_path / "out")
+    upstream = _upstream_read_config(build_parser(script), tmp_path / "out.toml")
+    # Path values come back as strings, as from upstream's own --output_config; its code takes either
+    a = {k: str(v) if isinstance(v, Path) else v for k, v in vars(direct).items()}
+    b = vars(upstream)
+    assert a == b
+    assert {k: type(v) for k, v in a.items()} == {k: type(v) for k, v in b.items()}
