@@ -363,7 +363,10 @@ class ControlNetBatch:
         net = self.nets[n]
         if step / n_steps > net.option.ratio:
             return {}
-        hint = self.hint(n, x.shape[-2] * 8, x.shape[-1] * 8, branches)
+        # the hint's size is set by the ControlNet's own embedding (one stride-2 conv per level after the first),
+        # not by the VAE: 8 for real ControlNets, whatever the checkpoint's VAE downsamples by
+        f = 2 ** (len(net.model.config.conditioning_embedding_out_channels) - 1)
+        hint = self.hint(n, x.shape[-2] * f, x.shape[-1] * f, branches)
         down, mid = net.model(x, t, encoder_hidden_states=context, controlnet_cond=hint,
                               conditioning_scale=net.option.weight, return_dict=False)
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

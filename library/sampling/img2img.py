@@ -19,7 +19,12 @@ from library.errors import UserError
 logger = logging.getLogger(__name__)
 
 IMAGE_PATTERNS = ("*.png", "*.jpg", "*.jpeg", "*.webp")
-LATENT_FACTOR = 8
+
+
+def vae_scale_factor(vae: torch.nn.Module) -> int:
+    """Image pixels per latent pixel: 2 ** (VAE levels - 1), as diffusers computes it (8 for every real SD
+    VAE; a VAE with fewer levels, e.g. a tiny one, downsamples less)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def list_images(path: str, option: str) -> list[str]:
@@ -70,8 +75,9 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
 
 
-def mask_to_latent_keep(masks: Sequence[Image.Image], width: int, height: int) -> torch.Tensor:
-    """Inpaint masks -> (B, 4, h, w) "keep" weights m = 1 − mask/255 (white = repaint, black = keep). spec §7."""
+def mask_to_latent_keep(masks: Sequence[Image.Image], width: int, height: int, factor: int,
+                        channels: int = 4) -> torch.Tensor:
+    """Inpaint masks -> (B, C, H/f, W/f) "keep" weights m = 1 − mask/255 (white = repaint, black = keep). spec §7."""
     rows = []
     for m in masks:
         m = m.convert("L")
@@ -79,9 +85,8 @@ def mask_to_latent_keep(masks: Sequence[Image.Image], width: int, height: int) -
             m = m.resize((width, height), Image.LANCZOS)
         rows.append(np.asarray(m, dtype=np.float32) / 255.0)
     mask = torch.from_numpy(np.stack(rows))[:, None]
-    mask = F.interpolate(mask, size=(height // LATENT_FACTOR, width // LATENT_FACTOR), mode="bilinear",
-                         align_corners=False)
-    return 1.0 - mask.repeat(1, 4, 1, 1)
+    mask = F.interpolate(mask, size=(height // factor, width // factor), mode="bilinear", align_corners=False)
+    return 1.0 - mask.repeat(1, channels, 1, 1)
 
 
 @torch.no_grad()
@@ -113,10 +118,9 @@ def vae_batch_size(option: float | None, batch_size: int) -> int | None:
     return int(option)
 
 
-def upscale_latents(latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def upscale_latents(latents: torch.Tensor, width: int, height: int, factor: int) -> torch.Tensor:
     """Hires fix `--highres_fix_latents_upscaling`: bilinear resize in latent space. spec §7."""
-    return F.interpolate(latents, size=(height // LATENT_FACTOR, width // LATENT_FACTOR), mode="bilinear",
-                         align_corners=False)
+    return F.interpolate(latents, size=(height // factor, width // factor), mode="bilinear", align_corners=False)
 
 
 def upscale_images(images: Sequence[Image.Image], width: int, height: int) -> list[Image.Image]:

@@ -28,8 +28,8 @@ from library.sampling.controlnet import ControlNetBatch, LoadedControlNet
 from library.sampling.controlnet_lllite import ControlNetLLLite, LLLiteBatch
 from library.sampling.deep_shrink import DeepShrink, deep_shrink_unet
 from library.sampling.gradual_latent import GradualLatent, check_usable, gradual_latent_scheduler
-from library.sampling.img2img import (LATENT_FACTOR, decode_latents, encode_images, mask_to_latent_keep,
-                                      round_down, tensor_to_images, upscale_images, upscale_latents)
+from library.sampling.img2img import (decode_latents, encode_images, mask_to_latent_keep, round_down,
+                                      tensor_to_images, upscale_images, upscale_latents, vae_scale_factor)
 from library.sampling.samplers import make_scheduler
 from library.sampling.upscaler import run_upscaler
 from library.sampling.text_encoding import PromptEmbeddings, encode_for_training_samples, encode_prompts
@@ -265,10 +265,11 @@ class Pipeline:
     @torch.no_grad()
     def generate_latents(self, specs: Sequence[ImageSpec], settings: GenSettings,
                          init_latents: torch.Tensor | None = None) -> torch.Tensor:
-        """txt2img / img2img / inpaint for one batch; returns the final latents (B, 4, H/8, W/8)."""
+        """txt2img / img2img / inpaint for one batch; returns the final latents (B, C, H/f, W/f), f the VAE's factor."""
         # 1. one noise stream per image
         generators = make_generators([s.seed for s in specs])
-        shape = (4, settings.height // LATENT_FACTOR, settings.width // LATENT_FACTOR)
+        vae, f = self.models.vae, vae_scale_factor(self.models.vae)
+        shape = (vae.config.latent_channels, settings.height // f, settings.width // f)
         noise = draw_noise(generators, shape, self.device)
         # 2. init latents of img2img (images encoded with each image's generator, after the start noise)
         if init_latents is None and specs[0].init_image is not None:
@@ -296,7 +297,8 @@ class Pipeline:
             timesteps = timesteps[start:]
         inpaint = None
         if specs[0].mask is not None:
-            keep = mask_to_latent_keep([s.mask for s in specs], settings.width, settings.height).to(self.device)
+            keep = mask_to_latent_keep([s.mask for s in specs], settings.width, settings.height, f,
+                                       vae.config.latent_channels).to(self.device)
             inpaint = (init_latents, noise, keep)
         resize_targets = None
         if gradual is not None:  # start small, grow during denoising
@@ -370,7 +372,7 @@ class Pipeline:
                 second_specs = [replace(s, init_image=im) for s, im in zip(second_specs, ups)]
                 latents2 = self.generate_latents(second_specs, second_settings)
         elif hires.latents_upscaling:
-            init = upscale_latents(latents1, settings.width, settings.height)
+            init = upscale_latents(latents1, settings.width, settings.height, vae_scale_factor(self.models.vae))
             second_specs = [replace(s, init_image=None) for s in second_specs]
             latents2 = self.generate_latents(second_specs, second_settings, init_latents=init)
         else:

@@ -21,11 +21,10 @@ import torch
 from PIL import Image
 
 from library.errors import UserError
+from library.sampling.img2img import vae_scale_factor
 from library.training.network_host import parse_network_args
 
 logger = logging.getLogger(__name__)
-
-LATENT_FACTOR = 8
 
 
 def parse_upscaler_args(text: str | None) -> dict[str, str]:
@@ -77,7 +76,8 @@ def run_upscaler(upscaler: Any, vae: torch.nn.Module, first_images: Sequence[Ima
     out = upscaler.upscale(vae, None if latents_in else list(first_images), first_latents if latents_in else None,
                            dtype, width, height, batch_size, vae_batch_size or batch_size)
     if isinstance(out, torch.Tensor):
-        expected = (batch_size, first_latents.shape[1], height // LATENT_FACTOR, width // LATENT_FACTOR)
+        f = vae_scale_factor(vae)
+        expected = (batch_size, first_latents.shape[1], height // f, width // f)
         if tuple(out.shape) != expected:
             raise UserError(f"--highres_fix_upscaler: upscale() returned latents of shape {tuple(out.shape)}, "
                             f"expected {expected}")
