@@ -76,6 +76,38 @@ class ImageSaver:
         return paths
 
 
+class LineProgress:
+    """Counts prompt lines as done once their last image is written (not when they are read: batches read ahead).
+
+    `mark` passes a line's requests through and remembers its last one; `written` advances the bar by the lines
+    a saved batch completes."""
+
+    def __init__(self, bar: tqdm | None = None):
+        self.bar = bar
+        self._last: set[int] = set()
+
+    def mark(self, requests: Iterable[Request]) -> Iterator[Request]:
+        last = None
+        for r in requests:
+            if last is not None:
+                yield last
+            last = r
+        if last is None:
+            self._advance(1)  # a line without images is done at once
+            return
+        self._last.add(last.index)
+        yield last
+
+    def written(self, batch: list[Request]) -> None:
+        done = [r.index for r in batch if r.index in self._last]
+        self._last.difference_update(done)
+        self._advance(len(done))
+
+    def _advance(self, n: int) -> None:
+        if self.bar is not None and n:
+            self.bar.update(n)
+
+
 class GenRun:
     """Loaded models, networks, pipeline and saver of one gen_img invocation."""
 
@@ -88,6 +120,7 @@ class GenRun:
                                        args.highres_fix_latents_upscaling, args.highres_fix_disable_control_net,
                                        upscaler)
         self.paths: list[str] = []
+        self.progress = LineProgress()
 
     def run_batch(self, batch: list[Request]) -> None:
         """Set the batch's network multipliers, generate, save (hires: prefixes 0/1). spec §7, §8, §9."""
@@ -96,11 +129,12 @@ class GenRun:
         specs, settings = [r.spec for r in batch], batch[0].settings
         if self.hires is None:
             self.paths += self.saver.save(batch, self.pipe.generate(specs, settings))
-            return
-        first, final = self.pipe.generate_hires(specs, settings, self.hires)
-        if self.args.highres_fix_save_1st:
-            self.paths += self.saver.save(batch, first, hires_prefix(True, first_stage=True))
-        self.paths += self.saver.save(batch, final, hires_prefix(True, first_stage=False))
+        else:
+            first, final = self.pipe.generate_hires(specs, settings, self.hires)
+            if self.args.highres_fix_save_1st:
+                self.paths += self.saver.save(batch, first, hires_prefix(True, first_stage=True))
+            self.paths += self.saver.save(batch, final, hires_prefix(True, first_stage=False))
+        self.progress.written(batch)
 
     def run_requests(self, requests: Iterable[Request]) -> None:
         for batch in batches(requests, self.args.batch_size):
@@ -188,14 +222,16 @@ def run(args: argparse.Namespace) -> list[str]:
 
 def _run_lines(args: argparse.Namespace, gen: GenRun, builder: RequestBuilder, lines: list[str]) -> None:
     """`--n_iter` passes over the prompt list (shuffled with `--shuffle_prompts`), batched across lines."""
-    for _ in range(args.n_iter):
-        builder.start_iteration()
-        order = list(enumerate(lines))
-        if args.shuffle_prompts:
-            builder.seed_random.shuffle(order)
-        requests = itertools.chain.from_iterable(builder.requests_for_line(line, i)
-                                                 for i, line in tqdm(order, desc="prompts"))
-        gen.run_requests(requests)
+    with tqdm(total=len(lines) * args.n_iter, desc="prompts") as bar:
+        gen.progress = LineProgress(bar)
+        for _ in range(args.n_iter):
+            builder.start_iteration()
+            order = list(enumerate(lines))
+            if args.shuffle_prompts:
+                builder.seed_random.shuffle(order)
+            requests = itertools.chain.from_iterable(gen.progress.mark(builder.requests_for_line(line, i))
+                                                     for i, line in order)
+            gen.run_requests(requests)
 
 
 def _run_lazy(args: argparse.Namespace, gen: GenRun, builder: RequestBuilder) -> None:
