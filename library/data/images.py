@@ -172,7 +172,7 @@ def scan_images(paths: Iterable[str]) -> dict[str, tuple[int, int]]:
     what no header or end-marker check can: corrupt compressed data in the middle of a file.
     """
     paths = list(paths)
-    # Pillow's decoders release the GIL, so threads decode in parallel
+    # threads overlap file reads and codec work (a thread keeps running while another decodes)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = list(pool.map(_decoded_size, paths))
     bad = [r for r in results if isinstance(r, str)]
