@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +32,52 @@ class NonFiniteError(UserError):
     exit_code = EXIT_NON_FINITE
 
 
+class SaveError(UserError, OSError):
+    """An output could not be written (disk full, file size limit, no permission, read-only file system).
+
+    Also an ``OSError`` (with the original ``errno``), so code that already handles a failed write goes on
+    handling it; the message names the file and what went wrong, and the trainers add the last good checkpoint.
+    """
+
+    def __init__(self, message: str, errno: Optional[int] = None, filename: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.errno, self.filename = message, errno, filename
+
+    def __str__(self) -> str:
+        return self.message
+
+    def with_note(self, note: str) -> "SaveError":
+        """The same error with ``; note`` appended (e.g. the last good checkpoint)."""
+        return SaveError(f"{self.message}; {note}", self.errno, self.filename)
+
+
 def exit_on_user_error(main: F) -> F:
-    """Decorate a script's ``main`` so a ``UserError`` becomes one line on stderr and exit code 2."""
+    """Decorate a script's ``main``: a ``UserError`` becomes one ``error:`` line on stderr and exit code 2;
+    Ctrl-C / SIGTERM become one ``interrupted`` line and exit code 130 / 143 (library/interrupts.py); a
+    failed write that escaped the atomic-write layer is one line too. Never a traceback for these."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
+        from library.fileio import describe_os_error
+        from library.interrupts import EXIT_SIGINT, Interrupted, handled_signals
+
+        with handled_signals():
+            try:
+                return main(*args, **kwargs)
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(e.exit_code)
+            except Interrupted as e:
+                print(e.message, file=sys.stderr)
+                sys.exit(e.exit_code)
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                sys.exit(EXIT_SIGINT)
+            except OSError as e:
+                line = describe_os_error(e)
+                if line is None:  # not an environment problem the user can fix: keep the traceback
+                    raise
+                print(f"error: {line}", file=sys.stderr)
+                sys.exit(EXIT_BAD_INPUT)
 
     return wrapper  # type: ignore[return-value]

@@ -4,24 +4,28 @@ Model files and state folders are written under a temporary name and renamed, so
 save leaves every earlier file intact. A state folder holds what accelerate saves for the prepared
 objects (only the trainable module, optimizer, scheduler, RNG states) plus ``train_state.json`` with
 the exact data position, so ``--resume`` continues where the run stopped ([v0.9.0+] format, extended).
+A failed save is one line naming the file, what went wrong and the last good checkpoint (exit code 2).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
-from library.errors import UserError
+from library.errors import SaveError, UserError
+from library.fileio import STAGING_SUFFIX, remove_path, replace_folder, save_errors
+from library.interrupts import Interrupted
 
 from . import output_names as names
+from .state_checks import TRAIN_STATE_FILE, check_model_shapes, check_rng_file, describe_load_failure, read_train_state
 
 logger = logging.getLogger(__name__)
-
-TRAIN_STATE_FILE = "train_state.json"
 
 
 @dataclass
@@ -58,45 +62,48 @@ class Companion(Protocol):
 
 
 def save_state(accelerator, folder: str, state: TrainState, extras: Sequence[StateExtra] = ()) -> None:
-    """accelerator.save_state into a temporary folder, then rename (all processes call this)."""
-    tmp = folder + ".saving"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    """accelerator.save_state into ``<folder>.saving``, then rename (all processes call this). On any failure,
+    an interrupt included, the staging folder is removed and an earlier ``folder`` is left as it was."""
+    staging = folder + STAGING_SUFFIX
+    main = accelerator.is_main_process
+    if main:
+        remove_path(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for extra in extras:
-            extra.save_to_folder(tmp)
-        with open(os.path.join(tmp, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(state.to_json(), f, indent=2)
-        if os.path.exists(folder):
-            old = folder + ".old"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-        logger.info("saved state %s", folder)
+    try:
+        with save_errors(folder, staging=staging):
+            accelerator.save_state(staging)
+            accelerator.wait_for_everyone()
+            if main:
+                for extra in extras:
+                    extra.save_to_folder(staging)
+                with open(os.path.join(staging, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
+                    json.dump(state.to_json(), f, indent=2)
+                replace_folder(staging, folder)
+                logger.info("saved state %s", folder)
+    except BaseException:
+        if main:
+            remove_path(staging)
+        raise
     accelerator.wait_for_everyone()
 
 
-def load_state(accelerator, folder: str) -> TrainState:
-    """``--resume``: restore the prepared objects and the data position."""
+def load_state(accelerator, folder: str, inexact: bool = False) -> TrainState:
+    """``--resume``: check the folder fits this run, then restore the prepared objects and the data position."""
     if not os.path.isdir(folder):
         raise UserError(f"--resume {folder}: no such state folder")
+    saved = read_train_state(folder)  # a damaged file fails here, before anything is restored
+    check_model_shapes(accelerator, folder)
+    check_rng_file(accelerator, folder, inexact)
     logger.info("resuming from %s", folder)
     try:
         accelerator.load_state(folder)
     except Exception as e:  # accelerate raises several types for foreign or partial folders
-        raise UserError(f"--resume {folder}: cannot load this state ({str(e).splitlines()[0][:200]})") from None
-    path = os.path.join(folder, TRAIN_STATE_FILE)
-    if not os.path.exists(path):
+        raise UserError(f"--resume {folder}: cannot load this state ({describe_load_failure(e)})") from None
+    if saved is None:
         logger.warning("%s has no %s (an sd-scripts v0.8 state): starting from step 0 with the restored "
                        "optimizer and scheduler, as sd-scripts does", folder, TRAIN_STATE_FILE)
         return TrainState()
-    with open(path, encoding="utf-8") as f:
-        return TrainState.from_json(json.load(f))
+    return TrainState.from_json(saved)
 
 
 def resume_state(accelerator, args: argparse.Namespace) -> TrainState:
@@ -110,7 +117,7 @@ def resume_state(accelerator, args: argparse.Namespace) -> TrainState:
         location = args.resume
         args.resume = download_state(args)
         logger.info("resuming from hub state %s (downloaded to %s)", location, args.resume)
-    return load_state(accelerator, args.resume)
+    return load_state(accelerator, args.resume, inexact=bool(getattr(args, "resume_inexact", False)))
 
 
 def _remove(path: str) -> None:
@@ -123,7 +130,10 @@ def _remove(path: str) -> None:
 
 
 class Checkpointer:
-    """Decides when to save, names files, prunes old ones. ``save_model(path, event, epoch)`` writes one file."""
+    """Decides when to save, names files, prunes old ones. ``save_model(path, event, epoch)`` writes one file.
+
+    It remembers what it saved: a failed save names the last good checkpoint, an interrupt the last saved file.
+    """
 
     def __init__(self, args: argparse.Namespace, accelerator, save_model: Callable[[str, str, int, int], None],
                  ext: str, num_epochs: int):
@@ -134,6 +144,10 @@ class Checkpointer:
         self.companions: list[Companion] = []  # written beside every model, pruned with it
         self.state_extras: list[StateExtra] = []  # written into every state folder
         self.hub = None  # --huggingface_repo_id: uploads of saved models (and states), main process only
+        self.last_model: Optional[str] = None  # the newest model file this run saved
+        self.last_state: Optional[str] = None  # the newest state folder this run saved
+        self.last_saved: Optional[str] = None  # the newer of the two
+        self._state_step: Optional[int] = None  # the step of last_state
         if accelerator.is_main_process and getattr(args, "huggingface_repo_id", None):  # no hub import otherwise
             from .hub_upload import HubUploader
 
@@ -144,8 +158,17 @@ class Checkpointer:
 
     def _model(self, name: str, event: str, epoch: int, step: int) -> None:
         if self.acc.is_main_process:
-            os.makedirs(self.out, exist_ok=True)
-            self.save_model(self._path(name + self.ext), event, epoch, step)
+            path = self._path(name + self.ext)
+            existed = os.path.exists(path)
+            try:
+                with save_errors(path):
+                    os.makedirs(self.out, exist_ok=True)
+                    self.save_model(path, event, epoch, step)
+            except BaseException:
+                if not existed:  # a plug-in network that writes in place may leave a partial file
+                    remove_path(path)
+                raise
+            self.last_model = self.last_saved = path
             for companion in self.companions:
                 companion.after_save(self._path(name), self.ext, event, epoch, step)
             if self.hub is not None:  # the final model is uploaded synchronously, as sd-scripts does
@@ -157,9 +180,13 @@ class Checkpointer:
         for companion in self.companions:
             for path in companion.paths(self._path(name), self.ext):
                 _remove(path)
+        if self.last_model == self._path(name + self.ext):
+            self.last_model = None
 
     def _save_state(self, folder: str, state: TrainState) -> None:
         save_state(self.acc, self._path(folder), state, self.state_extras)
+        self.last_state = self.last_saved = self._path(folder)
+        self._state_step = state.global_step
         if self.hub is not None and getattr(self.args, "save_state_to_huggingface", False):
             self.hub.upload(self._path(folder))
 
@@ -201,9 +228,10 @@ class Checkpointer:
                         old_model: Optional[int], old_state: Optional[int]) -> None:
         """Save the model (and state) named by ``key``, then remove the ones the keep-last rules drop (§e)."""
         self.acc.wait_for_everyone()
-        self._model(model_name(key), event, loop_epoch, state.global_step)
-        if self.args.save_state:
-            self._save_state(state_name(key), state)
+        with self.naming_last_good():
+            self._model(model_name(key), event, loop_epoch, state.global_step)
+            if self.args.save_state:
+                self._save_state(state_name(key), state)
         if self.acc.is_main_process:
             if old_model is not None:
                 self._remove_model(model_name(old_model))
@@ -215,7 +243,82 @@ class Checkpointer:
         a = self.args
         self.acc.wait_for_everyone()
         path = self._path(names.last_name(a.output_name) + self.ext)
-        self._model(names.last_name(a.output_name), "final", self.num_epochs, state.global_step)
-        if a.save_state or getattr(a, "save_state_on_train_end", False):
-            self._save_state(names.last_state_name(a.output_name), state)
+        try:
+            with self.naming_last_good():
+                self._model(names.last_name(a.output_name), "final", self.num_epochs, state.global_step)
+                if a.save_state or getattr(a, "save_state_on_train_end", False):
+                    self._save_state(names.last_state_name(a.output_name), state)
+        except Interrupted as e:
+            raise self.interrupted(e, state) from None
         return path
+
+    # --- faults and interrupts -------------------------------------------------------------------
+    def save_interrupt_state(self, state: TrainState) -> None:
+        """After a graceful Ctrl-C: a resumable state of this step (unless the schedule just saved one)."""
+        if self._state_step == state.global_step:
+            return
+        with self.naming_last_good():
+            self._save_state(names.step_state_name(self.args.output_name, state.global_step), state)
+
+    def interrupted(self, e: Interrupted, state: TrainState) -> Interrupted:
+        """``e`` with the line the user sees: the step reached and the last file saved."""
+        saved = f"last saved: {self.last_saved}" if self.last_saved else "nothing saved yet"
+        total = getattr(self.args, "max_train_steps", None) or "?"
+        return e.with_message(f"interrupted at step {state.global_step}/{total}; {saved}")
+
+    @contextlib.contextmanager
+    def naming_last_good(self) -> Iterator[None]:
+        """A failed write inside the block also names the last good checkpoint (what the user still has)."""
+        try:
+            yield
+        except SaveError as e:
+            raise e.with_note(self.last_good()) from None
+
+    def last_good(self) -> str:
+        model = self.last_model or _newest_saved(self.out, self.args.output_name, self.ext)
+        text = f"last good checkpoint: {model}" if model else "no checkpoint saved yet"
+        return text + (f" (resumable state: {self.last_state})" if self.last_state else "")
+
+    def write_samples(self, sample: Callable[[Optional[int], int], None], epoch: Optional[int], step: int) -> None:
+        """Run the sample-image hook; on a failed write remove the half-written image and name it."""
+        folder = os.path.join(self.out, "sample")
+        before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        try:
+            with save_errors(folder):
+                sample(epoch, step)
+        except BaseException as e:
+            broken = _remove_broken_images(folder, before)
+            if isinstance(e, SaveError) and broken:
+                e = SaveError(f"cannot save {broken[0]}: {e.message.split(': ', 1)[-1]}", e.errno, broken[0])
+            if isinstance(e, SaveError):
+                raise e.with_note(self.last_good()) from None
+            raise
+
+
+def _newest_saved(folder: str, output_name: Optional[str], ext: str) -> Optional[str]:
+    """The newest finished model of this output name in ``folder`` (saved by an earlier run, e.g. before a resume)."""
+    last = names.last_name(output_name)
+    pattern = re.compile(rf"^({re.escape(last)}|{re.escape(names.epoch_name(output_name, 0)[:-6])}\d{{6}}"
+                         rf"|{re.escape(names.step_name(output_name, 0)[:-8])}\d{{8}}){re.escape(ext)}$")
+    try:
+        found = [os.path.join(folder, n) for n in os.listdir(folder) if pattern.match(n)]
+    except OSError:
+        return None
+    found = [p for p in found if os.path.isfile(p) or os.path.isfile(os.path.join(p, "model_index.json"))]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def _remove_broken_images(folder: str, before: set[str]) -> list[str]:
+    """Images that appeared in ``folder`` since ``before`` and do not decode (cut short by a failed write)."""
+    from PIL import Image
+
+    broken = []
+    for name in sorted(set(os.listdir(folder)) - before) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception:
+            remove_path(path)
+            broken.append(path)
+    return broken

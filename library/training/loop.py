@@ -16,9 +16,11 @@ from typing import Callable, Iterable, Optional, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from library import interrupts
+
 from .checkpointing import Checkpointer, TrainState
 from .diffusion_step import StepRandom
-from .nonfinite_guard import NonFiniteGuard, group_grad_norms
+from .nonfinite_guard import NonFiniteGuard, group_grad_norms, remedies_for
 from .throughput import ThroughputWatch, batch_images
 
 logger = logging.getLogger(__name__)
@@ -94,14 +96,37 @@ class LoopHooks:
 def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int], Iterable], set_epoch: Callable[[int], None],
           optimizer, lr_scheduler, plan: LoopPlan, checkpointer: Checkpointer, args: argparse.Namespace,
           state: TrainState, hooks: LoopHooks = LoopHooks()) -> TrainState:
-    """Run until ``plan.max_train_steps`` optimizer steps. ``make_loader(epoch, skip)`` yields batches."""
-    # 1. progress, guards, sampling before the first step
+    """Run until ``plan.max_train_steps`` optimizer steps. ``make_loader(epoch, skip)`` yields batches.
+
+    Ctrl-C / SIGTERM end the run with :class:`~library.interrupts.Interrupted` naming the step and the last
+    saved file. With ``--save_state`` (one process) the first Ctrl-C lets the current optimizer step finish,
+    saves a resumable state of it and then stops; a second one stops at once.
+    """
+    graceful = bool(args.save_state) and accelerator.num_processes == 1
     bar = tqdm(total=plan.max_train_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                desc="steps", smoothing=0)
+    try:
+        with interrupts.graceful_stop(graceful):
+            _train(accelerator, method, make_loader, set_epoch, optimizer, lr_scheduler, plan, checkpointer, args,
+                   state, hooks, bar)
+            if interrupts.stop_requested():
+                logger.info("Ctrl-C during the last step: the run ends with its final save")
+    except interrupts.Interrupted as e:
+        raise checkpointer.interrupted(e, state) from None
+    finally:
+        bar.close()  # the stop line starts on a line of its own
+    return state
+
+
+def _train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int], Iterable],
+           set_epoch: Callable[[int], None], optimizer, lr_scheduler, plan: LoopPlan, checkpointer: Checkpointer,
+           args: argparse.Namespace, state: TrainState, hooks: LoopHooks, bar) -> None:
+    # 1. guards, sampling before the first step
     if hooks.sample and getattr(args, "sample_at_first", False) and state.global_step == 0:
-        hooks.sample(0, 0)
+        checkpointer.write_samples(hooks.sample, 0, 0)
     recorder = LossRecorder()
-    guard = NonFiniteGuard(bool(getattr(args, "check_grads", False)), getattr(accelerator, "scaler", None) is not None)
+    guard = NonFiniteGuard(bool(getattr(args, "check_grads", False)), getattr(accelerator, "scaler", None) is not None,
+                           remedies=remedies_for(args))
     watch = ThroughputWatch()
     seed, rank = args.seed, accelerator.process_index
     # 2. epochs
@@ -151,10 +176,13 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
                 fn(logs, state.global_step)
             if hooks.sample and args.sample_every_n_steps and not args.sample_every_n_epochs \
                     and state.global_step % args.sample_every_n_steps == 0:
-                hooks.sample(None, state.global_step)
+                checkpointer.write_samples(hooks.sample, None, state.global_step)
             checkpointer.after_step(state)
             if state.global_step >= plan.max_train_steps:
                 break
+            if interrupts.stop_requested():  # a graceful Ctrl-C: this step is done, keep it resumable
+                checkpointer.save_interrupt_state(state)
+                raise interrupts.stop_now()
             watch.mark()
         # 5. end of epoch
         finished_epoch = state.batches_in_epoch >= plan.batches_per_epoch
@@ -169,9 +197,10 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
                     fn(val_logs, state.global_step)
             checkpointer.after_epoch(epoch + 1, state)
             if hooks.sample and args.sample_every_n_epochs and (epoch + 1) % args.sample_every_n_epochs == 0:
-                hooks.sample(epoch + 1, state.global_step)
-    bar.close()
-    return state
+                checkpointer.write_samples(hooks.sample, epoch + 1, state.global_step)
+        if interrupts.stop_requested() and state.global_step < plan.max_train_steps:  # Ctrl-C during epoch-end jobs
+            checkpointer.save_interrupt_state(state)
+            raise interrupts.stop_now()
 
 
 @contextlib.contextmanager

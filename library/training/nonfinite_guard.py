@@ -21,15 +21,47 @@ logger = logging.getLogger(__name__)
 
 # pipeline order: the first bad site is the cause, later ones only inherit it
 SITES = ("VAE latents", "text-encoder output", "U-Net output", "loss")
-_HALF = "use --mixed_precision bf16 instead of fp16"
-REMEDIES = {
-    "VAE latents": "the VAE overflows in half precision: use --no_half_vae (or a VAE fixed for fp16); "
-                   "with a latent cache, delete it and cache again",
-    "text-encoder output": f"{_HALF}, or lower the text encoder's learning rate",
-    "U-Net output": f"the weights diverged or fp16 overflowed: {_HALF}, lower --learning_rate, "
-                    "keep --max_grad_norm",
-    "loss": f"the weights diverged or fp16 overflowed: {_HALF}, lower --learning_rate, keep --max_grad_norm",
-}
+_BF16_NOT_FP16 = "use --mixed_precision bf16 instead of fp16"
+
+
+def remedies_for(args=None) -> dict[str, str]:
+    """The likely remedy per site, fitted to the precision in use: bf16 is suggested only to an fp16 run,
+    ``--no_half_vae`` only when the VAE runs in half precision, clipping as ``--max_grad_norm`` stands.
+    ``args`` None: nothing known, every hint applies. Key ``"gradient"``: for a parameter group ``{group}``."""
+    def opt(name, default=None):
+        return getattr(args, name, default) if args is not None else default
+
+    precision = opt("mixed_precision", "fp16" if args is None else "no") or "no"
+    fp16 = precision == "fp16" or bool(opt("full_fp16", False))
+    half = fp16 or precision == "bf16" or bool(opt("full_bf16", False))
+    clip = opt("max_grad_norm", 1.0)
+    lower = [f"lower --learning_rate or --max_grad_norm (now {clip:g})"] if clip else \
+        ["lower --learning_rate", "clip gradients (--max_grad_norm 1.0)"]
+    clipping = f"lower --max_grad_norm (now {clip:g})" if clip else "clip gradients (--max_grad_norm 1.0)"
+    cache = "; with a latent cache, delete it and cache again"
+    if half and not opt("no_half_vae", False):
+        fixed = " (or a VAE fixed for fp16)" if fp16 else ""
+        vae = f"the VAE fails in {'fp16' if fp16 else 'bf16'}: use --no_half_vae{fixed}{cache}"
+    else:
+        vae = f"the VAE gives NaN/Inf even in full precision: check the VAE (--vae) and the training images{cache}"
+    full = [f"drop --{name} (weights kept in half precision lose small updates)"
+            for name in ("full_fp16", "full_bf16") if opt(name, False)]
+    diverged = "the weights diverged or fp16 overflowed" if fp16 else "the weights diverged"
+    bf16 = [_BF16_NOT_FP16] if fp16 else []
+    return {
+        "VAE latents": vae,
+        "text-encoder output": _any_of(bf16 + ["lower the text encoder's learning rate"]),
+        "U-Net output": f"{diverged}: {_any_of(bf16 + lower + full)}",
+        "loss": f"{diverged}: {_any_of(bf16 + lower + full)}",
+        "gradient": _any_of(["lower the learning rate of '{group}'", clipping] + bf16 + full),
+    }
+
+
+def _any_of(steps: list[str]) -> str:
+    return steps[0] if len(steps) == 1 else ", ".join(steps[:-1]) + ", or " + steps[-1]
+
+
+REMEDIES = remedies_for()  # precision unknown: every hint
 
 _active: Optional["NonFiniteGuard"] = None
 
@@ -56,8 +88,10 @@ def group_grad_norms(param_groups: Sequence[dict]) -> list[torch.Tensor]:
 class NonFiniteGuard:
     """Collects the site flags of one micro-step and checks them with the loss in one transfer."""
 
-    def __init__(self, check_grads: bool = False, grad_scaler_active: bool = False):
+    def __init__(self, check_grads: bool = False, grad_scaler_active: bool = False,
+                 remedies: Optional[dict[str, str]] = None):
         self.check_grads = check_grads
+        self.remedies = remedies or REMEDIES
         # fp16 loss scaling makes inf gradients routine: the scaler skips those steps itself
         self.grad_scaler_active = grad_scaler_active
         self._flags: list[tuple[str, torch.Tensor]] = []
@@ -91,7 +125,7 @@ class NonFiniteGuard:
             bad_sites.add("loss")
         for site in SITES:
             if site in bad_sites:
-                raise NonFiniteError(_message(site, step, REMEDIES[site], current))
+                raise NonFiniteError(_message(site, step, self.remedies[site], current))
         logs = {f"grad_norm/{name}": value for name, value in zip(group_names, norms)}
         for name, value in zip(group_names, norms):
             if math.isfinite(value):
@@ -100,8 +134,7 @@ class NonFiniteGuard:
                 logger.info("step %d: non-finite gradient of %s, skipped by the fp16 loss scaler", step, name)
                 continue
             raise NonFiniteError(_message(f"gradient of parameter group '{name}'", step,
-                                          f"lower the learning rate of '{name}', keep gradient clipping "
-                                          f"(--max_grad_norm 1.0), or {_HALF}", current))
+                                          self.remedies["gradient"].replace("{group}", name), current))
         return current, logs
 
 

@@ -17,6 +17,8 @@ import sys
 from importlib import metadata as importlib_metadata
 from typing import Any, Iterable, Optional
 
+from library.fileio import write_text_atomic
+
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "Pillow", "tokenizers",
             "bitsandbytes", "xformers", "lycoris-lora", "prodigyopt", "lion-pytorch", "dadaptation",
             "deepspeed", "wandb", "tensorboard", "onnxruntime", "onnxruntime-gpu")
@@ -117,11 +119,7 @@ class ReceiptWriter:
     def after_save(self, stem: str, ext: str, event: str, epoch: int, global_step: int) -> None:
         content = {**self.receipt, "saved": {"file": os.path.basename(stem + ext), "event": event,
                                              "epoch": epoch, "global_step": global_step}}
-        path = stem + RECEIPT_SUFFIX
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
+        write_text_atomic(stem + RECEIPT_SUFFIX, json.dumps(content, indent=2, ensure_ascii=False))
 
     def paths(self, stem: str, ext: str) -> list[str]:
         return [stem + RECEIPT_SUFFIX]
