@@ -24,14 +24,13 @@ TRAINER_KIND = {"train_network": "network", "sdxl_train_network": "network", "tr
 
 def report(args: argparse.Namespace, script: str, sdxl: bool = False) -> None:
     """Build datasets and plan, print the report (main process only); returns None, loads no model."""
-    from library.config.dataset_blueprint import dataset_params_from_args
     from library.data.dataset import build_dataset_group, scan_mode
 
-    params = dataset_params_from_args(args, script)
-    build = dict(seed=args.seed, max_train_steps=args.max_train_steps, max_token_length=args.max_token_length,
-                 scan=scan_mode(args))
-    group = build_dataset_group(params, [], **build)
-    vgroup = build_dataset_group(params, [], part="validation", **build)
+    from .run_common import build_data
+
+    group, params = build_data(args, script, sdxl)  # the real run's own step: the same checks, the same answer
+    vgroup = build_dataset_group(params, [], part="validation", seed=args.seed, max_train_steps=args.max_train_steps,
+                                 max_token_length=args.max_token_length, scan=scan_mode(args))
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     plan = LoopPlan.from_args(args, -(-len(group) // processes))
     if os.environ.get("RANK", "0") != "0":
