@@ -237,11 +237,11 @@ def check_same_family(paths: Iterable[str], option: str = "--models", expected: 
             continue  # names of no known model: nothing to compare
         if expected:
             check_family(tf, expected, option, against=against)
-        if first is None:
-            first = (tf, family)
-        elif not families_agree(family, first[1]):
+        if first is not None and not families_agree(family, first[1]):
             raise UserError(f"{option} {tf.path} is an {FAMILY_NAMES[family]} LoRA but {first[0].path} is "
                             f"{FAMILY_NAMES[first[1]]}: use LoRAs of one model family")
+        if first is None or "/" in first[1]:
+            first = (tf, family)  # compare with the most specific family seen (sd1/sd2 fits either)
     _check_widths_agree(files, option)
     return files
 

@@ -154,3 +154,14 @@ def test_truncated_safetensors(tmp_path):
     open(path, "wb").write(raw[:-100])
     with pytest.raises(UserError, match=f"truncated .safetensors file .*the file has {len(raw) - 100}"):
         read_tensor_file(path)
+
+
+def test_tool_inputs_compare_with_the_most_specific_family(tmp_path):
+    from networks.lora_family import check_same_family
+
+    bare = _lora(tmp_path, {Q: (32, 32)}, name="bare.safetensors")
+    sd1 = _lora(tmp_path, {Q: (32, 32)}, {"ss_v2": "False"}, name="one.safetensors")
+    sd2 = _lora(tmp_path, {Q: (32, 32)}, {"ss_v2": "True"}, name="two.safetensors")
+    assert len(check_same_family([bare, sd1])) == 2
+    with pytest.raises(UserError, match="two.safetensors is an SD2 LoRA but .*one.safetensors is SD1"):
+        check_same_family([bare, sd1, sd2])
