@@ -153,11 +153,13 @@ def test_seed_reproducible_independent_of_batch_position(sd1):
     batch = pipe.generate_latents([ImageSpec(PROMPT, seed=11), ImageSpec(PROMPT, seed=22)], settings)
     alone = pipe.generate_latents([ImageSpec(PROMPT, seed=22)], settings)
     swapped = pipe.generate_latents([ImageSpec(PROMPT, seed=22), ImageSpec(PROMPT, seed=11)], settings)
-    # equal up to float rounding of different batch shapes (latents here reach |x| ~ 50)
-    tol = 1e-5 * batch.abs().max().item()
+    # equal up to float rounding of different batch shapes (latents here reach |x| ~ 50; the batched
+    # kernels round differently across CPUs, and 4 ancestral steps amplify it to ~3e-5 relative on some),
+    # while another seed differs by the order of the latents themselves
+    tol = 1e-4 * batch.abs().max().item()
     torch.testing.assert_close(batch[1], alone[0], atol=tol, rtol=0)
     torch.testing.assert_close(batch[0], swapped[1], atol=tol, rtol=0)
-    assert not torch.allclose(batch[0], batch[1])
+    assert (batch[0] - batch[1]).abs().max().item() > 100 * tol
 
 
 def test_sdxl_size_conditioning_changes_output(tiny):
