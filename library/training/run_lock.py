@@ -27,6 +27,7 @@ from . import output_names as names
 logger = logging.getLogger(__name__)
 
 _held: Optional[str] = None  # the lock file this process holds
+_made_folders: list[str] = []  # folders the lock created, deepest first (removed again if the run wrote nothing)
 _atexit_registered = False
 
 
@@ -95,21 +96,27 @@ def releasing() -> Iterator[None]:
 
 def release() -> None:
     """Remove the lock this process holds (only if it is still ours)."""
-    global _held
-    path, _held = _held, None
+    global _held, _made_folders
+    path, _held, made, _made_folders = _held, None, _made_folders, []
     if path is None:
         return
     owner = _read(path)
     if owner is not None and owner.pid == os.getpid():
         with contextlib.suppress(OSError):
             os.unlink(path)
+    for folder in made:  # a run that stopped before saving anything leaves no empty output folder
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 def _acquire(path: str) -> None:
-    global _held, _atexit_registered
+    global _held, _atexit_registered, _made_folders
     me = LockOwner.me()
     with save_errors(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        _made_folders = _missing_folders(os.path.dirname(os.path.abspath(path)))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         for _ in range(3):  # a stale lock is replaced; racing starters each try again
             if _create(path, me):
                 _held = path
@@ -124,6 +131,14 @@ def _acquire(path: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     raise UserError(f"{path}: cannot take the run lock (other runs keep starting with this output name)")
+
+
+def _missing_folders(folder: str) -> list[str]:
+    missing = []
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
 
 
 def _create(path: str, owner: LockOwner) -> bool:

@@ -72,6 +72,24 @@ def test_live_lock_stops_the_run_before_models_load(tiny_sd, shapes_data, tmp_pa
     assert json.loads(lock.read_text())["pid"] == other_process.pid  # the other run's lock is untouched
 
 
+@pytest.mark.parametrize("script,extra", [
+    ("train_db", []),
+    ("train_textual_inversion", ["--token_string", "sks", "--init_word", "shape", "--output_name", "lora"]),
+])
+def test_every_trainer_checks_the_lock(tiny_sd, shapes_data, tmp_path, capsys, tripwire, other_process, script,
+                                       extra):
+    from tests.training.full_train_helpers import common_args
+
+    out = tmp_path / "out"
+    _write_lock(out, other_process.pid)
+    main = __import__(script).main
+    argv = common_args(tiny_sd["sd1"]["safetensors"], out, 2, "--train_data_dir", shapes_data, "--output_name",
+                       "lora", *extra)
+    for dry_run in ([], ["--dry_run"]):
+        code, err = run_main(main, [*argv, *dry_run], capsys)
+        assert code == 2 and f"pid {other_process.pid} on " in error_line(err)
+
+
 def test_lock_on_another_host_is_taken_as_live(tmp_path):
     out = tmp_path / "out"
     _write_lock(out, os.getpid() + 1, host="some-other-machine")
@@ -115,7 +133,7 @@ def test_lock_is_removed_when_the_run_fails(tiny_sd, shapes_data, tmp_path, caps
     out = tmp_path / "out"
     code, err = run_main(train_network.main, base_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 1), capsys)
     assert code == 2 and error_line(err) == "error: stop here"
-    assert not (out / ".lora.lock").exists()
+    assert not out.exists()  # neither the lock nor the folder the lock created is left
 
 
 def test_other_ranks_take_no_lock(tmp_path, monkeypatch):
