@@ -1,6 +1,7 @@
 """Allowed ranges of numeric options: declared once, next to each option, checked wherever a value comes from.
 
-An option group declares ``ranged(g.add_argument("--train_batch_size", type=int, ...), at_least(1))``.
+An option group declares ``ranged(g.add_argument("--train_batch_size", type=int, ...), at_least(1))``
+(the range travels on the argparse action).
 ``check_ranges(args, parser)`` then checks the final values (command line and ``--config_file`` merged,
 or a namespace handed to ``train(args)``), and the dataset TOML schema looks up the range of the option
 a dataset key mirrors (``batch_size`` -> ``--train_batch_size``) with ``range_of``. A value outside is
@@ -13,12 +14,11 @@ nonsense (``--network_dim 0``, ``--train_batch_size 0``, ``--max_train_steps -5`
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-# dest -> range, filled as the option groups are declared (one parser build registers them all)
-_REGISTRY: dict[str, "Range"] = {}
 
 
 @dataclass(frozen=True)
@@ -76,18 +76,28 @@ SEED = between(0, 2**32 - 1)  # numpy's seed range, which accelerate's set_seed 
 def ranged(action: argparse.Action, allowed: Range) -> argparse.Action:
     """Attach ``allowed`` to an option just declared; returns the action."""
     action.value_range = allowed  # type: ignore[attr-defined]
-    _REGISTRY[action.dest] = allowed
     return action
 
 
-def range_of(dest: str) -> Optional[Range]:
-    """The declared range of option ``dest`` (None when it has none)."""
-    if not _REGISTRY:
-        from library.config.options import SCRIPTS, build_parser  # building the parsers registers every range
+def ranges_of(parser: argparse.ArgumentParser) -> dict[str, Range]:
+    """``{dest: range}`` of every option of ``parser`` that declares one."""
+    return {a.dest: a.value_range for a in parser._actions if getattr(a, "value_range", None) is not None}
 
-        for script in SCRIPTS:
-            build_parser(script)
-    return _REGISTRY.get(dest)
+
+@functools.lru_cache(maxsize=1)
+def _training_ranges() -> dict[str, Range]:
+    from library.config.options import SCRIPTS, build_parser
+
+    out: dict[str, Range] = {}
+    for script in SCRIPTS:
+        out.update(ranges_of(build_parser(script)))
+    return out
+
+
+def range_of(dest: str) -> Optional[Range]:
+    """The declared range of the training option ``dest`` (None when it has none); the dataset TOML keys
+    share the ranges of the options they mirror."""
+    return _training_ranges().get(dest)
 
 
 def out_of_range(dest: str, value: Any, allowed: Range, where: str = "") -> str:

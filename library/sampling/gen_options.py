@@ -7,10 +7,13 @@ silently ignoring them.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from typing import Any
 
 from library.config.options_common import section
+from library.config.ranges import (FRACTION, SEED, Range, above, at_least, between, check_ranges, ranged,
+                                   ranges_of)
 from library.errors import UserError
 from library.log import add_logging_arguments
 from library.sampling.controlnet import resolve_control_nets
@@ -38,11 +41,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     g.add_argument("--diffusers_xformers", action="store_true", help="Diffusers' xformers switch")
     g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory format for the U-Net")
-    g.add_argument("--vae_batch_size", type=float, default=None, help="VAE batch; <1 = fraction of --batch_size")
-    g.add_argument("--vae_slices", type=int, default=None, help="decode the VAE in pieces to save memory")
-    g.add_argument("--clip_skip", type=int, default=None,
-                   help="use hidden state -k of the text encoder (default SD1 1, SD2 2, SDXL 2)")
-    g.add_argument("--max_embeddings_multiples", type=int, default=None, help="prompt length = 75 x this")
+    ranged(g.add_argument("--vae_batch_size", type=float, default=None,
+                          help="VAE batch; <1 = fraction of --batch_size"),
+           above(0, "< 1 = a fraction of --batch_size"))
+    ranged(g.add_argument("--vae_slices", type=int, default=None, help="decode the VAE in pieces to save memory"),
+           at_least(0, "0 = off"))
+    ranged(g.add_argument("--clip_skip", type=int, default=None,
+                          help="use hidden state -k of the text encoder (default SD1 1, SD2 2, SDXL 2)"),
+           at_least(1, "1 = the last layer"))
+    ranged(g.add_argument("--max_embeddings_multiples", type=int, default=None, help="prompt length = 75 x this"),
+           at_least(1))
     g.add_argument("--emb_normalize_mode", type=str, default="original", choices=list(EMB_NORMALIZE_MODES),
                    help="how prompt weights are normalised (default original)")
 
@@ -55,39 +63,45 @@ def _add_prompt_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompter_module_args", type=str, default=None, help="free string for --from_module")
     g.add_argument("--interactive", action="store_true", help="read prompt lines from stdin (n_iter forced to 1)")
     g.add_argument("--no_preview", action="store_true", help="no preview window in interactive mode (never shown here)")
-    g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt line")
-    g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list")
-    g.add_argument("--batch_size", type=int, default=1, help="images per U-Net batch")
+    ranged(g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt line"), at_least(1))
+    ranged(g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list"), at_least(1))
+    ranged(g.add_argument("--batch_size", type=int, default=1, help="images per U-Net batch"), at_least(1))
     g.add_argument("--outdir", type=str, default="outputs", help="output folder")
     g.add_argument("--sequential_file_name", action="store_true", help="name images im_000001.png, ...")
     g.add_argument("--use_original_file_name", action="store_true", help="img2img: name = source image stem")
     g.add_argument("--shuffle_prompts", action="store_true", help="shuffle the prompt list each iteration")
-    g.add_argument("--seed", type=int, default=None, help="seed: per-image seeds are drawn from Random(seed)")
+    ranged(g.add_argument("--seed", type=int, default=None, help="seed: per-image seeds are drawn from Random(seed)"),
+           SEED)
     g.add_argument("--iter_same_seed", action="store_true", help="one seed for all prompts of an iteration")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     g = section(p, "sampling (spec §1.3)")
-    g.add_argument("--W", type=int, default=None, help="width (default 512, SDXL 1024)")
-    g.add_argument("--H", type=int, default=None, help="height (default 512, SDXL 1024)")
-    g.add_argument("--steps", type=int, default=50, help="sampling steps")
+    ranged(g.add_argument("--W", type=int, default=None, help="width (default 512, SDXL 1024)"), at_least(8))
+    ranged(g.add_argument("--H", type=int, default=None, help="height (default 512, SDXL 1024)"), at_least(8))
+    ranged(g.add_argument("--steps", type=int, default=50, help="sampling steps"), between(1, 1000))
     g.add_argument("--sampler", type=str, default="ddim", help=f"sampler: {', '.join(SAMPLERS)}")
     g.add_argument("--scale", type=float, default=7.5, help="CFG scale (guidance only when > 1)")
     g.add_argument("--negative_scale", type=float, default=None, help="separate negative-prompt guidance scale")
     for name in ("original_width", "original_height", "original_width_negative", "original_height_negative",
                  "crop_top", "crop_left"):
-        g.add_argument(f"--{name}", type=int, default=None, help=f"SDXL size conditioning: {name}")
+        ranged(g.add_argument(f"--{name}", type=int, default=None, help=f"SDXL size conditioning: {name}"),
+               at_least(0))
 
 
 def _add_img2img_options(p: argparse.ArgumentParser) -> None:
     g = section(p, "img2img / inpaint / hires fix (spec §1.4)")
     g.add_argument("--image_path", type=str, default=None, help="init image file or folder")
     g.add_argument("--mask_path", type=str, default=None, help="inpaint mask file or folder (white = repaint)")
-    g.add_argument("--strength", type=float, default=None, help="img2img strength (default 0.8)")
+    ranged(g.add_argument("--strength", type=float, default=None, help="img2img strength (default 0.8)"), FRACTION)
     g.add_argument("--clip_vision_strength", type=float, default=None, help="not supported yet")
-    g.add_argument("--highres_fix_scale", type=float, default=None, help="hires fix: 1st stage size = final x scale")
-    g.add_argument("--highres_fix_steps", type=int, default=28, help="hires fix: 1st stage steps")
-    g.add_argument("--highres_fix_strength", type=float, default=None, help="hires fix: 1st stage strength (img2img)")
+    ranged(g.add_argument("--highres_fix_scale", type=float, default=None,
+                          help="hires fix: 1st stage size = final x scale"),
+           Range(0, 1, lo_open=True, note="the first stage is this share of the final size"))
+    ranged(g.add_argument("--highres_fix_steps", type=int, default=28, help="hires fix: 1st stage steps"), at_least(1))
+    ranged(g.add_argument("--highres_fix_strength", type=float, default=None,
+                          help="hires fix: 1st stage strength (img2img)"),
+           FRACTION)
     g.add_argument("--highres_fix_save_1st", action="store_true", help="hires fix: also save 1st stage images")
     g.add_argument("--highres_fix_latents_upscaling", action="store_true", help="hires fix: bilinear latent upscale")
     g.add_argument("--highres_fix_upscaler", type=str, default=None,
@@ -106,7 +120,8 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_args", type=str, default=None, nargs="*", help="per network one 'k=v;k=v' string")
     g.add_argument("--network_show_meta", action="store_true", help="print the networks' safetensors metadata")
     g.add_argument("--network_merge", action="store_true", help="merge the networks into the weights")
-    g.add_argument("--network_merge_n_models", type=int, default=None, help="merge only the first N networks")
+    ranged(g.add_argument("--network_merge_n_models", type=int, default=None, help="merge only the first N networks"),
+           at_least(0))
     g.add_argument("--network_pre_calc", action="store_true", help="pre-add network deltas per batch")
     g.add_argument("--network_regional_mask_max_color_codes", type=int, default=None, help="not supported yet")
     g.add_argument("--textual_inversion_embeddings", type=str, default=None, nargs="*",
@@ -115,22 +130,32 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
 
 def _add_deep_shrink_options(p: argparse.ArgumentParser) -> None:
     g = section(p, "Deep Shrink (spec §1.5; prompt options --dsd1/--dst1/--dsd2/--dst2/--dsr)")
-    g.add_argument("--ds_depth_1", type=int, default=None,
-                   help="enable Deep Shrink: shrink before this block (SD1/2: down block, SDXL: input block)")
-    g.add_argument("--ds_timesteps_1", type=int, default=650, help="shrink at depth 1 while timestep >= this")
-    g.add_argument("--ds_depth_2", type=int, default=None, help="second depth, shrunk below --ds_timesteps_1")
-    g.add_argument("--ds_timesteps_2", type=int, default=650, help="shrink at depth 2 while timestep >= this")
-    g.add_argument("--ds_ratio", type=float, default=0.5, help="shrink ratio (> 0)")
+    ranged(g.add_argument("--ds_depth_1", type=int, default=None,
+                          help="enable Deep Shrink: shrink before this block (SD1/2: down block, SDXL: input block)"),
+           at_least(0))
+    ranged(g.add_argument("--ds_timesteps_1", type=int, default=650, help="shrink at depth 1 while timestep >= this"),
+           between(0, 1000))
+    ranged(g.add_argument("--ds_depth_2", type=int, default=None, help="second depth, shrunk below --ds_timesteps_1"),
+           at_least(0))
+    ranged(g.add_argument("--ds_timesteps_2", type=int, default=650, help="shrink at depth 2 while timestep >= this"),
+           between(0, 1000))
+    ranged(g.add_argument("--ds_ratio", type=float, default=0.5, help="shrink ratio (> 0)"), above(0))
 
 
 def _add_gradual_latent_options(p: argparse.ArgumentParser) -> None:
     g = section(p, "Gradual Latent, Euler-a only (spec §1.5; prompt options --glt/--glr/--gle/--gls/--glsn/--glus)")
-    g.add_argument("--gradual_latent_timesteps", type=int, default=None,
-                   help="enable Gradual Latent: the latent starts small and grows once the timestep is below this")
-    g.add_argument("--gradual_latent_ratio", type=float, default=0.5, help="start size ratio, in (0, 1]")
-    g.add_argument("--gradual_latent_ratio_step", type=float, default=0.125, help="ratio added at each growth")
-    g.add_argument("--gradual_latent_every_n_steps", type=int, default=3, help="grow every this many steps")
-    g.add_argument("--gradual_latent_s_noise", type=float, default=1.0, help="noise scale of the growing steps")
+    ranged(g.add_argument("--gradual_latent_timesteps", type=int, default=None,
+                          help="enable Gradual Latent: the latent starts small and grows once the timestep is below "
+                               "this"),
+           between(0, 1000))
+    ranged(g.add_argument("--gradual_latent_ratio", type=float, default=0.5, help="start size ratio, in (0, 1]"),
+           Range(0, 1, lo_open=True))
+    ranged(g.add_argument("--gradual_latent_ratio_step", type=float, default=0.125, help="ratio added at each growth"),
+           above(0))
+    ranged(g.add_argument("--gradual_latent_every_n_steps", type=int, default=3, help="grow every this many steps"),
+           at_least(1))
+    ranged(g.add_argument("--gradual_latent_s_noise", type=float, default=1.0, help="noise scale of the growing steps"),
+           at_least(0))
     g.add_argument("--gradual_latent_unsharp_params", type=str, default=None,
                    help='unsharp mask after enlarging: "ksize,sigma,strength[,target_x]" (target_x 1/0, default 1)')
 
@@ -142,8 +167,8 @@ def _add_control_net_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control_net_preps", type=str, default=None, nargs="*",
                    help="per ControlNet / LLLite: none (the guide image as is) or canny_<low>_<high> (needs "
                         "opencv-python)")
-    g.add_argument("--control_net_ratios", type=float, default=None, nargs="*",
-                   help="per ControlNet / LLLite: used while step/steps <= ratio (1.0)")
+    ranged(g.add_argument("--control_net_ratios", type=float, default=None, nargs="*",
+                          help="per ControlNet / LLLite: used while step/steps <= ratio (1.0)"), FRACTION)
     g.add_argument("--control_net_weights", type=float, default=None, nargs="*",
                    help="per ControlNet: multiplier of its residuals (1.0)")
     g.add_argument("--control_net_lllite_models", type=str, default=None, nargs="*",
@@ -210,17 +235,15 @@ def warn_line_defaults_only(args: argparse.Namespace) -> None:
 
 
 def reject_unsupported(args: argparse.Namespace) -> None:
-    """Refuse every option of a feature that is not implemented yet (never silently ignored)."""
+    """Refuse out-of-range values and every option of a feature that is not implemented yet (never silently
+    ignored)."""
+    check_ranges(args, build_gen_parser())
     for name, (feature, unset) in UNSUPPORTED.items():
         if getattr(args, name) != unset:
             raise UserError(f"--{name} is not supported yet ({feature}); see docs/gen_img.md")
     if args.network_module and args.mask_path:
         raise UserError("--mask_path with --network_module means regional LoRA, which is not supported yet; "
                         "see docs/gen_img.md")
-    if not args.ds_ratio > 0:
-        raise UserError(f"--ds_ratio must be > 0, got {args.ds_ratio}")
-    if args.ds_depth_1 is not None and args.ds_depth_1 < 0:
-        raise UserError(f"--ds_depth_1 must be >= 0, got {args.ds_depth_1}")
     gradual = resolve_gradual_latent(args.gradual_latent_timesteps, args.gradual_latent_ratio,
                                      args.gradual_latent_ratio_step, args.gradual_latent_every_n_steps,
                                      args.gradual_latent_s_noise, args.gradual_latent_unsharp_params)
@@ -234,3 +257,28 @@ def reject_unsupported(args: argparse.Namespace) -> None:
         raise UserError("--fp16 and --bf16 exclude each other")
     if sum(map(bool, (args.sdxl, args.v1, args.v2))) > 1:
         raise UserError("give at most one of --sdxl, --v1, --v2")
+
+
+# prompt-line option field -> the gen_img option whose range it shares (fields named like their option omitted)
+_LINE_FIELD_OPTION = {"width": "W", "height": "H", "seeds": "seed", "network_muls": "network_mul"}
+
+
+def check_line_ranges(options: Any, line: str) -> None:
+    """A prompt line's own options (``--w 0``, ``--t 1.5``, ``--glr 2``) obey the ranges of the command-line
+    options they override; one ``UserError`` naming the line option, the value, the range and the line."""
+    from library.sampling.prompt_file import line_option_key
+
+    ranges = _gen_ranges()
+    for field, value in options.overrides().items():
+        allowed = ranges.get(_LINE_FIELD_OPTION.get(field, field))
+        if allowed is None or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item not in allowed:
+                raise UserError(f"prompt option --{line_option_key(field)} {item!r} is out of range: it must be "
+                                f"{allowed.describe()} (as --{_LINE_FIELD_OPTION.get(field, field)}): {line}")
+
+
+@functools.lru_cache(maxsize=1)
+def _gen_ranges() -> dict:
+    return ranges_of(build_gen_parser())

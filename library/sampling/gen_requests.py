@@ -19,6 +19,7 @@ from library.errors import UserError
 from library.sampling.controlnet import guide_images_for
 from library.sampling.deep_shrink import DeepShrink, resolve_deep_shrink
 from library.sampling.dynamic_prompts import expand_dynamic_prompts
+from library.sampling.gen_options import check_line_ranges
 from library.sampling.gradual_latent import GradualLatent, check_usable, resolve_gradual_latent
 from library.sampling.img2img import fit_init_image, list_images, open_image
 from library.sampling.pipeline import GenSettings, ImageSpec
@@ -80,6 +81,7 @@ def line_gradual_latent(args: argparse.Namespace, options: PromptOptions) -> Gra
 def check_line_supported(line: str, args: argparse.Namespace) -> None:
     """Refuse bad Deep Shrink / Gradual Latent values of a line (and Gradual Latent without Euler-a)."""
     _, options = parse_prompt_line(line)
+    check_line_ranges(options, line)
     try:
         line_deep_shrink(args, options)
         if line_gradual_latent(args, options) is not None:

@@ -260,6 +260,11 @@ _LINE_OPTIONS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
 }
 
 
+def line_option_key(field: str) -> str:
+    """The prompt-line option (``w``, ``glr``, ...) that sets ``PromptOptions.<field>``."""
+    return next(key for key, (_, name, _) in _LINE_OPTIONS.items() if name == field)
+
+
 def parse_prompt_line(line: str) -> tuple[str, PromptOptions]:
     """Split a gen_img prompt line on " --" into the prompt and its inline options. spec §3.
 

@@ -218,9 +218,9 @@ def test_command_line_deep_shrink_sdxl(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--ds_depth_1", "1", "--ds_ratio", "0"], "--ds_ratio must be > 0, got 0.0"),
-    (["--ds_depth_1", "-1"], "--ds_depth_1 must be >= 0, got -1"),
-    (["--prompt", "a cat --dsr 0"], "Deep Shrink ratio must be > 0 (--ds_ratio / --dsr), got 0.0: a cat --dsr 0"),
+    (["--ds_depth_1", "1", "--ds_ratio", "0"], "--ds_ratio 0.0 is out of range: it must be > 0"),
+    (["--ds_depth_1", "-1"], "--ds_depth_1 -1 is out of range: it must be >= 0"),
+    (["--prompt", "a cat --dsr 0"], "prompt option --dsr 0.0 is out of range: it must be > 0 (as --ds_ratio): a cat --dsr 0"),
 ])
 def test_bad_values_exit_2_with_one_line(tiny, tmp_path, capsys, extra, message):
     argv = ["--ckpt", tiny["sd1"], "--outdir", str(tmp_path / "o"), *extra]

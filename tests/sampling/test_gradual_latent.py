@@ -255,11 +255,13 @@ def test_sdxl_runs(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--gradual_latent_timesteps", "650", "--gradual_latent_ratio", "0"], r"ratio must be in (0, 1]"),
-    (["--gradual_latent_timesteps", "650", "--gradual_latent_ratio", "1.5"], r"ratio must be in (0, 1]"),
+    (["--gradual_latent_timesteps", "650", "--gradual_latent_ratio", "0"],
+     "--gradual_latent_ratio 0.0 is out of range: it must be from 0 to 1 (excluding 0)"),
+    (["--gradual_latent_timesteps", "650", "--gradual_latent_ratio", "1.5"], "--gradual_latent_ratio 1.5 is out of range"),
     (["--gradual_latent_timesteps", "650", "--gradual_latent_unsharp_params", "3,0.5"], "ksize,sigma,strength"),
     (["--gradual_latent_timesteps", "650", "--sampler", "ddim"], "euler_a / k_euler_a only, not 'ddim'"),
-    (["--prompt", "a cat --glr 0", "--sampler", "euler_a"], "ratio must be in (0, 1]"),
+    (["--prompt", "a cat --glr 0", "--sampler", "euler_a"],
+     "prompt option --glr 0.0 is out of range: it must be from 0 to 1 (excluding 0) (as --gradual_latent_ratio)"),
     (["--prompt", "a cat --glus 3,0.5", "--sampler", "euler_a"], "ksize,sigma,strength"),
     (["--prompt", "a cat --glt 650", "--sampler", "dpmsolver++"], "not 'dpmsolver++': a cat --glt 650"),
 ])
