@@ -1,10 +1,12 @@
 """User-facing errors: one clear line, exit code 2, no traceback."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
 import logging
 import sys
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Iterator, NoReturn, Optional, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,22 @@ class SaveError(UserError, OSError):
         return SaveError(f"{self.message}; {note}", self.errno, self.filename)
 
 
+@contextlib.contextmanager
+def one_line_argparse_errors() -> Iterator[None]:
+    """While a script's ``main`` runs, a command-line error from argparse (unknown option, bad value, missing
+    argument) is one ``error:`` line pointing to ``--help``, exit code 2, instead of the whole usage text."""
+    original = argparse.ArgumentParser.error
+
+    def error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+        parser.exit(EXIT_BAD_INPUT, f"error: {message} (see {parser.prog} --help)\n")
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+
+
 def exit_on_user_error(main: F) -> F:
     """Decorate a script's ``main``: a ``UserError`` becomes one ``error:`` line on stderr and exit code 2;
     Ctrl-C / SIGTERM become one ``interrupted`` line and exit code 130 / 143 (library/interrupts.py); a
@@ -61,7 +79,7 @@ def exit_on_user_error(main: F) -> F:
         from library.fileio import describe_os_error
         from library.interrupts import EXIT_SIGINT, Interrupted, handled_signals
 
-        with handled_signals():
+        with handled_signals(), one_line_argparse_errors():
             try:
                 return main(*args, **kwargs)
             except UserError as e:
