@@ -16,6 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from library.errors import UserError
+from library.fileio import atomic_path
 from library.sampling.controlnet import load_control_nets, resolve_control_nets
 from library.sampling.controlnet_lllite import load_lllites, resolve_lllites
 from library.sampling.filenames import (a1111_parameters, gen_image_name, gen_png_text, hires_prefix,
@@ -71,7 +72,8 @@ class ImageSaver:
         paths = []
         for i, (r, image) in enumerate(zip(batch, images)):
             path = os.path.join(self.args.outdir, self.name(r, i, ts, prefix))
-            image.save(path, pnginfo=self.png_info(r, image))
+            with atomic_path(path) as tmp:  # a full disk never leaves a half-written image
+                image.save(tmp, format="PNG", pnginfo=self.png_info(r, image))
             paths.append(path)
         return paths
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from tqdm import tqdm
 
+from library.fileio import atomic_path
 from library.models.bundle import SDModels
 from library.sampling.filenames import sample_image_path, timestamp
 from library.sampling.pipeline import GenSettings, ImageSpec, Pipeline
@@ -89,5 +90,6 @@ def _sample_one(pipe: Pipeline, d: Mapping[str, Any], index: int, output_dir: st
     image = pipe.generate([spec], settings)[0]
     path = sample_image_path(output_dir, output_name, int(d.get("enum", index)), epoch=epoch, steps=steps, seed=seed,
                              ts=timestamp())
-    image.save(path)
+    with atomic_path(path) as tmp:  # a full disk never leaves a half-written image
+        image.save(tmp, format="PNG")
     return path

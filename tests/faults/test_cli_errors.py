@@ -68,3 +68,32 @@ def test_gen_img_ranges_before_any_model_loads(tiny_sd1, tmp_path, extra, needle
     for needle in needles:
         assert needle in line, line
     assert not (tmp_path / "o").exists()  # nothing generated, nothing created
+
+
+def test_gen_img_disk_full_leaves_no_partial_image(tiny_sd1, tmp_path, monkeypatch, capsys):
+    """The image is written to a temporary name and renamed: a write that fails half-way (disk full) is one
+    line naming the image, and no file is left behind."""
+    import errno
+
+    from PIL import Image
+
+    import gen_img
+
+    real_save = Image.Image.save
+
+    def half_then_full(self, fp, *a, **k):
+        real_save(self, fp, *a, **k)
+        with open(fp, "r+b") as f:  # what a full disk leaves: a cut file
+            f.truncate(os.path.getsize(fp) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_then_full)
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        gen_img.main(["--ckpt", str(tiny_sd1), "--outdir", str(out), "--prompt", "a cat", "--W", "64", "--H", "64",
+                      "--steps", "2"])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "no space left on device" in errors[0] and str(out) in errors[0]
+    assert list(out.iterdir()) == []
