@@ -57,6 +57,7 @@ class DatasetGroup(Dataset):
         self.max_token_length = max_token_length
         self.debug_dataset = debug_dataset
         self.replacements: dict[str, object] = {}
+        self.latent_factor = 8  # pixels per latent cell: set from the VAE (2 ** (levels - 1)) once it is loaded
         # epoch (1-based once training starts), global step, max_train_steps: shared with workers
         self._position = torch.tensor([0, 0, max_train_steps], dtype=torch.int64).share_memory_()
         self._ends = []
@@ -76,7 +77,7 @@ class DatasetGroup(Dataset):
         local = index - (self._ends[which - 1] if which else 0)
         epoch, step, max_steps = self._position.tolist()
         ctx = ItemContext(epoch, step, max_steps, self.tokenizers, self.max_token_length, self.replacements,
-                          self.debug_dataset)
+                          self.debug_dataset, self.latent_factor)
         try:
             return self.datasets[which].get_batch(local, ctx)
         except UserError as e:

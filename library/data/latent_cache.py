@@ -63,14 +63,15 @@ def npz_shapes(path: str) -> dict[str, tuple]:
     return shapes
 
 
-def is_cache_valid(path: str, bucket: Reso, flip_aug: bool, alpha_mask: bool) -> bool:
-    """Reuse test of §10: keys present, latent size = bucket/8, flipped when needed, alpha as set."""
+def is_cache_valid(path: str, bucket: Reso, flip_aug: bool, alpha_mask: bool, latent_factor: int = 8) -> bool:
+    """Reuse test of §10: keys present, latent size = bucket / the VAE's factor (8 for real models), flipped
+    when needed, alpha as set."""
     if not os.path.isfile(path):
         return False
     shapes = npz_shapes(path)
     if any(key not in shapes for key in REQUIRED_KEYS):
         return False
-    expected = (bucket[1] // 8, bucket[0] // 8)
+    expected = (bucket[1] // latent_factor, bucket[0] // latent_factor)
     if shapes["latents"][1:3] != expected:
         return False
     if flip_aug and shapes.get("latents_flipped", (None,))[1:3] != expected:
@@ -142,7 +143,8 @@ def cache_latents(group, encode_fn: EncodeFn, vae_batch_size: int, to_disk: bool
             if to_disk:
                 info.latents_npz = _npz_path(info)
                 if not is_main_process or (not overwrite and is_cache_valid(
-                        info.latents_npz, info.bucket, subset.flip_aug, subset.alpha_mask)):
+                        info.latents_npz, info.bucket, subset.flip_aug, subset.alpha_mask,
+                        getattr(group, "latent_factor", 8))):
                     continue
             elif info.latents is not None:
                 continue

@@ -44,6 +44,7 @@ class ItemContext:
     max_token_length: int | None
     replacements: Mapping[str, object] = field(default_factory=dict)
     debug: bool = False
+    latent_factor: int = 8  # pixels per latent cell of the VAE in use
 
 
 class TrainDataset:
@@ -117,7 +118,7 @@ class TrainDataset:
         flipped = subset.flip_aug and rng.random() < 0.5
         if info.has_cached_latents:
             latents, alpha, original_size, crop_ltrb = cached_sample(info, flipped)
-            image, target = None, (latents.shape[2] * 8, latents.shape[1] * 8)
+            image, target = None, (latents.shape[2] * ctx.latent_factor, latents.shape[1] * ctx.latent_factor)
         else:
             image, alpha, original_size, crop_ltrb = image_sample(info, subset, self.bucketed, self.resolution,
                                                                   flipped, rng)

@@ -81,10 +81,16 @@ def build_data(args: argparse.Namespace, script: str, sdxl: bool):
     return group, params
 
 
+def latent_factor(models: SDModels) -> int:
+    """Pixels per latent cell: 2 ** (VAE levels - 1), as diffusers computes it (8 for every real SD VAE)."""
+    return 2 ** (len(models.vae.config.block_out_channels) - 1)
+
+
 def attach_tokenizers(args: argparse.Namespace, group, models: SDModels) -> None:
-    """Give the dataset built before the models their tokenizers (captions are tokenized per item);
-    ``--debug_dataset`` then shows the first batches and exits."""
+    """Give the dataset built before the models their tokenizers (captions are tokenized per item) and the
+    VAE's latent factor; ``--debug_dataset`` then shows the first batches and exits."""
     group.tokenizers = list(models.tokenizers)
+    group.latent_factor = latent_factor(models)
     if args.debug_dataset:
         _debug_dataset(group)
 

@@ -81,15 +81,17 @@ def build_validation_group(args: argparse.Namespace, script: str, models, group,
     With ``--cache_latents`` / ``--cache_text_encoder_outputs`` (and the encoder for it) the validation
     images are cached like the training ones: validation then needs neither the VAE nor the text encoders."""
     from library.config.dataset_blueprint import dataset_params_from_args
-    from library.data.dataset import build_dataset_group
+    from library.data.dataset import build_dataset_group, scan_mode
 
     params = dataset_params_from_args(args, script)
     cache_te = bool(getattr(args, "cache_text_encoder_outputs", False)) and encode_text is not None
     vgroup = build_dataset_group(params, models.tokenizers, seed=args.seed, max_train_steps=args.max_train_steps,
-                                 max_token_length=args.max_token_length, part="validation", te_cache_expected=cache_te)
+                                 max_token_length=args.max_token_length, part="validation", te_cache_expected=cache_te,
+                                 scan=scan_mode(args))
     if vgroup is None:
         return None
     vgroup.replacements = dict(group.replacements)  # Textual Inversion's caption replacement
+    vgroup.latent_factor = group.latent_factor
     if getattr(args, "cache_latents", False) and encode_latents is not None:
         import torch
 
