@@ -23,7 +23,7 @@ from .checks import verify_training_args
 from .full_model_saving import FullModelSaver, resolve_save_format
 from .loop import LoopHooks, LoopPlan
 from .methods.full_model import FullModelMethod
-from .modelspec import modelspec_from_args
+from .modelspec import modelspec_from_args, trained_resolution
 from .preflight import preflight
 from .run_common import (attach_tokenizers, build_data, cache_latents_if_asked, encode_latents_fn, load_base_models,
                          make_sample_hook, optimizer_and_schedule, tracker_init, train_and_save)
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: b
     # 5. method, saving, sampling, resume
     method = script.make_method(models, args, acc, wdtype)
     method.attach(unet, te if train_text_encoder else None)
-    checkpointer = _checkpointer(args, acc, models, plan)
+    checkpointer = _checkpointer(args, acc, models, plan, group)
     state = resume_state(acc, args)
     method.sync_step(state.global_step)  # --stop_text_encoder_training 0, or a resume past the stop step
     tracker_init(acc, args, script.tracker)
@@ -111,10 +111,12 @@ def param_groups(models: SDModels, train_text_encoder: bool, learning_rate: floa
     return [{"params": unet_params, "lr": learning_rate}, {"params": te_params, "lr": learning_rate_te}]
 
 
-def _checkpointer(args: argparse.Namespace, acc, models: SDModels, plan: LoopPlan) -> Checkpointer:
-    """Whole-model files in the format of spec cli-options §7, with modelspec for .safetensors (§b.3)."""
+def _checkpointer(args: argparse.Namespace, acc, models: SDModels, plan: LoopPlan, group) -> Checkpointer:
+    """Whole-model files in the format of spec cli-options §7, with modelspec for .safetensors (§b.3); the
+    modelspec resolution is the one trained (a dataset config's own), as for LoRA files."""
     fmt = resolve_save_format(args.save_model_as, args.use_safetensors,
                               os.path.isfile(args.pretrained_model_name_or_path))
     saver = FullModelSaver(models, args, fmt, setup.save_dtype(args),
-                           lambda: modelspec_from_args(args, models.family, "checkpoint"))
+                           lambda: modelspec_from_args(args, models.family, "checkpoint",
+                                                       resolution=trained_resolution(group)))
     return Checkpointer(args, acc, saver, fmt.ext, plan.num_epochs)

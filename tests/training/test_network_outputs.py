@@ -58,3 +58,19 @@ def test_module_count_log_counts_only_what_trains(tiny_sd, shapes_data, tmp_path
         names = {k.split(".")[0] for k in f.keys()}
     assert names and all(n.startswith("lora_unet_") for n in names)
     assert lines == [f"LoRA modules: text encoder not trained, U-Net {len(names)}"]
+
+
+def test_full_model_modelspec_resolution_from_dataset_config(tiny_sd, shapes_data, tmp_path):
+    """train_db / fine_tune checkpoints record the dataset config's resolution too (not --resolution)."""
+    import train_db
+
+    config = tmp_path / "dataset.toml"
+    image_dir = next(p for p in shapes_data.iterdir() if p.is_dir())
+    config.write_text(f'[[datasets]]\nresolution = [64, 48]\nbatch_size = 1\nenable_bucket = false\n\n'
+                      f'[[datasets.subsets]]\nimage_dir = "{image_dir.as_posix()}"\nnum_repeats = 1\nrandom_crop = true\n',
+                      encoding="utf-8")
+    out = tmp_path / "out"
+    train_db.main(["--pretrained_model_name_or_path", str(tiny_sd["sd1"]["safetensors"]), "--dataset_config",
+                   str(config), "--output_dir", str(out), "--output_name", "db", "--max_train_steps", "1",
+                   "--seed", "1", "--max_data_loader_n_workers", "0", "--save_model_as", "safetensors"])
+    assert _metadata(out / "db.safetensors")["modelspec.resolution"] == "64x48"
