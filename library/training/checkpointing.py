@@ -93,7 +93,7 @@ def load_state(accelerator, folder: str, inexact: bool = False) -> TrainState:
         raise UserError(f"--resume {folder}: no such state folder")
     saved = read_train_state(folder)  # a damaged file fails here, before anything is restored
     check_model_shapes(accelerator, folder)
-    check_rng_file(accelerator, folder, inexact)
+    check_rng_file(accelerator.process_index, folder, inexact)
     logger.info("resuming from %s", folder)
     try:
         accelerator.load_state(folder)

@@ -72,7 +72,31 @@ def check_model_inputs(args: argparse.Namespace, script: str) -> Optional[str]:
     vae = getattr(args, "vae", None)
     if vae:
         _must_exist(vae, "--vae")
+        _check_vae(str(vae))
     return family
+
+
+def _check_vae(path: str) -> None:
+    """``--vae`` is a VAE: a Diffusers VAE folder (or a model folder with ``vae/``), or a file whose header
+    holds VAE tensors (a VAE alone, or a whole model)."""
+    from library.models.checkpoint_io import CheckpointReader
+
+    if os.path.isdir(path):
+        if not (os.path.isfile(os.path.join(path, "config.json"))
+                or os.path.isfile(os.path.join(path, "vae", "config.json"))):
+            raise UserError(f"--vae {path}: folder is neither a Diffusers VAE nor a model folder with vae/")
+        return
+    if Path(path).suffix.lower() != ".safetensors":
+        return  # a pickle lists its tensors only when loaded whole: the loader checks it
+    reader = CheckpointReader(path)  # an unreadable header is one line naming the file
+    try:
+        keys = reader.keys()
+    finally:
+        reader.close()
+    markers = ("first_stage_model.", "encoder.", "decoder.", "quant_conv", "encoder.down_blocks")
+    if not any(k.startswith(markers) for k in keys):
+        raise UserError(f"--vae {path}: no VAE tensors in this file (expected encoder./decoder. or "
+                        "first_stage_model. names)")
 
 
 def check_other_inputs(args: argparse.Namespace, script: str, family: Optional[str]) -> None:
@@ -92,6 +116,11 @@ def check_other_inputs(args: argparse.Namespace, script: str, family: Optional[s
     resume = getattr(args, "resume", None)
     if resume and not getattr(args, "resume_from_huggingface", False):
         _must_exist(resume, "--resume", want="folder")
+        from .state_checks import check_rng_file, read_train_state
+
+        read_train_state(resume)  # a damaged train_state.json: one line now, not after loading
+        check_rng_file(int(os.environ.get("RANK", "0")), resume, bool(getattr(args, "resume_inexact", False)),
+                       warn=False)  # the loud warning comes once, when the state is restored
     network_files = [("--network_weights", getattr(args, "network_weights", None))]
     network_files += [("--base_weights", f) for f in getattr(args, "base_weights", None) or []]
     for option, file in network_files:

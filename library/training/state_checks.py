@@ -68,10 +68,10 @@ def check_model_shapes(accelerator, folder: str) -> None:
                             "--network_module, network arguments, or which parts train?)")
 
 
-def check_rng_file(accelerator, folder: str, inexact: bool) -> None:
+def check_rng_file(process_index: int, folder: str, inexact: bool, warn: bool = True) -> None:
     """The RNG state of this process must be there: without it the resumed run would not be exact."""
-    path = os.path.join(folder, _RNG_FILE.format(accelerator.process_index))
-    if os.path.exists(path):
+    path = os.path.join(folder, _RNG_FILE.format(process_index))
+    if os.path.exists(path) or (inexact and not warn):
         return
     if not inexact:
         raise UserError(f"--resume {folder}: {os.path.basename(path)} is missing, so the random number generators "

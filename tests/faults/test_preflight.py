@@ -197,3 +197,21 @@ def test_network_weights_for_another_family_or_unreadable(tiny, data, tmp_path, 
     text.write_text("hello", encoding="utf-8")
     _expect_exit_2(train_network, base_args(tiny["sd1"], data, tmp_path / "out", 2, "--base_weights", str(text)),
                    capsys, "--base_weights", "notes.safetensors")
+
+
+def test_vae_and_resume_state_checked_before_loading(tiny, data, tmp_path, tripwire, capsys):
+    from safetensors.torch import save_file
+    import torch
+
+    not_vae = tmp_path / "lora_as_vae.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(not_vae))
+    _expect_exit_2(train_network, base_args(tiny["sd1"], data, tmp_path / "out", 2, "--vae", str(not_vae)),
+                   capsys, "--vae", "no VAE tensors")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "train_state.json").write_text('{"global_step": 3, "epo', encoding="utf-8")  # cut short
+    _expect_exit_2(train_network, base_args(tiny["sd1"], data, tmp_path / "out", 2, "--resume", str(state)),
+                   capsys, "train_state.json is damaged")
+    (state / "train_state.json").write_text('{"global_step": 3, "current_epoch": 1}', encoding="utf-8")
+    _expect_exit_2(train_network, base_args(tiny["sd1"], data, tmp_path / "out", 2, "--resume", str(state)),
+                   capsys, "random_states_0.pkl is missing", "--resume_inexact")
