@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+setup_parser = build_parser  # sd-scripts' name for it (wrappers import it)
+
+
 def parse_max_resolution(text: str) -> Reso:
     """``"W,H"`` -> (W, H); anything else names the option."""
     parts = text.split(",")

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+setup_parser = build_parser  # sd-scripts' name for it (wrappers import it)
+
+
 def tensor_line(key: str, value: torch.Tensor) -> str:
     """``key,(d0-d1-…),mean(|w|),min(|w|)`` (shape as sd-scripts: the tuple with ``, `` → ``-``)."""
     shape = str(tuple(value.shape)).replace(", ", "-")

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+setup_parser = build_parser  # sd-scripts' name for it (wrappers import it)
+
+
 def _targets(models, conv_dim: int | None) -> tuple[list[Target], list[Target]]:
     """The training target set: TE attention/MLP; U-Net LierLa, plus C3Lier layers when conv_dim is set."""
     te = [t for prefix, enc in zip(te_prefixes(len(models.text_encoders)), models.text_encoders)

@@ -63,6 +63,9 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+setup_parser = build_parser  # sd-scripts' name for it (wrappers import it)
+
+
 # ------------------------------------------------------------------------------ into a checkpoint
 
 @torch.no_grad()

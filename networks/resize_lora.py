@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+setup_parser = build_parser  # sd-scripts' name for it (wrappers import it)
+
+
 @dataclass
 class ModuleReport:
     """One line of the ``--verbose`` report."""

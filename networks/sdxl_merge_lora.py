@@ -17,11 +17,15 @@ from library.log import setup_logging_from_args  # noqa: E402
 from networks.merge_lora import build_parser, run  # noqa: E402
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
+def setup_parser():
     parser = build_parser(sdxl=True)
     parser.description = __doc__
-    args = parser.parse_args(argv)
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = setup_parser().parse_args(argv)
     setup_logging_from_args(args)
     run(args, sdxl=True)
 

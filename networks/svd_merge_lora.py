@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+setup_parser = build_parser  # sd-scripts' name for it (wrappers import it)
+
+
 def sum_deltas(paths: list[str], ratios: list[float], dtype: torch.dtype,
                device: str | None) -> tuple[dict[str, torch.Tensor], str | None, str | None]:
     """``{module: Σ ratio·(alpha/rank)·up@down}`` in ``dtype``, plus ss_v2 / base model of the first input."""

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+setup_parser = build_parser  # sd-scripts' name for it (wrappers import it)
+
+
 def family_of(args: argparse.Namespace) -> str:
     return "sdxl" if args.sdxl else ("sd2" if args.v2 else "sd1")
 

@@ -203,3 +203,24 @@ def test_bucket_manager_matches_the_dataset_buckets():
     assert manager.resos == ours.resos and manager.buckets == ours.buckets
     no_up = BucketManager(True, (512, 512), None, None, 64)
     assert no_up.select_bucket(300, 200)[0] == (256, 192)  # never upscaled: cropped to multiples of 64
+
+
+def _upstream_scripts():
+    import json
+
+    data = json.loads((ROOT / "library" / "config" / "sd_scripts_options.json").read_text(encoding="utf-8"))
+    return sorted(data["scripts"].items())
+
+
+@pytest.mark.parametrize("script,dests", _upstream_scripts(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_provided_script_has_setup_parser_with_upstreams_options(script, dests):
+    """GUIs and wrappers import ``setup_parser`` from sd-scripts' scripts: every script we provide under an
+    upstream name has one, and its parser knows every option upstream v0.8.7's parser has (the list was
+    taken from upstream's own parsers: library/config/sd_scripts_options.json)."""
+    import importlib
+
+    if not (ROOT / f"{script}.py").exists():
+        pytest.skip(f"{script}.py is not provided yet")
+    parser = importlib.import_module(script.replace("/", ".")).setup_parser()
+    ours = {action.dest for action in parser._actions}
+    assert not set(dests) - ours, sorted(set(dests) - ours)
