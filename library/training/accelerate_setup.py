@@ -61,10 +61,27 @@ def make_accelerator(args: argparse.Namespace):
         kwargs["deepspeed_plugin"] = _deepspeed_plugin(args)
     if getattr(args, "torch_compile", False):
         kwargs["dynamo_backend"] = args.dynamo_backend
-    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                       mixed_precision=args.mixed_precision,
-                       log_with=["tensorboard", "wandb"] if log_with == "all" else log_with,
-                       project_dir=log_dir, kwargs_handlers=handlers, **kwargs)
+    acc = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                      mixed_precision=args.mixed_precision,
+                      log_with=["tensorboard", "wandb"] if log_with == "all" else log_with,
+                      project_dir=log_dir, kwargs_handlers=handlers, **kwargs)
+    if getattr(args, "full_fp16", False):
+        allow_fp16_unscale(acc.scaler)
+    return acc
+
+
+def allow_fp16_unscale(scaler) -> None:
+    """``--full_fp16``: the trained weights, so their gradients, are fp16, and torch's grad scaler refuses to
+    unscale fp16 gradients ("Attempting to unscale FP16 gradients"). As sd-scripts does, let it: the scaler's
+    inf/nan check still skips overflowing steps. No scaler (CPU, bf16): nothing to patch."""
+    if scaler is None:
+        return
+    unscale = scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_allowing_fp16
 
 
 def _reset_accelerate_state() -> None:
