@@ -39,26 +39,27 @@ def _best_interleaved(fns: list, repeats: int) -> list[float]:
     return [min(ts) for ts in times]
 
 
-def bench_family(family: str, folder: Path, a: argparse.Namespace, device: torch.device) -> list[tuple]:
+def bench_family(family: str, folder: Path, a: argparse.Namespace, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> list[tuple]:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    models = load_models(str(folder), device=device)
+    models = load_models(str(folder), device=device, dtype=dtype)
     ours = Pipeline(models, device, progress=False)
     seeds = list(range(a.batch))
     settings = GenSettings(a.size, a.size, steps=a.steps, scale=7.5, sampler=a.sampler)
     specs = [ImageSpec(PROMPT, NEG, seed=s) for s in seeds]
     if family == "sdxl":
-        ref = StableDiffusionXLPipeline.from_pretrained(str(folder))
+        ref = StableDiffusionXLPipeline.from_pretrained(str(folder), torch_dtype=dtype)
     else:
         ref = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, feature_extractor=None,
-                                                      requires_safety_checker=False)
+                                                      requires_safety_checker=False, torch_dtype=dtype)
     ref.to(device)
     ref.set_progress_bar_config(disable=True)
 
     def run_ref():
         ref.scheduler = make_scheduler(a.sampler, False, False)
         gens = make_generators(seeds)
-        latents = draw_noise(gens, (4, a.size // 8, a.size // 8), device)
+        latents = draw_noise(gens, (4, a.size // 8, a.size // 8), device).to(dtype)
         ref([PROMPT] * a.batch, negative_prompt=[NEG] * a.batch, height=a.size, width=a.size,
             num_inference_steps=a.steps, guidance_scale=7.5, latents=latents, generator=gens, output_type="pil")
 

@@ -217,7 +217,9 @@ class Pipeline:
 
     @property
     def unet_dtype(self) -> torch.dtype:
-        return next(self.models.unet.parameters()).dtype
+        """The dtype the U-Net computes in: fp8-stored weights (--fp8_base) compute in their norms' dtype."""
+        dtypes = [p.dtype for p in self.models.unet.parameters()]
+        return next((d for d in dtypes if d.itemsize > 1), dtypes[0])
 
     # ------------------------------------------------------------ the loop
 

@@ -108,7 +108,7 @@ def call_unet(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch
     autocast, which the CPU does not provide for fp16; a frozen one was cast to the training dtype.
     """
     dtype = unet.dtype
-    if dtype.itemsize == 1:  # --fp8_base: fp8 storage, computed in the training dtype (layerwise casting)
+    if dtype.itemsize == 1:  # --fp8_base: fp8 storage, computed in the training dtype (fp8_storage.py)
         dtype = cond.context.dtype
     added = cond.added_cond_kwargs
     if added is not None:

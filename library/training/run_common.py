@@ -40,8 +40,9 @@ def load_base_models(args: argparse.Namespace, acc, wdtype: torch.dtype, sdxl: b
             te.to(acc.device, wdtype)
     setup.set_attention(models.unet, args)
     if getattr(args, "fp8_base", False):
-        # weights stored in fp8, computed in the training dtype, layer by layer (diffusers' layerwise casting)
-        models.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=wdtype)
+        from .fp8_storage import store_in_fp8
+
+        store_in_fp8(models.unet, wdtype)  # frozen weights in fp8, computed in the training dtype
     return models
 
 

@@ -20,6 +20,7 @@ from library.models.bundle import SDModels
 from . import accelerate_setup as setup, run_lock
 from .checkpointing import Checkpointer, resume_state
 from .checks import verify_training_args
+from .device_memory import park_unused_models
 from .full_model_saving import FullModelSaver, resolve_save_format
 from .loop import LoopHooks, LoopPlan
 from .methods.full_model import FullModelMethod
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: b
     hooks = LoopHooks(sample=make_sample_hook(args, models, acc, wdtype))
     hooks = attach_extras(args, acc, script.name, models, group, method, checkpointer, hooks,
                           encode_latents_fn(models, acc, args))  # validation, EMA, receipts
+    hooks.sample = park_unused_models(args, models, acc, hooks.sample)  # after all caching
     # 6. train, final save
     return train_and_save(acc, method, group, args, optimizer, lr_sched, plan, checkpointer, state, hooks,
                           note=", text encoder " + ("trained" if train_text_encoder else "frozen"))

@@ -12,6 +12,7 @@ from library.errors import UserError
 from . import accelerate_setup as setup, run_lock
 from .checkpointing import Checkpointer, resume_state
 from .checks import verify_training_args
+from .device_memory import park_unused_models
 from .diffusion_step import DiffusionObjective
 from .loop import LoopHooks, LoopPlan
 from .lr_schedules import build_lr_scheduler
@@ -111,6 +112,8 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
     encode_text = encode_text_fn(models, acc, args, wdtype) if sdxl and args.cache_text_encoder_outputs else None
     hooks = attach_extras(args, acc, script, models, group, method, checkpointer, hooks,
                           encode_latents_fn(models, acc, args), encode_text)
+    # after all caching (training and validation): the VAE / text encoders leave the device
+    hooks.sample = park_unused_models(args, models, acc, hooks.sample, text_encoders_cached=encode_text is not None)
     # 6. train, final save
     return train_and_save(acc, method, group, args, optimizer, lr_sched, plan, checkpointer, state, hooks)
 

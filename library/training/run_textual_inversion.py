@@ -19,6 +19,7 @@ from . import accelerate_setup as setup, run_lock
 from . import ti_tokens
 from .checkpointing import Checkpointer, resume_state
 from .checks import verify_training_args
+from .device_memory import park_unused_models
 from .loop import LoopHooks
 from .methods.textual_inversion import TextualInversionMethod
 from .modelspec import modelspec_from_args, trained_resolution
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> str:
     hooks = LoopHooks(sample=make_sample_hook(args, models, acc, wdtype, prompt_replacer=replacer))
     hooks = attach_extras(args, acc, SCRIPT, models, group, method, checkpointer, hooks,
                           encode_latents_fn(models, acc, args))  # validation, EMA, receipts
+    hooks.sample = park_unused_models(args, models, acc, hooks.sample)  # after all caching
     # 6. train, final save
     return train_and_save(acc, method, group, args, optimizer, lr_sched, plan, checkpointer, state, hooks)
 

@@ -126,3 +126,38 @@ def test_fp8_base_trains(tiny_sd, shapes_data, tmp_path):
                                  "--fp8_base"))
     sd = load_file(str(out / "lora.safetensors"))
     assert sd and all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_fp8_base_with_gradient_checkpointing_and_samples(tiny_sd, shapes_data, tmp_path):
+    """fp8 storage must survive checkpointing's recomputation (the recomputed layer sees the tensors the first
+    pass saw) and sample images during training (the U-Net computes in bf16, not in its fp8 storage)."""
+    from library.training.fp8_storage import FP8
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a shape --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
+    out = tmp_path / "out"
+    train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 2, "--mixed_precision", "bf16",
+                                 "--fp8_base", "--gradient_checkpointing", "--sample_prompts", str(prompts),
+                                 "--sample_every_n_steps", "2"))
+    sd = load_file(str(out / "lora.safetensors"))
+    assert sd and all(torch.isfinite(v).all() for v in sd.values())
+    assert list((out / "sample").glob("*.png"))
+
+
+def test_fp8_storage_computes_like_the_upcast_weights():
+    """Oracle: the same layer with its weight rounded to fp8 and back, in bf16."""
+    from library.training.fp8_storage import FP8, store_in_fp8
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 4 * 4, 5))
+    ref = [m.weight.detach().to(FP8).to(torch.bfloat16) for m in (model[0], model[3])]
+    biases = [m.bias.detach().to(torch.bfloat16) for m in (model[0], model[3])]
+    x = torch.randn(2, 4, 4, 4).to(torch.bfloat16)
+    expected = torch.nn.functional.conv2d(x, ref[0], biases[0], padding=1)
+    expected = torch.nn.functional.group_norm(expected, 2, model[1].weight.to(torch.bfloat16),
+                                              model[1].bias.to(torch.bfloat16))
+    expected = torch.nn.functional.linear(expected.flatten(1), ref[1], biases[1])
+    assert store_in_fp8(model, torch.bfloat16) == 2
+    assert model[0].weight.dtype == FP8 and model[3].weight.dtype == FP8 and model[1].weight.dtype == torch.bfloat16
+    assert torch.equal(model(x), expected)
