@@ -49,10 +49,10 @@ def bench_family(family: str, folder: Path, a: argparse.Namespace, device: torch
     settings = GenSettings(a.size, a.size, steps=a.steps, scale=7.5, sampler=a.sampler)
     specs = [ImageSpec(PROMPT, NEG, seed=s) for s in seeds]
     if family == "sdxl":
-        ref = StableDiffusionXLPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+        ref = StableDiffusionXLPipeline.from_pretrained(str(folder), dtype=dtype)
     else:
         ref = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, feature_extractor=None,
-                                                      requires_safety_checker=False, torch_dtype=dtype)
+                                                      requires_safety_checker=False, dtype=dtype)
     ref.to(device)
     ref.set_progress_bar_config(disable=True)
 

@@ -159,7 +159,9 @@ def gen_run(folder: Path, device: torch.device, smoke: bool) -> list[dict]:
 
 def write_results(out: Path, rows: list[dict], gen_rows: list[dict], meta: dict) -> None:
     lines = [f"# GPU benchmark ({meta['device']}, {meta['date']})", "",
-             f"torch {meta['torch']}, smoke: {meta['smoke']}", "",
+             f"torch {meta['torch']}, smoke: {meta['smoke']}"
+             + (" (tiny models train at 64 px; the FLOP column is the real config's at that size)" if meta["smoke"]
+                else ""), "",
              "| run | batch | px | options | s/step | images/s | U-Net fwd TFLOP | MFU | peak alloc GiB | "
              "peak reserved GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -171,7 +173,10 @@ def write_results(out: Path, rows: list[dict], gen_rows: list[dict], meta: dict)
     lines += [f"| {g['name']} | {g['seconds_per_batch']:.3f} | {g['images_per_s']:.2f} |" for g in gen_rows]
     if len(gen_rows) == 2:
         lines.append(f"\nours / diffusers images/s: {gen_rows[0]['images_per_s'] / gen_rows[1]['images_per_s']:.3f}")
-    lines += ["", "targets: " + "; ".join(f"{k}: {v}" for k, v in TARGETS.items())]
+    lines += ["", "MFU = 3 x U-Net forward FLOPs per step (torch's FLOP counter on the real config) / s per step / "
+              f"the GPU's dense bf16 peak ({meta.get('peak_tflops') or 'n/a'} TFLOP/s). The model-FLOP convention: "
+              "a LoRA step does no weight-gradient work for the frozen U-Net, and checkpointing recomputes the forward.",
+              "", "targets: " + "; ".join(f"{k}: {v}" for k, v in TARGETS.items())]
     for r in rows:
         if r.get("profile"):
             lines += ["", f"## torch.profiler: {r['name']}, {PROFILE_STEPS} steps after the timed ones", "",
@@ -239,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
             if family == "sd1":
                 gen_rows = gen_run(model, device, smoke)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "smoke": smoke}
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "smoke": smoke,
+            "peak_tflops": (peak_flops(device) or 0) / 1e12 or None}
     write_results(out, rows, gen_rows, meta)
 
 
