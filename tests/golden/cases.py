@@ -1,0 +1,115 @@
+"""Fixed-seed short runs of every trainer, reduced to per-tensor fingerprints (issue 17 item 6).
+
+``python -m tests.golden.cases`` writes ``tests/golden/golden.json`` from the code as it is; the test
+compares today's code with that file. A fingerprint is the SHA-256 of the tensor's bytes (bit for bit) plus
+its float64 sum and absolute sum (for a machine whose CPU kernels round differently, see the test).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).with_name("golden.json")
+STEPS = "3"
+NAMES = ("lora_sd1", "lora_sdxl", "dreambooth", "fine_tune", "textual_inversion")
+# metadata that differs between two identical runs (clock, random session id) or names the temp folder
+VOLATILE = ("ss_training_started_at", "ss_training_finished_at", "ss_session_id", "modelspec.date",
+            "ss_sd_scripts_commit_hash")  # the last: this checkout's git HEAD
+
+
+def _data(tmp: Path) -> tuple[Path, Path, Path]:
+    """A DreamBooth folder, its image folder and a fine-tune metadata JSON (captions by file stem)."""
+    from tests.training.train_helpers import make_shapes_folder
+
+    root = make_shapes_folder(tmp / "data", repeats=2, n=3)
+    images = root / "2_sks shape"
+    meta = tmp / "meta.json"
+    meta.write_text(json.dumps({p.stem: {"caption": f"a photo of a sks shape, number {p.stem}"}
+                                for p in sorted(images.glob("*.png"))}), encoding="utf-8")
+    return root, images, meta
+
+
+def _common(model: Path, out: Path) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--resolution", "64", "--output_dir", str(out),
+            "--max_train_steps", STEPS, "--seed", "7", "--max_data_loader_n_workers", "0", "--console_log_simple"]
+
+
+def cases(tmp: Path) -> dict[str, tuple]:
+    """name -> (script module name, argv, saved file name); the names are NAMES."""
+    from tools.make_tiny_model import write_tiny_model
+
+    sd1 = write_tiny_model("sd1", tmp / "m")["safetensors"]
+    sdxl = write_tiny_model("sdxl", tmp / "m")["safetensors"]
+    root, images, meta = _data(tmp)
+    lora = ["--train_data_dir", str(root), "--network_module", "networks.lora", "--network_dim", "4",
+            "--network_alpha", "2", "--learning_rate", "1e-3", "--output_name", "lora"]
+    return {
+        "lora_sd1": ("train_network", [*_common(sd1, tmp / "lora_sd1"), *lora, "--noise_offset", "0.05",
+                                       "--min_snr_gamma", "5", "--shuffle_caption"], "lora.safetensors"),
+        "lora_sdxl": ("sdxl_train_network", [*_common(sdxl, tmp / "lora_sdxl"), *lora, "--cache_latents",
+                                             "--cache_text_encoder_outputs", "--network_train_unet_only"],
+                      "lora.safetensors"),
+        "dreambooth": ("train_db", [*_common(sd1, tmp / "db"), "--train_data_dir", str(root), "--learning_rate",
+                                    "1e-3", "--output_name", "db", "--save_model_as", "safetensors"],
+                       "db.safetensors"),
+        "fine_tune": ("fine_tune", [*_common(sd1, tmp / "ft"), "--train_data_dir", str(images), "--in_json",
+                                    str(meta), "--train_text_encoder", "--learning_rate", "1e-3", "--output_name",
+                                    "ft", "--save_model_as", "safetensors"], "ft.safetensors"),
+        "textual_inversion": ("train_textual_inversion", [*_common(sd1, tmp / "ti"), "--train_data_dir", str(root),
+                                                          "--token_string", "sks", "--init_word", "shape",
+                                                          "--num_vectors_per_token", "2", "--learning_rate", "1e-2",
+                                                          "--output_name", "ti", "--save_model_as", "safetensors"],
+                              "ti.safetensors"),
+    }
+
+
+def fingerprint(path: Path, tmp: Path) -> dict[str, list]:
+    """Per tensor: [sha256, dtype, shape, sum, abs sum]; the file's metadata under "__metadata__"."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    out: dict = {"__metadata__": {k: v.replace(str(tmp), "<tmp>") for k, v in sorted(meta.items())
+                                  if k not in VOLATILE}}
+    for k, v in sorted(load_file(str(path)).items()):
+        t = v.contiguous().reshape(-1)
+        digest = hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+        d = t.double()
+        out[k] = [digest, str(v.dtype), list(v.shape), d.sum().item(), d.abs().sum().item()]
+    return out
+
+
+def run_case(name: str, tmp: Path) -> dict[str, list]:
+    import importlib
+
+    script, argv, saved = cases(tmp)[name]
+    importlib.import_module(script).main(argv)
+    return fingerprint(Path(argv[argv.index("--output_dir") + 1]) / saved, tmp)
+
+
+def machine() -> dict:
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine()}
+
+
+def main() -> None:
+    result = {"machine": machine(), "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in NAMES:
+            result["cases"][name] = run_case(name, Path(tmp) / name)
+            print(name, len(result["cases"][name]), "tensors", flush=True)
+    GOLDEN.write_text(json.dumps(result, indent=0) + "\n", encoding="utf-8")
+    print("wrote", GOLDEN)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
