@@ -40,7 +40,7 @@ def run_ours(args) -> dict:
     from library.models.loading import load_models
     from library.training.diffusion_step import DiffusionObjective, StepRandom
     from library.training.methods.network import NetworkMethod
-    from library.training.network_host import NetworkHost
+    from networks.network_host import NetworkHost
 
     models = load_models(args.model)
     for m in (models.unet, models.vae, *models.text_encoders):

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import logging
 import sys
 from typing import Callable, Iterator, NoReturn, Optional, TypeVar
+
+from library.interrupts import EXIT_SIGINT, Interrupted, handled_signals
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,27 @@ def one_line_argparse_errors() -> Iterator[None]:
         argparse.ArgumentParser.error = original  # type: ignore[method-assign]
 
 
+# what went wrong, in the words a user searches for
+OS_ERROR_WORDS = {
+    errno.ENOSPC: "no space left on device (disk full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (over the file size limit: see `ulimit -f`, or the file system's maximum)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "input/output error (a failing disk or network file system)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+}
+
+
+def describe_os_error(e: OSError) -> Optional[str]:
+    """``"FILE: what went wrong"`` for an ``OSError`` a user can fix (disk full, permissions, ...), else None."""
+    words = OS_ERROR_WORDS.get(e.errno or -1)
+    if words is None:
+        return None
+    return f"{e.filename}: {words}" if e.filename else words
+
+
 def exit_on_user_error(main: F) -> F:
     """Decorate a script's ``main``: a ``UserError`` becomes one ``error:`` line on stderr and exit code 2;
     Ctrl-C / SIGTERM become one ``interrupted`` line and exit code 130 / 143 (library/interrupts.py); a
@@ -76,9 +100,6 @@ def exit_on_user_error(main: F) -> F:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        from library.fileio import describe_os_error
-        from library.interrupts import EXIT_SIGINT, Interrupted, handled_signals
-
         with handled_signals(), one_line_argparse_errors():
             try:
                 return main(*args, **kwargs)

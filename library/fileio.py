@@ -19,35 +19,16 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from library.errors import SaveError
+from library.errors import OS_ERROR_WORDS as _WORDS, SaveError
 
 logger = logging.getLogger(__name__)
 
-# what went wrong, in the words a user searches for
-_WORDS = {
-    errno_codes.ENOSPC: "no space left on device (disk full)",
-    errno_codes.EDQUOT: "disk quota exceeded",
-    errno_codes.EFBIG: "file too large (over the file size limit: see `ulimit -f`, or the file system's maximum)",
-    errno_codes.EACCES: "permission denied",
-    errno_codes.EPERM: "operation not permitted",
-    errno_codes.EROFS: "read-only file system",
-    errno_codes.EIO: "input/output error (a failing disk or network file system)",
-    errno_codes.ENOTDIR: "a part of the path is a file, not a folder",
-}
 STAGING_SUFFIX = ".saving"  # a folder several processes write before it is renamed (state folders)
 _OLD_SUFFIX = ".old"  # the previous version of a replaced folder, during the swap
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp(?P<old>\.old)?$")
 # writers that are not Python file objects report the OS error in their message
 _OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)|Os \{ code: (\d+)|\[Errno (\d+)\]")
 _WRITE_FAILED_TEXT = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
-
-
-def describe_os_error(e: OSError) -> Optional[str]:
-    """``"FILE: what went wrong"`` for an ``OSError`` a user can fix (disk full, permissions, ...), else None."""
-    words = _WORDS.get(e.errno or -1)
-    if words is None:
-        return None
-    return f"{e.filename}: {words}" if e.filename else words
 
 
 def write_failure(e: BaseException, folder: str | os.PathLike) -> Optional[tuple[str, Optional[int]]]:

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from library.errors import exit_on_user_error  # noqa: E402
 from library.log import add_logging_arguments, setup_logging_from_args  # noqa: E402
-from networks.lora_network_io import load_state_dict_file  # noqa: E402
+from library.formats.lora_io import load_state_dict_file  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -115,8 +115,8 @@ def extraction_metadata(args: argparse.Namespace, family: str) -> dict[str, str]
 
     ``family`` is the loaded models' (an SD2 file is SD2 even without ``--v2``, which loading implies).
     """
-    from library.training.metadata import base_model_version
-    from library.training.modelspec import build_modelspec
+    from library.formats.metadata import base_model_version
+    from library.formats.modelspec import build_modelspec
 
     v2 = family == "sd2"
     v_param = v2 if args.v_parameterization is None else args.v_parameterization

@@ -15,7 +15,7 @@ from library.errors import UserError
 
 from .lora_blocks import BlockDims, BlockLRWeights, parse_block_dims, parse_block_lr_weights
 from .lora_modules import LoRAModule, compose_delta
-from .lora_network_io import load_state_dict_file, save_state_dict_file
+from library.formats.lora_io import load_state_dict_file, save_state_dict_file
 from .lora_targets import (PREFIX_TE, PREFIX_UNET, Target, block_index, te_prefixes, text_encoder_targets,
                            unet_targets)
 

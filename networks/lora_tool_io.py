@@ -14,7 +14,7 @@ import torch
 
 from library.errors import UserError
 
-from .lora_network_io import is_safetensors, load_state_dict_file, save_state_dict_file
+from library.formats.lora_io import is_safetensors, load_state_dict_file, save_state_dict_file
 
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_EXTENSIONS = (".ckpt", ".pt", ".pth", ".safetensors")

@@ -100,7 +100,7 @@ def merge_into_checkpoint(args: argparse.Namespace, sdxl: bool, merge_dtype: tor
     from library.models.checkpoint_io import CheckpointReader
     from library.models.loading import load_models
     from library.models.saving import save_ldm_checkpoint
-    from library.training.modelspec import build_modelspec
+    from library.formats.modelspec import build_modelspec
 
     files = check_same_family(args.models, "--models")  # unreadable / mixed inputs fail before loading
     v2 = bool(getattr(args, "v2", False))
@@ -192,8 +192,8 @@ def merge_lora_files(paths: list[str], ratios: list[float], dtype: torch.dtype, 
 def merge_loras_to_file(args: argparse.Namespace, sdxl: bool, merge_dtype: torch.dtype,
                         save_dtype: torch.dtype) -> None:
     """LoRA+LoRA with minimum metadata, modelspec (unless --no_metadata) and hashes of the saved bytes."""
-    from library.training.metadata import build_minimum_network_metadata
-    from library.training.modelspec import build_modelspec
+    from library.formats.metadata import build_minimum_network_metadata
+    from library.formats.modelspec import build_modelspec
 
     check_lora_output(args.save_to)
     if sdxl:

@@ -87,8 +87,8 @@ def refactor(deltas: dict[str, torch.Tensor], new_rank: int, new_conv_rank: int,
 
 def svd_merge(args: argparse.Namespace) -> None:
     """1. check  2. sum the deltas  3. re-factor  4. metadata  5. save (cast, then hash)."""
-    from library.training.metadata import build_minimum_network_metadata
-    from library.training.modelspec import build_modelspec
+    from library.formats.metadata import build_minimum_network_metadata
+    from library.formats.modelspec import build_modelspec
 
     if not args.models or args.ratios is None or len(args.ratios) != len(args.models):
         raise UserError(f"--models/--ratios: give one ratio per model ({len(args.models or [])} models, "

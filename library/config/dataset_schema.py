@@ -25,7 +25,7 @@ from typing import Any, Callable
 import toml
 import voluptuous as vol
 
-from library.config.ranges import range_of
+from library.config.options import range_of
 from library.errors import UserError
 
 STYLES = ("dreambooth", "finetuning", "controlnet")

@@ -8,6 +8,8 @@ the top of spec cli-options.md says.
 from __future__ import annotations
 
 import argparse
+import functools
+from typing import Optional
 
 from library.config.options_beyond import add_beyond_arguments
 from library.config.options_common import Container, section
@@ -19,7 +21,7 @@ from library.config.options_scripts import (
     add_textual_inversion_arguments,
 )
 from library.config.options_training import add_training_arguments
-from library.config.ranges import at_least, ranged
+from library.config.ranges import Range, at_least, ranged, ranges_of
 from library.log import add_logging_arguments
 
 SCRIPTS = ("train_network", "sdxl_train_network", "train_db", "fine_tune", "train_textual_inversion")
@@ -176,3 +178,17 @@ __all__ = [
     "add_network_trainer_arguments", "add_dreambooth_arguments", "add_finetune_arguments",
     "add_textual_inversion_arguments", "add_beyond_arguments",
 ]
+
+
+@functools.lru_cache(maxsize=1)
+def _training_ranges() -> dict[str, Range]:
+    out: dict[str, Range] = {}
+    for script in SCRIPTS:
+        out.update(ranges_of(build_parser(script)))
+    return out
+
+
+def range_of(dest: str) -> Optional[Range]:
+    """The declared range of the training option ``dest`` (None when it has none); the dataset TOML keys
+    share the ranges of the options they mirror."""
+    return _training_ranges().get(dest)

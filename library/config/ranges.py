@@ -14,10 +14,11 @@ nonsense (``--network_dim 0``, ``--train_batch_size 0``, ``--max_train_steps -5`
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from library.errors import UserError
 
 
 
@@ -84,22 +85,6 @@ def ranges_of(parser: argparse.ArgumentParser) -> dict[str, Range]:
     return {a.dest: a.value_range for a in parser._actions if getattr(a, "value_range", None) is not None}
 
 
-@functools.lru_cache(maxsize=1)
-def _training_ranges() -> dict[str, Range]:
-    from library.config.options import SCRIPTS, build_parser
-
-    out: dict[str, Range] = {}
-    for script in SCRIPTS:
-        out.update(ranges_of(build_parser(script)))
-    return out
-
-
-def range_of(dest: str) -> Optional[Range]:
-    """The declared range of the training option ``dest`` (None when it has none); the dataset TOML keys
-    share the ranges of the options they mirror."""
-    return _training_ranges().get(dest)
-
-
 def out_of_range(dest: str, value: Any, allowed: Range, where: str = "") -> str:
     """The one-line message for a value outside its range."""
     place = f" in {where}" if where else ""
@@ -108,8 +93,6 @@ def out_of_range(dest: str, value: Any, allowed: Range, where: str = "") -> str:
 
 def check_ranges(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Raise ``UserError`` for the first option of ``parser`` whose value in ``args`` is outside its range."""
-    from library.errors import UserError
-
     for action in parser._actions:
         allowed = getattr(action, "value_range", None)
         value = getattr(args, action.dest, None)

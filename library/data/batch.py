@@ -23,7 +23,7 @@ from library.data.latent_cache import load_latents_npz
 from library.data.te_cache import load_te_outputs
 from library.data.transforms import crop_without_bucket, flip_horizontal, resize_area, to_tensor, trim_and_resize
 from library.errors import UserError
-from library.sampling.long_prompts import split_long_ids
+from library.formats.long_prompts import split_long_ids
 
 CLIP_LENGTH = 77
 

@@ -19,7 +19,7 @@ from library.log import add_logging_arguments
 from library.sampling.controlnet import resolve_control_nets
 from library.sampling.controlnet_lllite import resolve_lllites
 from library.sampling.gradual_latent import check_usable, resolve_gradual_latent
-from library.sampling.prompt_weighting import EMB_NORMALIZE_MODES
+from library.formats.prompt_weighting import EMB_NORMALIZE_MODES
 from library.sampling.samplers import SAMPLERS
 from library.sampling.upscaler import check_upscaler_options
 

@@ -93,7 +93,7 @@ class LoadedNetworks:
 
 def _network_kwargs(args_list: list[str] | None, index: int) -> dict[str, str]:
     """Network `index`'s `--network_args` string `k=v;k=v` -> kwargs (values stay strings for the plug-in)."""
-    from library.training.network_host import parse_network_args
+    from networks.network_host import parse_network_args
 
     text = args_list[index] if args_list and index < len(args_list) else ""
     return parse_network_args([item for item in text.split(";") if item.strip()])
@@ -160,7 +160,7 @@ def load_networks(args: argparse.Namespace, models: SDModels, device: torch.devi
 
     Returns the applied networks and their default multipliers (`--am` indexes these, merged ones excluded).
     """
-    from library.training.network_host import import_network_module
+    from networks.network_host import import_network_module
 
     pairs = _network_pairs(args)
     check_networks_fit(args, models)

@@ -390,7 +390,4 @@ def _resized(image: Image.Image | None, width: int, height: int) -> Image.Image 
     return image.resize((width, height), Image.LANCZOS)
 
 
-from library.sampling.training_samples import sample_images_for_training  # noqa: E402  (re-export)
-
-__all__ = ["GenSettings", "ImageSpec", "HiresSettings", "Pipeline", "guide", "img2img_start",
-           "make_generators", "sample_images_for_training"]
+__all__ = ["GenSettings", "ImageSpec", "HiresSettings", "Pipeline", "guide", "img2img_start", "make_generators"]

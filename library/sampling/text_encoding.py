@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from library.sampling.long_prompts import chunk_weights, split_into_chunks
-from library.sampling.prompt_weighting import TokenReplacer, apply_weights, tokenize_weighted
+from library.formats.long_prompts import chunk_weights, split_into_chunks
+from library.formats.prompt_weighting import TokenReplacer, apply_weights, tokenize_weighted
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from library.errors import UserError
-from library.training.ti_embedding import load_embedding, load_sdxl_embedding
+from library.formats.ti_embedding import load_embedding, load_sdxl_embedding
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from library.errors import UserError
 from library.sampling.img2img import vae_scale_factor
-from library.training.network_host import parse_network_args
+from networks.network_host import parse_network_args
 
 logger = logging.getLogger(__name__)
 

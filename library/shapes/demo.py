@@ -136,14 +136,18 @@ def write_prompts(out: Path, s: DemoSettings) -> tuple[Path, dict[str, str]]:
 
 
 def generate(out_dir: Path, prompts: Path, s: DemoSettings, lora: Path | None = None) -> list[str]:
-    import gen_img
+    from library.sampling.gen_options import build_gen_parser
+    from library.log import setup_logging_from_args
+    from library.sampling.gen_runner import run
 
     argv = ["--ckpt", s.base_model, "--from_file", str(prompts), "--outdir", str(out_dir), "--steps",
             str(s.sample_steps), "--sampler", "euler_a", "--scale", "5", "--seed", str(s.seed),
             "--batch_size", "8", "--console_log_simple"]
     if lora is not None:
         argv += ["--network_module", "networks.lora", "--network_weights", str(lora), "--network_mul", "1.0"]
-    return gen_img.main(argv)
+    args = build_gen_parser().parse_args(argv)  # what gen_img.py's main does, without importing the script
+    setup_logging_from_args(args)
+    return run(args)
 
 
 def judge(paths: Sequence[str], groups: dict[str, str]) -> dict:
@@ -242,7 +246,7 @@ def report_markdown(result: dict) -> str:
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     """Run the whole job into ``out`` and return the report (also written as report.json / report.md)."""
-    import train_network
+    from library.training import entry
 
     s = settings or DemoSettings()
     out = Path(out)
@@ -264,7 +268,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     before = generate(out / "before", prompts, s)
     logger.info("training the LoRA: train_network.py --config_file %s", config)
     t_train = time.perf_counter()
-    train_network.main(["--config_file", str(config)])
+    entry.trainer_main("train_network", ["--config_file", str(config)])  # train_network.py's main
     train_seconds = time.perf_counter() - t_train
     lora = out / "lora" / f"{TRIGGER}_heart.safetensors"
     logger.info("generating 'after' images with the LoRA")

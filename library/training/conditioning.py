@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from library.errors import UserError
-from library.sampling.long_prompts import CHUNK_TOKENS, join_chunked_hidden_states
+from library.formats.long_prompts import CHUNK_TOKENS, join_chunked_hidden_states
 from library.sampling.text_encoding import encode_with_encoder, text_module
 
 

@@ -182,7 +182,7 @@ def check_packages(args: argparse.Namespace, script: str) -> None:
     check_scheduler(args.lr_scheduler, getattr(args, "lr_scheduler_type", ""),
                     getattr(args, "lr_scheduler_args", None), args.optimizer_type)
     if script in NETWORK_SCRIPTS:
-        from .network_host import import_network_module, parse_network_args
+        from networks.network_host import import_network_module, parse_network_args
 
         import_network_module(args.network_module or "networks.lora")
         parse_network_args(getattr(args, "network_args", None))

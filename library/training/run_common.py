@@ -52,7 +52,7 @@ def _merge_base_weights(args: argparse.Namespace, models: SDModels) -> None:
     mults = list(getattr(args, "base_weights_multiplier", None) or [])
     if len(mults) > len(files):
         raise UserError("--base_weights_multiplier has more values than --base_weights files")
-    from .network_host import NetworkHost
+    from networks.network_host import NetworkHost
 
     te_arg = models.text_encoders if models.is_sdxl else models.text_encoders[0]
     for i, path in enumerate(files):
@@ -196,7 +196,7 @@ def make_sample_hook(args: argparse.Namespace, models: SDModels, acc, wdtype: to
     prompts = load_sample_prompts(args.sample_prompts, args.sample_sampler)
 
     def sample(epoch: Optional[int], steps: int) -> None:
-        from library.sampling.pipeline import sample_images_for_training
+        from library.sampling.training_samples import sample_images_for_training
 
         mine = prompts[acc.process_index::acc.num_processes]
         sample_images_for_training(models, mine, output_dir=args.output_dir or ".", output_name=args.output_name,
@@ -223,7 +223,7 @@ def tracker_init(acc, args: argparse.Namespace, default_name: str) -> None:
 
 
 def training_facts(args, models: SDModels, group, plan, opt_name: str, acc):
-    from .metadata import TrainingFacts
+    from library.formats.metadata import TrainingFacts
 
     return TrainingFacts(family=models.family, num_train_images=group.num_train_images,
                          num_reg_images=group.num_reg_images, num_batches_per_epoch=plan.batches_per_epoch,
@@ -233,7 +233,7 @@ def training_facts(args, models: SDModels, group, plan, opt_name: str, acc):
 
 def dataset_facts(group) -> list:
     """The dataset group as the metadata module describes it (spec file-formats §b.1)."""
-    from .metadata import DatasetFacts, SubsetFacts
+    from library.formats.metadata import DatasetFacts, SubsetFacts
 
     out = []
     for d in group.datasets:

@@ -24,7 +24,7 @@ from .device_memory import park_unused_models
 from .full_model_saving import FullModelSaver, resolve_save_format
 from .loop import LoopHooks, LoopPlan
 from .methods.full_model import FullModelMethod
-from .modelspec import modelspec_from_args, trained_resolution
+from library.formats.modelspec import modelspec_from_args, trained_resolution
 from .preflight import preflight
 from .run_common import (attach_tokenizers, build_data, cache_latents_if_asked, encode_latents_fn, load_base_models,
                          make_sample_hook, optimizer_and_schedule, tracker_init, train_and_save)

@@ -17,7 +17,7 @@ from .diffusion_step import DiffusionObjective
 from .loop import LoopHooks, LoopPlan
 from .lr_schedules import build_lr_scheduler
 from .methods.network import NetworkMethod
-from .network_host import NetworkHost, parse_network_args
+from networks.network_host import NetworkHost, parse_network_args
 from .optimizers import build_optimizer
 from .preflight import preflight
 from .run_common import (attach_tokenizers, build_data, cache_latents_if_asked, encode_latents_fn, encode_text_fn,
@@ -140,8 +140,8 @@ def _batches_per_process(group, acc) -> int:
 
 
 def _metadata_fn(args, models, group, plan, opt_name: str, acc):
-    from .metadata import build_training_metadata, metadata_for_save, ss_epoch_value
-    from .modelspec import modelspec_from_args, trained_resolution
+    from library.formats.metadata import build_training_metadata, metadata_for_save, ss_epoch_value
+    from library.formats.modelspec import modelspec_from_args, trained_resolution
 
     facts = training_facts(args, models, group, plan, opt_name, acc)
     base = build_training_metadata(args, facts)

@@ -22,7 +22,7 @@ from .checks import verify_training_args
 from .device_memory import park_unused_models
 from .loop import LoopHooks
 from .methods.textual_inversion import TextualInversionMethod
-from .modelspec import modelspec_from_args, trained_resolution
+from library.formats.modelspec import modelspec_from_args, trained_resolution
 from .preflight import preflight
 from .run_common import (attach_tokenizers, build_data, cache_latents_if_asked, encode_latents_fn, load_base_models,
                          make_sample_hook, optimizer_and_schedule, tracker_init, train_and_save)
@@ -121,7 +121,7 @@ def _initial_weights(args: argparse.Namespace) -> Optional[torch.Tensor]:
     """--weights: the first tensor of an embedding file, 1-D as (1, d) (spec file-formats §c)."""
     if args.weights is None:
         return None
-    from .ti_embedding import load_embedding
+    from library.formats.ti_embedding import load_embedding
 
     logger.info("initial embedding from %s", args.weights)
     return load_embedding(args.weights, for_trainer=True)

@@ -18,7 +18,7 @@ import gen_img
 import sdxl_train_network
 import train_network
 from library.models.tiny import build_tiny_models
-from library.training.ti_embedding import embedding_state_dict, save_embedding_file, sdxl_embedding_state_dict
+from library.formats.ti_embedding import embedding_state_dict, save_embedding_file, sdxl_embedding_state_dict
 from networks import merge_lora, resize_lora, sdxl_merge_lora, svd_merge_lora
 from tests.networks.helpers import write_lora
 from tests.training.train_helpers import base_args, make_shapes_folder

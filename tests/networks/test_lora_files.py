@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import networks.lora as lora
 from library.errors import UserError
-from library.training.model_hashes import precalculate_safetensors_hashes
+from library.formats.model_hashes import precalculate_safetensors_hashes
 
 from .helpers import randomize_up, text_encoder_arg
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from library.errors import UserError
-from library.training.network_host import NetworkHost, parse_network_args
+from networks.network_host import NetworkHost, parse_network_args
 
 from .helpers import unet_inputs
 

@@ -136,7 +136,7 @@ def test_from_module_prompter(tiny, tmp_path):
 
 
 def test_textual_inversion_option(tiny, tmp_path):
-    from library.training.ti_embedding import embedding_state_dict, save_embedding_file
+    from library.formats.ti_embedding import embedding_state_dict, save_embedding_file
 
     save_embedding_file(tmp_path / "shiny.safetensors", embedding_state_dict(torch.randn(2, 32)))
     names, _ = _run(tiny, tmp_path, "--prompt", "a shiny cat", "--textual_inversion_embeddings",

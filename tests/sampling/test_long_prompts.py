@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.sampling.long_prompts import count_chunks, join_chunked_hidden_states, split_long_ids
+from library.formats.long_prompts import count_chunks, join_chunked_hidden_states, split_long_ids
 from tests.sampling.fake_tokenizer import BOS, EOS
 
 T = list(range(1000, 1300))  # stand-in token ids

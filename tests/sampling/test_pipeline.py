@@ -12,8 +12,9 @@ from library.models.loading import load_models
 from library.sampling.filenames import sample_image_path
 from library.sampling.img2img import encode_images
 from library.sampling.pipeline import (GenSettings, HiresSettings, ImageSpec, Pipeline, draw_noise, guide,
-                                       img2img_start, make_generators, sample_images_for_training)
+                                       img2img_start, make_generators)
 from library.sampling.samplers import make_scheduler
+from library.sampling.training_samples import sample_images_for_training
 from tools.make_tiny_model import write_tiny_model
 
 PROMPT, NEG = "a photo of a cat", "blurry"

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.sampling.long_prompts import chunk_weights, split_into_chunks
-from library.sampling.prompt_weighting import apply_weights, parse_prompt_attention, tokenize_weighted
+from library.formats.long_prompts import chunk_weights, split_into_chunks
+from library.formats.prompt_weighting import apply_weights, parse_prompt_attention, tokenize_weighted
 from tests.sampling.fake_tokenizer import BOS, EOS, FakeTokenizer
 
 

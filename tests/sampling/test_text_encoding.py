@@ -9,7 +9,7 @@ from library.models.loading import load_models
 from library.sampling.text_encoding import (GEN_IMG_CLIP_SKIP, default_clip_skip, encode_for_training_samples,
                                             encode_prompts)
 from library.sampling.textual_inversion import load_textual_inversion
-from library.training.ti_embedding import embedding_state_dict, save_embedding_file, sdxl_embedding_state_dict
+from library.formats.ti_embedding import embedding_state_dict, save_embedding_file, sdxl_embedding_state_dict
 from tools.make_tiny_model import write_tiny_model
 
 

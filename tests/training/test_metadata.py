@@ -9,9 +9,9 @@ import pytest
 
 from library.config.options import build_parser
 from library.errors import UserError
-from library.training import metadata as md
-from library.training.model_hashes_files import legacy_file_hash, model_file_metadata, sha256_file
-from library.training.modelspec import build_modelspec
+from library.formats import metadata as md
+from library.formats.model_hashes_files import legacy_file_hash, model_file_metadata, sha256_file
+from library.formats.modelspec import build_modelspec
 
 # The spec's key lists, as data (§b.1).
 ALWAYS_KEYS = """ss_session_id ss_training_started_at ss_output_name ss_learning_rate ss_text_encoder_lr ss_unet_lr

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from library.config.options import build_parser
-from library.training.modelspec import build_modelspec, family_from_args, modelspec_from_args
+from library.formats.modelspec import build_modelspec, family_from_args, modelspec_from_args
 
 TS = 1712495272.654321
 GM = "https://github.com/Stability-AI/generative-models"

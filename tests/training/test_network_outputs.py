@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from safetensors import safe_open
 
 import train_network
-from library.training.modelspec import trained_resolution
+from library.formats.modelspec import trained_resolution
 from tests.training.train_helpers import base_args
 
 

@@ -7,8 +7,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from library.errors import UserError
-from library.training.modelspec import build_modelspec
-from library.training.ti_embedding import (
+from library.formats.modelspec import build_modelspec
+from library.formats.ti_embedding import (
     embedding_state_dict, load_embedding, load_sdxl_embedding, read_embedding_file, save_embedding_file,
     sdxl_embedding_state_dict,
 )

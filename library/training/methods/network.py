@@ -16,7 +16,7 @@ from library.models.bundle import SDModels
 from ..checkpointing import TrainState
 from ..conditioning import text_conditioning, weighted_captions_tokenizer
 from ..diffusion_step import DiffusionObjective, StepRandom, batch_latents, call_unet, diffusion_loss
-from ..network_host import NetworkHost
+from networks.network_host import NetworkHost
 
 logger = logging.getLogger(__name__)
 

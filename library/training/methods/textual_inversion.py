@@ -19,7 +19,7 @@ from library.models.bundle import SDModels
 from ..checkpointing import TrainState
 from ..conditioning import text_conditioning
 from ..diffusion_step import DiffusionObjective, StepRandom, batch_latents, call_unet, diffusion_loss
-from ..ti_embedding import embedding_state_dict, save_embedding_file
+from library.formats.ti_embedding import embedding_state_dict, save_embedding_file
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ import torch
 
 from library.errors import UserError
 from library.fileio import atomic_path
-from library.training.model_hashes import precalculate_safetensors_hashes
+from library.formats.tensor_file import read_tensor_file
+from library.formats.model_hashes import precalculate_safetensors_hashes
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -20,8 +21,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise UserError(f"network weights file not found: {path}")
     if is_safetensors(path):
-        from .lora_family import read_tensor_file
-
         read_tensor_file(path, "network weights")  # a text or truncated file: one line naming it
     try:
         if is_safetensors(path):

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from library.config.dataset_schema import parse_resolution
 from library.errors import UserError
-from library.training.model_hashes_files import model_file_metadata
+from library.formats.model_hashes_files import model_file_metadata
 
 # Keys kept by --no_metadata (and written by the LoRA tools), in upstream's order (§b.1).
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",

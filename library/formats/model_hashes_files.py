@@ -1,7 +1,7 @@
 """Hashes of the base model / VAE files named in ``ss_*`` metadata, spec file-formats §b.2.
 
 These identify the *input* files (A1111's old and new model hashes); the ``sshs_*`` hashes of the saved
-LoRA itself live in ``library.training.model_hashes``.
+LoRA itself live in ``library.formats.model_hashes``.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from library.errors import UserError
-from library.sampling.long_prompts import CHUNK_LENGTH, CHUNK_TOKENS, count_chunks, pad_to_chunks
+from library.formats.long_prompts import CHUNK_LENGTH, CHUNK_TOKENS, count_chunks, pad_to_chunks
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,158 @@
+"""The import rules of docs/architecture.md, checked on the source with ast (issue 17 items 3 and 5).
+
+1. Layers: a module imports only from its own package or from a lower layer (LAYERS, lowest first).
+   Packages on the same layer do not import each other.
+2. ``library`` and ``networks`` never import a top-level script, ``tools``, ``bench`` or ``tests``.
+3. No circles between the modules of one package either.
+Every import counts, at module top or inside a function.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# lowest first; a package may import from any earlier line, never from its own line's others or later ones
+LAYERS = [
+    ["library.interrupts", "library.log"],
+    ["library.errors"],
+    ["library.fileio"],
+    ["library.config"],
+    ["library.models", "library.formats"],
+    ["library.data"],
+    ["networks"],
+    ["library.sampling"],
+    ["library.training"],
+    ["library.tagging"],
+    ["library.captioning", "library.shapes", "library.compat"],
+    ["library.train_util"],
+]
+RANK = {pkg: i for i, line in enumerate(LAYERS) for pkg in line}
+SCRIPTS = {p.stem for p in ROOT.glob("*.py")}
+FORBIDDEN_ROOTS = SCRIPTS | {"tools", "bench", "tests"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _package(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] == "networks":
+        return "networks"
+    if parts[0] == "library" and len(parts) > 1:
+        return f"library.{parts[1]}"
+    return None
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in the file; ``from pkg import name`` yields
+    ``pkg.name`` as well (the name may be a module)."""
+    module = _module_name(path)
+    base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = base[:len(base) - node.level + 1]
+                target = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            out.append((node.lineno, target))
+            out += [(node.lineno, f"{target}.{a.name}") for a in node.names]
+    return out
+
+
+def _sources() -> list[Path]:
+    return sorted(p for top in ("library", "networks") for p in (ROOT / top).rglob("*.py"))
+
+
+def _known_module(name: str) -> str | None:
+    """The project module ``name`` refers to (a module file or package), or None (a class, a function)."""
+    path = ROOT.joinpath(*name.split("."))
+    if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+        return name
+    return None
+
+
+def test_every_package_has_a_layer():
+    packages = {_package(_module_name(p)) for p in _sources()} - {None}
+    assert packages <= set(RANK), f"packages without a layer: {sorted(packages - set(RANK))}"
+
+
+def test_imports_follow_the_layers():
+    bad = []
+    for path in _sources():
+        here = _package(_module_name(path))
+        for line, target in _imports(path):
+            root = target.split(".")[0]
+            where = f"{path.relative_to(ROOT)}:{line} imports {target}"
+            if root in FORBIDDEN_ROOTS:
+                bad.append(f"{where} (a script, tool, bench or test)")
+                continue
+            there = _package(target)
+            if there is None or there == here or _known_module(target) is None:
+                continue
+            if RANK[there] >= RANK[here]:
+                bad.append(f"{where} ({there} is not below {here})")
+    assert not bad, "imports against docs/architecture.md's layers:\n" + "\n".join(bad)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in _sources():
+        name = _module_name(path)
+        targets = {_known_module(t) for _, t in _imports(path)}
+        graph[name] = {t for t in targets if t and t != name and _package(t) == _package(name)}
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_module_circles_inside_a_package():
+    graph = _module_graph()
+    # a package's __init__ importing its own modules is how a package exposes them, not a circle
+    for name in graph:
+        if _package(name) == name or name in ("library", "networks"):
+            graph[name] = set()
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from library.training import loop", "library.training.loop"),
+    ("from ..formats import metadata", "library.formats.metadata"),
+])
+def test_the_checker_resolves_imports(tmp_path, source, expected, monkeypatch):
+    """The checker itself: absolute and relative imports resolve to module names."""
+    path = ROOT / "library" / "sampling" / "_probe_for_test.py"
+    monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: source)
+    assert expected in {t for _, t in _imports(path)}
