@@ -76,7 +76,7 @@ class StepClock:
                                                                   active=PROFILE_STEPS, repeat=1))
 
     def __enter__(self):
-        from library.training import throughput
+        from library.training.loop import throughput
 
         self._cls = throughput.ThroughputWatch
         self._orig = self._cls.step_done

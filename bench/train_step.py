@@ -38,7 +38,7 @@ def run_ours(args) -> dict:
     from accelerate import Accelerator
 
     from library.models.loading import load_models
-    from library.training.diffusion_step import DiffusionObjective, StepRandom
+    from library.training.objective.diffusion_step import DiffusionObjective, StepRandom
     from library.training.methods.network import NetworkMethod
     from networks.network_host import NetworkHost
 

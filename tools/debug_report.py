@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python tools/x.py` from anywhere
 
-from library.training.receipts import environment_facts, package_versions, project_version  # noqa: E402
+from library.training.extras.receipts import environment_facts, package_versions, project_version  # noqa: E402
 
 ENV_VARS = ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
             "ACCELERATE_CONFIG_FILE", "ACCELERATE_MIXED_PRECISION", "OMP_NUM_THREADS", "WORLD_SIZE")

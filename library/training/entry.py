@@ -12,11 +12,11 @@ from library.log import setup_logging_from_args
 
 # script -> (runner module, keyword arguments of its run())
 RUNNERS = {
-    "train_network": ("library.training.run_network", {"sdxl": False}),
-    "sdxl_train_network": ("library.training.run_network", {"sdxl": True}),
-    "train_db": ("library.training.run_dreambooth", {}),
-    "fine_tune": ("library.training.run_finetune", {}),
-    "train_textual_inversion": ("library.training.run_textual_inversion", {}),
+    "train_network": ("library.training.runners.run_network", {"sdxl": False}),
+    "sdxl_train_network": ("library.training.runners.run_network", {"sdxl": True}),
+    "train_db": ("library.training.runners.run_dreambooth", {}),
+    "fine_tune": ("library.training.runners.run_finetune", {}),
+    "train_textual_inversion": ("library.training.runners.run_textual_inversion", {}),
 }
 
 
@@ -36,7 +36,7 @@ def run_script(script: str, args: argparse.Namespace):
     (the final file's path, or None after ``--dry_run``). ``UserError`` propagates."""
     setup_logging_from_args(args)
     module, kwargs = RUNNERS[script]
-    from .run_lock import releasing
+    from library.training.runners.run_lock import releasing
 
     with releasing():  # the runner takes the output-name lock once its options are checked
         return importlib.import_module(module).run(args, **kwargs)  # imported late: --help stays fast

@@ -61,14 +61,14 @@ def test_dreambooth_end_to_end(db_group):
 def _ss_datasets(group) -> list[dict]:
     """The group as the trainers' metadata writer describes it (``ss_datasets``, spec file-formats §b.1)."""
     from library.formats.metadata import dataset_entry
-    from library.training.run_common import dataset_facts
+    from library.training.runners.run_common import dataset_facts
 
     return [dataset_entry(d) for d in dataset_facts(group)]
 
 
 def _ss_dataset_dirs(group) -> dict:
     from library.formats.metadata import _dataset_config_keys
-    from library.training.run_common import dataset_facts
+    from library.training.runners.run_common import dataset_facts
 
     return json.loads(_dataset_config_keys(dataset_facts(group))["ss_dataset_dirs"])
 
@@ -279,7 +279,7 @@ def test_legacy_dataset_dirs_split_reg(db_group):
     import argparse
 
     from library.formats.metadata import _single_dataset_keys
-    from library.training.run_common import dataset_facts
+    from library.training.runners.run_common import dataset_facts
 
     facts = argparse.Namespace(datasets=dataset_facts(db_group), num_processes=1)
     args = argparse.Namespace(resolution=None, train_batch_size=1, gradient_accumulation_steps=1, color_aug=False,

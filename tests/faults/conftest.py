@@ -112,7 +112,7 @@ def child_main() -> None:
     was written inside an atomic save)."""
     mode, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     if mode.startswith("step:"):
-        from library.training import checkpointing
+        from library.training.loop import checkpointing
 
         step = int(mode[5:].split("+")[0])
         original = checkpointing.Checkpointer.after_step

@@ -32,7 +32,7 @@ def sigint_default():
 
 def _signal_after_step(monkeypatch, step: int, signum: int = signal.SIGINT) -> None:
     """The test sends ``signum`` to its own process right after optimizer step ``step``."""
-    from library.training import checkpointing
+    from library.training.loop import checkpointing
 
     original = checkpointing.Checkpointer.after_step
 

@@ -150,7 +150,7 @@ def test_short_disk_is_a_warning_with_both_numbers(tiny, data, tmp_path, monkeyp
     from collections import namedtuple
 
     from library.config.options import build_parser
-    from library.training.preflight import check_output
+    from library.training.runners.preflight import check_output
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 1024))

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import train_network
 from library.errors import NonFiniteError
-from library.training.nonfinite_guard import NonFiniteGuard, remedies_for
+from library.training.loop.nonfinite_guard import NonFiniteGuard, remedies_for
 from tests.faults.conftest import error_line, run_main
 from tests.training.train_helpers import base_args
 
@@ -91,7 +91,7 @@ def _args(mixed_precision="no", **kw):
 def _raise_at(site: str, args) -> str:
     guard = NonFiniteGuard(remedies=remedies_for(args))
     with guard.recording():
-        from library.training.nonfinite_guard import watch
+        from library.training.loop.nonfinite_guard import watch
 
         watch(site, torch.tensor([float("nan")]))
     with pytest.raises(NonFiniteError) as e:

@@ -15,7 +15,7 @@ import pytest
 
 import train_network
 from library.errors import UserError
-from library.training import run_lock
+from library.training.runners import run_lock
 from tests.faults.conftest import error_line, run_main
 from tests.training.train_helpers import base_args
 
@@ -121,7 +121,7 @@ def test_reused_pid_is_stale(tmp_path, other_process):
 
 
 def test_lock_is_removed_when_the_run_fails(tiny_sd, shapes_data, tmp_path, capsys, monkeypatch):
-    from library.training import run_common
+    from library.training.runners import run_common
 
     def bad_models(*a, **k):
         from library.errors import UserError
@@ -129,7 +129,7 @@ def test_lock_is_removed_when_the_run_fails(tiny_sd, shapes_data, tmp_path, caps
         raise UserError("stop here")
 
     monkeypatch.setattr(run_common, "load_base_models", bad_models)
-    monkeypatch.setattr("library.training.run_network.load_base_models", bad_models)
+    monkeypatch.setattr("library.training.runners.run_network.load_base_models", bad_models)
     out = tmp_path / "out"
     code, err = run_main(train_network.main, base_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 1), capsys)
     assert code == 2 and error_line(err) == "error: stop here"

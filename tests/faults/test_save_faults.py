@@ -212,7 +212,7 @@ def test_failed_diffusers_folder_save_in_training(tiny_sd, shapes_data, tmp_path
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_output_folder_made_read_only_during_training(tiny_sd, shapes_data, tmp_path, monkeypatch, capsys):
-    from library.training import checkpointing
+    from library.training.loop import checkpointing
 
     out = tmp_path / "out"
     original = checkpointing.Checkpointer.after_step

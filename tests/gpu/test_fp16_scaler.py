@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.training.accelerate_setup import allow_fp16_unscale
+from library.training.runners.accelerate_setup import allow_fp16_unscale
 
 
 def _scaled_fp16_grads(scaler):

@@ -72,7 +72,7 @@ def _probe_torch_save(obj, f, *a, **k):
 
 torch.save = _probe_torch_save
 
-from library.training import validation  # noqa: E402
+from library.training.extras import validation  # noqa: E402
 
 _run = validation.Validator.run
 

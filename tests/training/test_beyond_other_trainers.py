@@ -8,7 +8,7 @@ import torch
 
 import train_db
 import train_textual_inversion
-from library.training import diffusion_step
+from library.training.objective import diffusion_step
 from tests.training.full_train_helpers import common_args, weights
 
 

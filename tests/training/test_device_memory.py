@@ -1,10 +1,10 @@
 """Frozen models leave the accelerator once their outputs are cached, and come back only to sample
-(library/training/device_memory.py). On the CPU every device is the same, so the moves are observed."""
+(library/training/memory/device_memory.py). On the CPU every device is the same, so the moves are observed."""
 import pytest
 import torch
 
 import sdxl_train_network
-from library.training import device_memory
+from library.training.memory import device_memory
 from tests.training.train_helpers import base_args
 from tools.make_tiny_model import write_tiny_model
 

@@ -7,8 +7,8 @@ import pytest
 from safetensors import safe_open
 
 import train_network
-from library.training.receipts import dataset_fingerprint, scrub
-from library.training.throughput import ThroughputWatch
+from library.training.extras.receipts import dataset_fingerprint, scrub
+from library.training.loop.throughput import ThroughputWatch
 from tests.training.train_helpers import base_args, make_shapes_folder
 from tools import debug_report
 

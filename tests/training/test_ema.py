@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import train_network
 from library.errors import UserError
-from library.training.ema import EMA
+from library.training.extras.ema import EMA
 from tests.training.train_helpers import base_args
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train_network
 from library.errors import UserError
-from library.training import hub_upload
+from library.training.extras import hub_upload
 from tests.training.train_helpers import base_args
 
 HUB = ["--huggingface_repo_id", "me/repo", "--huggingface_path_in_repo", "loras", "--huggingface_repo_visibility",
@@ -201,7 +201,7 @@ def test_parse_hub_location(location, parsed):
 def test_hub_options_without_repo_id_warn(caplog):
     import argparse
 
-    from library.training.checks import check_hub_options
+    from library.training.runners.checks import check_hub_options
 
     with caplog.at_level(logging.INFO):
         check_hub_options(argparse.Namespace(async_upload=True, huggingface_token="t"))
@@ -230,7 +230,7 @@ def test_no_hub_uploader_without_repo_id(monkeypatch):
     import argparse
     import types
 
-    from library.training.checkpointing import Checkpointer
+    from library.training.loop.checkpointing import Checkpointer
 
     def refuse(args):
         raise AssertionError("HubUploader.from_args called without --huggingface_repo_id")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.training.losses import (
+from library.training.objective.losses import (
     LossConfig,
     conditional_loss,
     debiased_weight,
@@ -17,7 +17,7 @@ from library.training.losses import (
     scale_v_pred_like_noise_weight,
     v_pred_like_loss_factor,
 )
-from library.training.noise_schedule import build_training_schedule
+from library.training.objective.noise_schedule import build_training_schedule
 
 TS = (0, 500, 999)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.training.lr_schedules import build_lr_scheduler
-from library.training.optimizers import build_optimizer
+from library.training.optim.lr_schedules import build_lr_scheduler
+from library.training.optim.optimizers import build_optimizer
 
 WARMUP, TOTAL = 10, 110
 POINTS = (0, WARMUP, 60, TOTAL)  # start, end of warmup, mid of the decay, end

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.training.noise import (
+from library.training.objective.noise import (
     NoiseConfig,
     apply_noise_offset,
     compute_target,
@@ -17,7 +17,7 @@ from library.training.noise import (
     sample_timesteps,
     timestep_bounds,
 )
-from library.training.noise_schedule import build_training_schedule
+from library.training.objective.noise_schedule import build_training_schedule
 
 TS = (0, 500, 999)
 

@@ -8,7 +8,8 @@ import torch
 
 import train_network
 from library.errors import NonFiniteError
-from library.training import diffusion_step, nonfinite_guard
+from library.training.objective import diffusion_step
+from library.training.loop import nonfinite_guard
 from library.training.methods import network as network_method
 from tests.training.train_helpers import base_args
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.training.optimizers import OPTIMIZERS, build_optimizer, optimizer_metadata_name, parse_kwargs
+from library.training.optim.optimizers import OPTIMIZERS, build_optimizer, optimizer_metadata_name, parse_kwargs
 
 PACKAGE_OF = {"Lion": "lion_pytorch", "Prodigy": "prodigyopt", "AdaFactor": "transformers"}
 

@@ -1,7 +1,7 @@
 """Output naming, save conditions and pruning, worked by hand from spec file-formats §(e)."""
 import pytest
 
-from library.training import output_names as on
+from library.training.loop import output_names as on
 
 
 @pytest.mark.parametrize("func, args, expected", [

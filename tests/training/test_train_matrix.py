@@ -131,7 +131,7 @@ def test_fp8_base_trains(tiny_sd, shapes_data, tmp_path):
 def test_fp8_base_with_gradient_checkpointing_and_samples(tiny_sd, shapes_data, tmp_path):
     """fp8 storage must survive checkpointing's recomputation (the recomputed layer sees the tensors the first
     pass saw) and sample images during training (the U-Net computes in bf16, not in its fp8 storage)."""
-    from library.training.fp8_storage import FP8
+    from library.training.memory.fp8_storage import FP8
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a shape --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
@@ -146,7 +146,7 @@ def test_fp8_base_with_gradient_checkpointing_and_samples(tiny_sd, shapes_data, 
 
 def test_fp8_storage_computes_like_the_upcast_weights():
     """Oracle: the same layer with its weight rounded to fp8 and back, in bf16."""
-    from library.training.fp8_storage import FP8, store_in_fp8
+    from library.training.memory.fp8_storage import FP8, store_in_fp8
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.Flatten(),

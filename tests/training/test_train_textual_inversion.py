@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train_textual_inversion
-from library.training import ti_tokens
+from library.training.methods import ti_tokens
 from tests.training.full_train_helpers import assert_same, common_args, write_config
 
 VOCAB = 49408  # CLIP vocabulary of the tiny model, as of the real one

@@ -41,7 +41,7 @@ def test_disk_cache_reused_and_target_size_from_the_vae_factor(sdxl_two_level, s
 
     from library.config.options import build_parser
     from library.data.latent_cache import is_cache_valid
-    from library.training.run_common import build_data
+    from library.training.runners.run_common import build_data
 
     assert is_cache_valid(str(npzs[0]), (64, 64), False, False, latent_factor=2)
     assert not is_cache_valid(str(npzs[0]), (64, 64), False, False)  # read as an 8x VAE's it would not fit

@@ -12,7 +12,7 @@ from library.config.options import build_parser
 from library.data.dataset import build_dataset_group
 from library.data.validation_split import split_keys, train_count
 from library.errors import UserError
-from library.training.validation import band_timesteps
+from library.training.extras.validation import band_timesteps
 from tests.training.train_helpers import base_args, make_shapes_folder
 
 
@@ -121,7 +121,7 @@ def test_validation_loss_is_the_item_mean_whatever_the_processes():
     """Batches of 2 and 1 items, shared by 1 or 2 processes: the mean over the 3 items, not over the batches."""
     from types import SimpleNamespace
 
-    from library.training.validation import Validator
+    from library.training.extras.validation import Validator
 
     obj = SimpleNamespace(noise_cfg=SimpleNamespace(min_timestep=None, max_timestep=None, loss_type="l2"),
                           sched=SimpleNamespace(num_train_timesteps=1000))
@@ -181,7 +181,8 @@ def test_sdxl_validation_uses_the_text_encoder_output_cache(tiny_xl, tmp_path, m
     """With --cache_text_encoder_outputs the validation images are cached too: no text encoder runs during
     validation, and the loss equals the one with freshly encoded conditioning."""
     import sdxl_train_network
-    from library.training import conditioning, validation
+    from library.training.objective import conditioning
+    from library.training.extras import validation
 
     data = make_shapes_folder(tmp_path / "data", repeats=1, n=8)
     calls = {"validation": 0, "elsewhere": 0}

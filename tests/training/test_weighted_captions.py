@@ -14,8 +14,8 @@ import train_db
 import train_network
 import train_textual_inversion
 from library.models.tiny import build_tiny_models
-from library.training import conditioning
-from library.training.conditioning import encode_sd, encode_sd_weighted, text_conditioning
+from library.training.objective import conditioning
+from library.training.objective.conditioning import encode_sd, encode_sd_weighted, text_conditioning
 from tests.training.full_train_helpers import TE, common_args, part, weights
 from tests.training.test_script_matrix import _metadata_json
 from tests.training.test_train_matrix import _scalars

@@ -12,9 +12,8 @@ from typing import Optional
 import torch
 
 from library.models.bundle import SDModels
-
-from ..diffusion_step import DiffusionObjective
-from .full_model import FullModelMethod
+from library.training.methods.full_model import FullModelMethod
+from library.training.objective.diffusion_step import DiffusionObjective
 
 
 def text_encoder_schedule(stop_text_encoder_training: Optional[int]) -> tuple[bool, Optional[int]]:

@@ -10,9 +10,8 @@ import argparse
 import torch
 
 from library.models.bundle import SDModels
-
-from ..diffusion_step import DiffusionObjective
-from .full_model import FullModelMethod
+from library.training.methods.full_model import FullModelMethod
+from library.training.objective.diffusion_step import DiffusionObjective
 
 
 class FineTuneMethod(FullModelMethod):

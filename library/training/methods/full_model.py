@@ -14,10 +14,11 @@ from typing import Iterable, Optional
 import torch
 
 from library.models.bundle import SDModels
-
-from ..checkpointing import TrainState
-from ..conditioning import TextConditioning, encode_sd, text_conditioning, weighted_captions_tokenizer
-from ..diffusion_step import DiffusionObjective, StepRandom, batch_latents, call_unet, diffusion_loss
+from library.training.loop.checkpointing import TrainState
+from library.training.objective.conditioning import (TextConditioning, encode_sd, text_conditioning,
+                                                     weighted_captions_tokenizer)
+from library.training.objective.diffusion_step import (DiffusionObjective, StepRandom, batch_latents, call_unet,
+                                                       diffusion_loss)
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from library.models.bundle import SDModels
-
-from ..checkpointing import TrainState
-from ..conditioning import text_conditioning, weighted_captions_tokenizer
-from ..diffusion_step import DiffusionObjective, StepRandom, batch_latents, call_unet, diffusion_loss
+from library.training.loop.checkpointing import TrainState
+from library.training.objective.conditioning import text_conditioning, weighted_captions_tokenizer
+from library.training.objective.diffusion_step import (DiffusionObjective, StepRandom, batch_latents, call_unet,
+                                                       diffusion_loss)
 from networks.network_host import NetworkHost
 
 logger = logging.getLogger(__name__)

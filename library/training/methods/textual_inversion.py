@@ -14,12 +14,12 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from library.models.bundle import SDModels
-
-from ..checkpointing import TrainState
-from ..conditioning import text_conditioning
-from ..diffusion_step import DiffusionObjective, StepRandom, batch_latents, call_unet, diffusion_loss
 from library.formats.ti_embedding import embedding_state_dict, save_embedding_file
+from library.models.bundle import SDModels
+from library.training.loop.checkpointing import TrainState
+from library.training.objective.conditioning import text_conditioning
+from library.training.objective.diffusion_step import (DiffusionObjective, StepRandom, batch_latents, call_unet,
+                                                       diffusion_loss)
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 
 from library.errors import UserError
-from library.training.optimizers import parse_kwargs
+from library.training.optim.optimizers import parse_kwargs
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,7 @@ import torch
 
 from library.errors import UserError
 from library.models.bundle import SDModels
-
-from . import accelerate_setup as setup
+from library.training.runners import accelerate_setup as setup
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def load_base_models(args: argparse.Namespace, acc, wdtype: torch.dtype, sdxl: b
             te.to(acc.device, wdtype)
     setup.set_attention(models.unet, args)
     if getattr(args, "fp8_base", False):
-        from .fp8_storage import store_in_fp8
+        from library.training.memory.fp8_storage import store_in_fp8
 
         store_in_fp8(models.unet, wdtype)  # frozen weights in fp8, computed in the training dtype
     return models
@@ -122,8 +121,7 @@ def encode_latents_fn(models: SDModels, acc, args: argparse.Namespace) -> Callab
 def encode_text_fn(models: SDModels, acc, args: argparse.Namespace, wdtype: torch.dtype):
     """SDXL: raw captions -> {hidden_state1, hidden_state2, pool2} for the TE-output cache (spec §10.1)."""
     from library.data.batch import get_input_ids
-
-    from .conditioning import encode_sdxl
+    from library.training.objective.conditioning import encode_sdxl
 
     te1, te2 = models.text_encoders
     tok1, tok2 = models.tokenizers
@@ -154,9 +152,9 @@ def cache_latents_if_asked(args: argparse.Namespace, group, models: SDModels, ac
 
 def optimizer_and_schedule(args: argparse.Namespace, params, group, acc):
     """Optimizer, step plan and LR scheduler of a run (spec cli-options §4.2, §8): ``(opt, sched, plan, name)``."""
-    from .loop import LoopPlan
-    from .lr_schedules import build_lr_scheduler
-    from .optimizers import build_optimizer
+    from library.training.loop.train_loop import LoopPlan
+    from library.training.optim.lr_schedules import build_lr_scheduler
+    from library.training.optim.optimizers import build_optimizer
 
     optimizer, opt_name, extra = build_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args,
                                                  args.use_8bit_adam, args.use_lion_optimizer)
@@ -259,7 +257,7 @@ def dataset_facts(group) -> list:
 def train_and_save(acc, method, group, args: argparse.Namespace, optimizer, lr_sched, plan, checkpointer, state,
                    hooks, note: str = "") -> str:
     """The last step of every runner: the shared loop, then the final save; returns the final file."""
-    from .loop import train
+    from library.training.loop.train_loop import train
 
     logger.info("training: %d steps, %d epochs, %d batches per epoch%s", plan.max_train_steps, plan.num_epochs,
                 plan.batches_per_epoch, note)

@@ -14,7 +14,7 @@ HUB_OPTIONS = ("huggingface_repo_type", "huggingface_path_in_repo", "huggingface
 
 
 def check_hub_options(args: argparse.Namespace) -> None:
-    """Hub upload / download options (library/training/hub_upload.py): warn where one has no effect."""
+    """Hub upload / download options (library/training/extras/hub_upload.py): warn where one has no effect."""
     if getattr(args, "resume_from_huggingface", False) and not getattr(args, "resume", None):
         logger.warning("--resume_from_huggingface without --resume: nothing to download, training starts fresh")
     if not getattr(args, "huggingface_repo_id", None):

@@ -14,11 +14,10 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from library.errors import UserError
-
-from . import nonfinite_guard
-from .losses import LossConfig, conditional_loss, loss_mask_from_batch, reduce_and_weight
-from .noise import NoiseConfig, compute_target, make_noisy_latents
-from .noise_schedule import TrainingSchedule
+from library.training.loop import nonfinite_guard
+from library.training.objective.losses import LossConfig, conditional_loss, loss_mask_from_batch, reduce_and_weight
+from library.training.objective.noise import NoiseConfig, compute_target, make_noisy_latents
+from library.training.objective.noise_schedule import TrainingSchedule
 
 
 def step_seed(seed: int, *parts: int) -> int:
@@ -58,7 +57,7 @@ class DiffusionObjective:
 
     @classmethod
     def from_args(cls, args: Any, method: str, latent_scale: float) -> "DiffusionObjective":
-        from .noise_schedule import build_training_schedule
+        from library.training.objective.noise_schedule import build_training_schedule
 
         sched = build_training_schedule(bool(getattr(args, "zero_terminal_snr", False)),
                                         bool(getattr(args, "v_parameterization", False)))

@@ -14,19 +14,20 @@ from typing import Optional
 import torch
 
 from library.errors import UserError
-
-from . import accelerate_setup as setup, run_lock
-from . import ti_tokens
-from .checkpointing import Checkpointer, resume_state
-from .checks import verify_training_args
-from .device_memory import park_unused_models
-from .loop import LoopHooks
-from .methods.textual_inversion import TextualInversionMethod
 from library.formats.modelspec import modelspec_from_args, trained_resolution
-from .preflight import preflight
-from .run_common import (attach_tokenizers, build_data, cache_latents_if_asked, encode_latents_fn, load_base_models,
-                         make_sample_hook, optimizer_and_schedule, tracker_init, train_and_save)
-from .run_extras import attach_extras
+from library.training.loop.checkpointing import Checkpointer, resume_state
+from library.training.loop.train_loop import LoopHooks
+from library.training.memory.device_memory import park_unused_models
+from library.training.methods import ti_tokens
+from library.training.methods.textual_inversion import TextualInversionMethod
+from library.training.runners import accelerate_setup as setup
+from library.training.runners import run_lock
+from library.training.runners.checks import verify_training_args
+from library.training.runners.preflight import preflight
+from library.training.runners.run_common import (attach_tokenizers, build_data, cache_latents_if_asked,
+                                                 encode_latents_fn, load_base_models, make_sample_hook,
+                                                 optimizer_and_schedule, tracker_init, train_and_save)
+from library.training.runners.run_extras import attach_extras
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> str:
     if args.seed is None:  # sd-scripts leaves T unseeded; a drawn seed keeps that and makes the run repeatable
         args.seed = random.randint(0, 2**32 - 1)
     if getattr(args, "dry_run", False):
-        from .dry_run import report
+        from library.training.runners.dry_run import report
 
         return report(args, SCRIPT)
     from accelerate.utils import set_seed

@@ -15,20 +15,21 @@ from typing import Callable, Optional
 
 import torch
 
-from library.models.bundle import SDModels
-
-from . import accelerate_setup as setup, run_lock
-from .checkpointing import Checkpointer, resume_state
-from .checks import verify_training_args
-from .device_memory import park_unused_models
-from .full_model_saving import FullModelSaver, resolve_save_format
-from .loop import LoopHooks, LoopPlan
-from .methods.full_model import FullModelMethod
 from library.formats.modelspec import modelspec_from_args, trained_resolution
-from .preflight import preflight
-from .run_common import (attach_tokenizers, build_data, cache_latents_if_asked, encode_latents_fn, load_base_models,
-                         make_sample_hook, optimizer_and_schedule, tracker_init, train_and_save)
-from .run_extras import attach_extras
+from library.models.bundle import SDModels
+from library.training.loop.checkpointing import Checkpointer, resume_state
+from library.training.loop.train_loop import LoopHooks, LoopPlan
+from library.training.memory.device_memory import park_unused_models
+from library.training.methods.full_model import FullModelMethod
+from library.training.methods.full_model_saving import FullModelSaver, resolve_save_format
+from library.training.runners import accelerate_setup as setup
+from library.training.runners import run_lock
+from library.training.runners.checks import verify_training_args
+from library.training.runners.preflight import preflight
+from library.training.runners.run_common import (attach_tokenizers, build_data, cache_latents_if_asked,
+                                                 encode_latents_fn, load_base_models, make_sample_hook,
+                                                 optimizer_and_schedule, tracker_init, train_and_save)
+from library.training.runners.run_extras import attach_extras
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace, script: FullModelScript, train_text_encoder: b
         args.seed = random.randint(0, 2**32 - 1)
         logger.info("no --seed given: using %d", args.seed)
     if getattr(args, "dry_run", False):
-        from .dry_run import report
+        from library.training.runners.dry_run import report
 
         return report(args, script.name)
     from accelerate.utils import set_seed

@@ -116,7 +116,7 @@ def check_other_inputs(args: argparse.Namespace, script: str, family: Optional[s
     resume = getattr(args, "resume", None)
     if resume and not getattr(args, "resume_from_huggingface", False):
         _must_exist(resume, "--resume", want="folder")
-        from .state_checks import check_rng_file, read_train_state
+        from library.training.loop.state_checks import check_rng_file, read_train_state
 
         read_train_state(resume)  # a damaged train_state.json: one line now, not after loading
         check_rng_file(int(os.environ.get("RANK", "0")), resume, bool(getattr(args, "resume_inexact", False)),
@@ -173,8 +173,8 @@ def _looks_like_hub_id(path: str) -> bool:
 
 def check_packages(args: argparse.Namespace, script: str) -> None:
     """Optimizer, scheduler, network module, trackers, attention and DeepSpeed resolve or import."""
-    from .lr_schedules import check_scheduler
-    from .optimizers import check_optimizer, parse_kwargs
+    from library.training.optim.lr_schedules import check_scheduler
+    from library.training.optim.optimizers import check_optimizer, parse_kwargs
 
     check_optimizer(args.optimizer_type, getattr(args, "use_8bit_adam", False),
                     getattr(args, "use_lion_optimizer", False))

@@ -21,9 +21,9 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence
 from library.errors import SaveError, UserError
 from library.fileio import STAGING_SUFFIX, remove_path, replace_folder, save_errors
 from library.interrupts import Interrupted
-
-from . import output_names as names
-from .state_checks import TRAIN_STATE_FILE, check_model_shapes, check_rng_file, describe_load_failure, read_train_state
+from library.training.loop import output_names as names
+from library.training.loop.state_checks import (TRAIN_STATE_FILE, check_model_shapes, check_rng_file,
+                                                describe_load_failure, read_train_state)
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def resume_state(accelerator, args: argparse.Namespace) -> TrainState:
     if not getattr(args, "resume", None):
         return TrainState()
     if getattr(args, "resume_from_huggingface", False):
-        from .hub_upload import download_state
+        from library.training.extras.hub_upload import download_state
 
         location = args.resume
         args.resume = download_state(args)
@@ -149,7 +149,7 @@ class Checkpointer:
         self.last_saved: Optional[str] = None  # the newer of the two
         self._state_step: Optional[int] = None  # the step of last_state
         if accelerator.is_main_process and getattr(args, "huggingface_repo_id", None):  # no hub import otherwise
-            from .hub_upload import HubUploader
+            from library.training.extras.hub_upload import HubUploader
 
             self.hub = HubUploader.from_args(args)
 

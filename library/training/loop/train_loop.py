@@ -17,11 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from library import interrupts
-
-from .checkpointing import Checkpointer, TrainState
-from .diffusion_step import StepRandom
-from .nonfinite_guard import NonFiniteGuard, group_grad_norms, remedies_for
-from .throughput import ThroughputWatch, batch_images
+from library.training.loop.checkpointing import Checkpointer, TrainState
+from library.training.loop.nonfinite_guard import NonFiniteGuard, group_grad_norms, remedies_for
+from library.training.loop.throughput import ThroughputWatch, batch_images
+from library.training.objective.diffusion_step import StepRandom
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class LoopHooks:
     """Optional side jobs: sample images, extra logs. ``sample(epoch_or_None, global_step)``.
 
     ``after_step``: called after every optimizer step with the global step, returns logs (the EMA).
-    ``validation``: a :class:`~library.training.validation.Validator` (or None), run when it is due.
+    ``validation``: a :class:`~library.training.extras.validation.Validator` (or None), run when it is due.
     """
 
     sample: Optional[Callable[[Optional[int], int], None]] = None

@@ -5,9 +5,9 @@ import argparse
 import logging
 
 from library.errors import UserError
-
-from .methods.dreambooth import DreamBoothMethod, text_encoder_schedule
-from .run_full_model import FullModelScript, run as run_full_model
+from library.training.methods.dreambooth import DreamBoothMethod, text_encoder_schedule
+from library.training.runners.run_full_model import FullModelScript
+from library.training.runners.run_full_model import run as run_full_model
 
 logger = logging.getLogger(__name__)
 

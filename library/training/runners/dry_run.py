@@ -12,9 +12,9 @@ import logging
 import math
 import os
 
-from . import output_names as names
-from .loop import LoopPlan
-from .memory_estimate import GIB, estimate
+from library.training.loop import output_names as names
+from library.training.loop.train_loop import LoopPlan
+from library.training.runners.memory_estimate import GIB, estimate
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +25,7 @@ TRAINER_KIND = {"train_network": "network", "sdxl_train_network": "network", "tr
 def report(args: argparse.Namespace, script: str, sdxl: bool = False) -> None:
     """Build datasets and plan, print the report (main process only); returns None, loads no model."""
     from library.data.dataset import build_dataset_group, scan_mode
-
-    from .run_common import build_data
+    from library.training.runners.run_common import build_data
 
     group, params = build_data(args, script, sdxl)  # the real run's own step: the same checks, the same answer
     vgroup = build_dataset_group(params, [], part="validation", seed=args.seed, max_train_steps=args.max_train_steps,

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from library.errors import UserError
-from library.training.noise import LOSS_TYPES, check_loss_choices
-from library.training.noise_schedule import TrainingSchedule
+from library.training.objective.noise import LOSS_TYPES, check_loss_choices
+from library.training.objective.noise_schedule import TrainingSchedule
 
 SNR_CLAMP = 1000.0  # upstream clamps SNR here for every weight except min-SNR (SNR_0 ≈ 1175 otherwise)
 

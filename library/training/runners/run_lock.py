@@ -21,8 +21,7 @@ from typing import Iterator, Optional
 
 from library.errors import UserError
 from library.fileio import clean_stale_temporaries, save_errors
-
-from . import output_names as names
+from library.training.loop import output_names as names
 
 logger = logging.getLogger(__name__)
 

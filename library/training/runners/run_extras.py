@@ -3,7 +3,7 @@
 A runner calls :func:`attach_extras` once, after its checkpointer exists and ``--resume`` was loaded,
 and hands the returned hooks to the loop: validation loss, the EMA (updates, ``-ema`` files, state,
 ``--sample_with_ema``) and run receipts then work the same for every trainer. The non-finite guard and
-the throughput watch live in the loop itself; ``--dry_run`` is :func:`library.training.dry_run.report`.
+the throughput watch live in the loop itself; ``--dry_run`` is :func:`library.training.runners.dry_run.report`.
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import argparse
 import logging
 from typing import Callable, Optional
 
-from .checkpointing import Checkpointer
-from .ema import EMA, ema_from_args, ema_name
-from .loop import LoopHooks
-from .receipts import ReceiptWriter, build_receipt, dataset_fingerprint
-from .validation import Validator
+from library.training.extras.ema import EMA, ema_from_args, ema_name
+from library.training.extras.receipts import ReceiptWriter, build_receipt, dataset_fingerprint
+from library.training.extras.validation import Validator
+from library.training.loop.checkpointing import Checkpointer
+from library.training.loop.train_loop import LoopHooks
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import logging
 
 from library.errors import UserError
 from library.models.bundle import SDModels
-
-from .methods.finetune import FineTuneMethod
-from .run_full_model import FullModelScript, run as run_full_model
+from library.training.methods.finetune import FineTuneMethod
+from library.training.runners.run_full_model import FullModelScript
+from library.training.runners.run_full_model import run as run_full_model
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from library.errors import UserError
-from library.training.noise_schedule import TrainingSchedule
+from library.training.objective.noise_schedule import TrainingSchedule
 
 LOSS_TYPES = ("l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")

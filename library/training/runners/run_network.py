@@ -8,21 +8,22 @@ import time
 from typing import Optional
 
 from library.errors import UserError
-
-from . import accelerate_setup as setup, run_lock
-from .checkpointing import Checkpointer, resume_state
-from .checks import verify_training_args
-from .device_memory import park_unused_models
-from .diffusion_step import DiffusionObjective
-from .loop import LoopHooks, LoopPlan
-from .lr_schedules import build_lr_scheduler
-from .methods.network import NetworkMethod
+from library.training.loop.checkpointing import Checkpointer, resume_state
+from library.training.loop.train_loop import LoopHooks, LoopPlan
+from library.training.memory.device_memory import park_unused_models
+from library.training.methods.network import NetworkMethod
+from library.training.objective.diffusion_step import DiffusionObjective
+from library.training.optim.lr_schedules import build_lr_scheduler
+from library.training.optim.optimizers import build_optimizer
+from library.training.runners import accelerate_setup as setup
+from library.training.runners import run_lock
+from library.training.runners.checks import verify_training_args
+from library.training.runners.preflight import preflight
+from library.training.runners.run_common import (attach_tokenizers, build_data, cache_latents_if_asked,
+                                                 encode_latents_fn, encode_text_fn, load_base_models, make_sample_hook,
+                                                 tracker_init, train_and_save, training_facts)
+from library.training.runners.run_extras import attach_extras
 from networks.network_host import NetworkHost, parse_network_args
-from .optimizers import build_optimizer
-from .preflight import preflight
-from .run_common import (attach_tokenizers, build_data, cache_latents_if_asked, encode_latents_fn, encode_text_fn,
-                         load_base_models, make_sample_hook, tracker_init, train_and_save, training_facts)
-from .run_extras import attach_extras
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
     if args.seed is None:
         args.seed = random.randint(0, 2**32 - 1)
     if getattr(args, "dry_run", False):
-        from .dry_run import report
+        from library.training.runners.dry_run import report
 
         return report(args, script, sdxl=sdxl)
     from accelerate.utils import set_seed

@@ -18,8 +18,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from .diffusion_step import StepRandom, step_seed
-from .noise import NoisyLatents, huber_c_for_timestep, timestep_bounds
+from library.training.objective.diffusion_step import StepRandom, step_seed
+from library.training.objective.noise import NoisyLatents, huber_c_for_timestep, timestep_bounds
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Beyond sd-scripts: validation loss, EMA, run receipts, Hugging Face Hub upload."""

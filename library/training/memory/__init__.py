@@ -1,0 +1,1 @@
+"""Device memory: fp8 weight storage, frozen models off the accelerator once cached."""
