@@ -4,6 +4,7 @@
    Packages on the same layer do not import each other.
 2. ``library`` and ``networks`` never import a top-level script, ``tools``, ``bench`` or ``tests``.
 3. No circles between the modules of one package either.
+4. No function over 60 lines (library, networks, scripts, finetune, tools).
 Every import counts, at module top or inside a function.
 """
 from __future__ import annotations
@@ -156,3 +157,20 @@ def test_the_checker_resolves_imports(tmp_path, source, expected, monkeypatch):
     path = ROOT / "library" / "sampling" / "_probe_for_test.py"
     monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: source)
     assert expected in {t for _, t in _imports(path)}
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_over_60_lines():
+    """Small functions (issue 17 item 6): a longer one is split into named steps."""
+    paths = _sources() + sorted(ROOT.glob("*.py")) + sorted((ROOT / "finetune").rglob("*.py")) \
+        + sorted((ROOT / "tools").rglob("*.py"))
+    long = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)

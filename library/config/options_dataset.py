@@ -26,6 +26,32 @@ def add_dataset_arguments(
     g.add_argument("--cache_info", action="store_true",
                    help="DreamBooth subsets: cache captions and image sizes in <image_dir>/metadata_cache.json "
                         "(later runs skip the folder scan; the cache is not checked for staleness)")
+    _add_caption_arguments(g)
+    _add_image_arguments(g)
+
+    if support_caption_dropout:
+        ranged(g.add_argument("--caption_dropout_rate", type=float, default=0.0,
+                              help="probability of training a sample with an empty caption (default: 0.0)"), FRACTION)
+        ranged(g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0,
+                              help="use empty captions for the whole epoch every N epochs (default: 0 = never)"),
+               at_least(0, "0 = never"))
+        ranged(g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                              help="probability of dropping each (non-kept) tag (default: 0.0)"), FRACTION)
+
+    if support_dreambooth:
+        g.add_argument("--reg_data_dir", type=str, default=None,
+                       help="regularization images: parent of 'N_class' sub-folders (DreamBooth mode)")
+
+    if support_caption:
+        g.add_argument("--in_json", type=str, default=None,
+                       help="fine-tuning metadata JSON (captions/tags per image); selects fine-tuning mode "
+                            "when no --dataset_config is given")
+        ranged(g.add_argument("--dataset_repeats", type=int, default=1,
+                              help="repeats of the fine-tuning dataset per epoch (default: 1)"), at_least(1))
+
+
+def _add_caption_arguments(g: Container) -> None:
+    """Caption files and the per-step caption pipeline (shuffle, keep, wildcards, prefix / suffix)."""
     g.add_argument("--shuffle_caption", action="store_true",
                    help="shuffle the tags of each caption (split on --caption_separator)")
     g.add_argument("--caption_separator", type=str, default=",",
@@ -50,6 +76,10 @@ def add_dataset_arguments(
                    help="text put before every caption (joined with one space)")
     g.add_argument("--caption_suffix", type=str, default=None,
                    help="text put after every caption (joined with one space)")
+
+
+def _add_image_arguments(g: Container) -> None:
+    """Augmentation, resolution, latent caching, buckets, tag warm-up, masks, dataset class."""
     g.add_argument("--color_aug", action="store_true",
                    help="weak hue/gamma colour augmentation (cannot be combined with latent caching)")
     g.add_argument("--flip_aug", action="store_true", help="random horizontal flip with probability 0.5")
@@ -94,26 +124,6 @@ def add_dataset_arguments(
                    help="use the image's alpha channel as the loss mask (with --masked_loss)")
     g.add_argument("--dataset_class", type=str, default=None,
                    help="custom dataset class 'package.module.Class'; replaces --dataset_config and folder mode")
-
-    if support_caption_dropout:
-        ranged(g.add_argument("--caption_dropout_rate", type=float, default=0.0,
-                              help="probability of training a sample with an empty caption (default: 0.0)"), FRACTION)
-        ranged(g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0,
-                              help="use empty captions for the whole epoch every N epochs (default: 0 = never)"),
-               at_least(0, "0 = never"))
-        ranged(g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
-                              help="probability of dropping each (non-kept) tag (default: 0.0)"), FRACTION)
-
-    if support_dreambooth:
-        g.add_argument("--reg_data_dir", type=str, default=None,
-                       help="regularization images: parent of 'N_class' sub-folders (DreamBooth mode)")
-
-    if support_caption:
-        g.add_argument("--in_json", type=str, default=None,
-                       help="fine-tuning metadata JSON (captions/tags per image); selects fine-tuning mode "
-                            "when no --dataset_config is given")
-        ranged(g.add_argument("--dataset_repeats", type=int, default=1,
-                              help="repeats of the fine-tuning dataset per epoch (default: 1)"), at_least(1))
 
 
 def add_masked_loss_arguments(parser: Container) -> None:

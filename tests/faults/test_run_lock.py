@@ -129,7 +129,7 @@ def test_lock_is_removed_when_the_run_fails(tiny_sd, shapes_data, tmp_path, caps
         raise UserError("stop here")
 
     monkeypatch.setattr(run_common, "load_base_models", bad_models)
-    monkeypatch.setattr("library.training.runners.run_network.load_base_models", bad_models)
+    monkeypatch.setattr("library.training.runners.recipe.load_base_models", bad_models)
     out = tmp_path / "out"
     code, err = run_main(train_network.main, base_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 1), capsys)
     assert code == 2 and error_line(err) == "error: stop here"

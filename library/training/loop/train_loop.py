@@ -128,6 +128,8 @@ def _train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int]
                            remedies=remedies_for(args))
     watch = ThroughputWatch()
     seed, rank = args.seed, accelerator.process_index
+    ctx = _Loop(accelerator, method, optimizer, lr_scheduler, plan, checkpointer, args, state, hooks, bar, recorder,
+                watch)
     # 2. epochs
     for epoch in range(state.epoch, plan.num_epochs):
         if state.global_step >= plan.max_train_steps:
@@ -159,47 +161,79 @@ def _train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int]
                 continue
             # 4. after an optimizer step: bookkeeping, logs, samples, saves, validation
             state.global_step += 1
-            _warn_once(watch.step_done())
-            bar.update(1)
-            logs = _loss_logs(method, current, recorder.moving_average)
-            logs.update(method.after_optimizer_step(state))
-            for fn in hooks.after_step:
-                logs.update(fn(state.global_step))
-            logs.update(grad_logs)
-            logs.update(_lr_logs(method, lr_scheduler, optimizer))
-            if hooks.validation is not None and hooks.validation.due_after_step(state.global_step):
-                logs.update(hooks.validation.run(method))
-            bar.set_postfix(_postfix(recorder, hooks, watch))
-            accelerator.log(logs, step=state.global_step)
-            for fn in hooks.on_log:
-                fn(logs, state.global_step)
-            if hooks.sample and args.sample_every_n_steps and not args.sample_every_n_epochs \
-                    and state.global_step % args.sample_every_n_steps == 0:
-                checkpointer.write_samples(hooks.sample, None, state.global_step)
-            checkpointer.after_step(state)
-            if state.global_step >= plan.max_train_steps:
+            if _after_optimizer_step(ctx, current, grad_logs):
                 break
-            if interrupts.stop_requested():  # a graceful Ctrl-C: this step is done, keep it resumable
-                checkpointer.save_interrupt_state(state)
-                raise interrupts.stop_now()
             watch.mark()
         # 5. end of epoch
-        finished_epoch = state.batches_in_epoch >= plan.batches_per_epoch
-        accelerator.log({"loss/epoch": recorder.moving_average}, step=epoch + 1)
-        if finished_epoch:
-            state.epoch, state.batches_in_epoch = epoch + 1, 0
-            if hooks.validation is not None and hooks.validation.due_after_epoch(epoch + 1):
-                val_logs = hooks.validation.run(method)
-                accelerator.log(val_logs, step=state.global_step)
-                bar.set_postfix(_postfix(recorder, hooks, watch))
-                for fn in hooks.on_log:
-                    fn(val_logs, state.global_step)
-            checkpointer.after_epoch(epoch + 1, state)
-            if hooks.sample and args.sample_every_n_epochs and (epoch + 1) % args.sample_every_n_epochs == 0:
-                checkpointer.write_samples(hooks.sample, epoch + 1, state.global_step)
-        if interrupts.stop_requested() and state.global_step < plan.max_train_steps:  # Ctrl-C during epoch-end jobs
-            checkpointer.save_interrupt_state(state)
-            raise interrupts.stop_now()
+        _end_of_epoch(ctx, epoch)
+
+
+@dataclass
+class _Loop:
+    """What the parts of one training run's loop share."""
+
+    accelerator: object
+    method: TrainingMethod
+    optimizer: object
+    lr_scheduler: object
+    plan: LoopPlan
+    checkpointer: Checkpointer
+    args: argparse.Namespace
+    state: TrainState
+    hooks: LoopHooks
+    bar: object
+    recorder: LossRecorder
+    watch: ThroughputWatch
+
+
+def _after_optimizer_step(ctx: _Loop, current: float, grad_logs: dict) -> bool:
+    """Logs, validation, samples and saves after optimizer step ``state.global_step``; True when the run
+    has reached its last step."""
+    state, hooks, args, method = ctx.state, ctx.hooks, ctx.args, ctx.method
+    _warn_once(ctx.watch.step_done())
+    ctx.bar.update(1)
+    logs = _loss_logs(method, current, ctx.recorder.moving_average)
+    logs.update(method.after_optimizer_step(state))
+    for fn in hooks.after_step:
+        logs.update(fn(state.global_step))
+    logs.update(grad_logs)
+    logs.update(_lr_logs(method, ctx.lr_scheduler, ctx.optimizer))
+    if hooks.validation is not None and hooks.validation.due_after_step(state.global_step):
+        logs.update(hooks.validation.run(method))
+    ctx.bar.set_postfix(_postfix(ctx.recorder, hooks, ctx.watch))
+    ctx.accelerator.log(logs, step=state.global_step)
+    for fn in hooks.on_log:
+        fn(logs, state.global_step)
+    if hooks.sample and args.sample_every_n_steps and not args.sample_every_n_epochs \
+            and state.global_step % args.sample_every_n_steps == 0:
+        ctx.checkpointer.write_samples(hooks.sample, None, state.global_step)
+    ctx.checkpointer.after_step(state)
+    if state.global_step >= ctx.plan.max_train_steps:
+        return True
+    if interrupts.stop_requested():  # a graceful Ctrl-C: this step is done, keep it resumable
+        ctx.checkpointer.save_interrupt_state(state)
+        raise interrupts.stop_now()
+    return False
+
+
+def _end_of_epoch(ctx: _Loop, epoch: int) -> None:
+    """Epoch loss, and for a finished epoch its validation, saves and samples."""
+    state, hooks, args = ctx.state, ctx.hooks, ctx.args
+    ctx.accelerator.log({"loss/epoch": ctx.recorder.moving_average}, step=epoch + 1)
+    if state.batches_in_epoch >= ctx.plan.batches_per_epoch:
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
+        if hooks.validation is not None and hooks.validation.due_after_epoch(epoch + 1):
+            val_logs = hooks.validation.run(ctx.method)
+            ctx.accelerator.log(val_logs, step=state.global_step)
+            ctx.bar.set_postfix(_postfix(ctx.recorder, hooks, ctx.watch))
+            for fn in hooks.on_log:
+                fn(val_logs, state.global_step)
+        ctx.checkpointer.after_epoch(epoch + 1, state)
+        if hooks.sample and args.sample_every_n_epochs and (epoch + 1) % args.sample_every_n_epochs == 0:
+            ctx.checkpointer.write_samples(hooks.sample, epoch + 1, state.global_step)
+    if interrupts.stop_requested() and state.global_step < ctx.plan.max_train_steps:  # Ctrl-C during epoch-end jobs
+        ctx.checkpointer.save_interrupt_state(state)
+        raise interrupts.stop_now()
 
 
 @contextlib.contextmanager

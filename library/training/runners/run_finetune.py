@@ -7,7 +7,7 @@ import logging
 from library.errors import UserError
 from library.models.bundle import SDModels
 from library.training.methods.finetune import FineTuneMethod
-from library.training.runners.run_full_model import FullModelScript
+from library.training.runners.run_full_model import FullModelRecipe
 from library.training.runners.run_full_model import run as run_full_model
 
 logger = logging.getLogger(__name__)
@@ -21,11 +21,7 @@ def _diffusers_xformers(models: SDModels, args: argparse.Namespace) -> None:
     models.unet.enable_xformers_memory_efficient_attention()
 
 
-SCRIPT = FullModelScript("fine_tune", "finetuning", FineTuneMethod.from_args, after_load=_diffusers_xformers)
-
-
-def run(args: argparse.Namespace) -> str:
-    """Fine-tune U-Net (+ text encoder with --train_text_encoder) from metadata JSON; returns the final path."""
+def _check(args: argparse.Namespace) -> None:
     if args.diffusers_xformers:
         try:  # checked before loading anything: the switch needs the package (GPU only)
             import xformers  # noqa: F401
@@ -33,4 +29,11 @@ def run(args: argparse.Namespace) -> str:
             raise UserError("--diffusers_xformers needs the xformers package (GPU only): pip install xformers") from None
     if args.learning_rate_te is not None and not args.train_text_encoder:
         logger.warning("--learning_rate_te is ignored without --train_text_encoder")
-    return run_full_model(args, SCRIPT, train_text_encoder=bool(args.train_text_encoder))
+
+
+def run(args: argparse.Namespace) -> str:
+    """Fine-tune U-Net (+ text encoder with --train_text_encoder) from metadata JSON; returns the final path."""
+    recipe = FullModelRecipe("fine_tune", "finetuning", FineTuneMethod.from_args,
+                             train_text_encoder=lambda a: bool(a.train_text_encoder), check=_check,
+                             after_load=_diffusers_xformers)
+    return run_full_model(args, recipe)

@@ -1,4 +1,4 @@
-"""train_textual_inversion.py: numbered steps from parsed options to a saved embedding (SD 1.x / 2.x).
+"""train_textual_inversion.py as a recipe of the shared runner (recipe.py): an embedding (SD 1.x / 2.x).
 
 spec cli-options §12 T, losses-and-noise §10, file-formats §c. SDXL embeddings belong to
 sdxl_train_textual_inversion.py, which this project does not provide.
@@ -8,103 +8,87 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from library.errors import UserError
 from library.formats.modelspec import modelspec_from_args, trained_resolution
-from library.training.loop.checkpointing import Checkpointer, resume_state
-from library.training.loop.train_loop import LoopHooks
-from library.training.memory.device_memory import park_unused_models
+from library.training.loop.checkpointing import Checkpointer
 from library.training.methods import ti_tokens
 from library.training.methods.textual_inversion import TextualInversionMethod
 from library.training.runners import accelerate_setup as setup
-from library.training.runners import run_lock
-from library.training.runners.checks import verify_training_args
-from library.training.runners.preflight import preflight
-from library.training.runners.run_common import (attach_tokenizers, build_data, cache_latents_if_asked,
-                                                 encode_latents_fn, load_base_models, make_sample_hook,
-                                                 optimizer_and_schedule, tracker_init, train_and_save)
-from library.training.runners.run_extras import attach_extras
+from library.training.runners.recipe import Recipe, RecipeRun, Training, run_recipe
+from library.training.runners.run_common import optimizer_and_schedule
 
 logger = logging.getLogger(__name__)
 
 SCRIPT = "train_textual_inversion"
 
 
+class TextualInversionRecipe(Recipe):
+    """New token rows of the text encoder's input embeddings train; everything else is frozen."""
+
+    script = SCRIPT
+    tracker = "textual_inversion"
+
+    def __init__(self):
+        self.token_ids: list[int] = []
+        self.prompt_replacement: Optional[tuple[str, str]] = None
+
+    def check_options(self, args: argparse.Namespace) -> None:
+        """Script checks (spec cli-options §12 T, §13); ``output_name`` defaults to the token string."""
+        if not args.token_string:
+            raise UserError("--token_string is required (the new word the embedding is trained for)")
+        if args.num_vectors_per_token < 1:
+            raise UserError(f"--num_vectors_per_token must be at least 1, got {args.num_vectors_per_token}")
+        if args.use_object_template and args.use_style_template:
+            raise UserError("--use_object_template and --use_style_template exclude each other")
+        if args.output_name is None:
+            args.output_name = args.token_string
+        _reject_sdxl(args.pretrained_model_name_or_path)
+
+    def trains(self, args: argparse.Namespace) -> tuple[bool, bool]:
+        return False, True
+
+    def after_load(self, run: RecipeRun) -> None:
+        """The new tokens, before the captions are tokenized; their caption and prompt replacements."""
+        strings, self.token_ids = _add_new_tokens(run.args, run.models.text_encoders[0], run.models.tokenizers[0])
+        data_replacement, self.prompt_replacement = ti_tokens.caption_replacement(
+            strings, run.args.use_object_template, run.args.use_style_template)
+        if data_replacement:
+            run.group.add_replacement(*data_replacement)
+
+    def prepare(self, run: RecipeRun) -> Training:
+        args, acc, models, wdtype = run.args, run.acc, run.models, run.wdtype
+        te = models.text_encoders[0]
+        te.requires_grad_(False)  # only the input embeddings train (old rows restored after each step)
+        te.get_input_embeddings().requires_grad_(True)
+        if args.gradient_checkpointing:
+            models.unet.enable_gradient_checkpointing()
+            models.unet.train()  # diffusers only checkpoints in training mode
+            te.gradient_checkpointing_enable()
+        if args.full_fp16 or args.full_bf16:  # T casts without checking --mixed_precision (spec pitfall 12)
+            te.to(wdtype)
+        optimizer, lr_sched, plan, _ = optimizer_and_schedule(args, [te.get_input_embeddings().weight], run.group,
+                                                              acc)
+        prepared_te, optimizer, lr_sched = acc.prepare(te, optimizer, lr_sched)
+        method = TextualInversionMethod.from_args(models, args, acc, wdtype, self.token_ids)
+        method.attach(prepared_te)
+        method.save_dtype = setup.save_dtype(args)
+        method.save_metadata = lambda: modelspec_from_args(args, models.family, "textual-inversion",
+                                                           resolution=trained_resolution(run.group))
+        ext = "." + (args.save_model_as or "pt")
+        return Training(method, optimizer, lr_sched, plan, Checkpointer(args, acc, method.save, ext, plan.num_epochs))
+
+    def prompt_replacer(self) -> Optional[Callable[[str], str]]:
+        replacement = self.prompt_replacement
+        return (lambda s: s.replace(*replacement)) if replacement else None
+
+
 def run(args: argparse.Namespace) -> str:
     """Train a Textual Inversion embedding; returns the path of the final file."""
-    # 1. options, seed, base model family
-    _verify(args)
-    run_lock.hold(args)  # one run per output name; --dry_run only checks
-    if args.seed is None:  # sd-scripts leaves T unseeded; a drawn seed keeps that and makes the run repeatable
-        args.seed = random.randint(0, 2**32 - 1)
-    if getattr(args, "dry_run", False):
-        from library.training.runners.dry_run import report
-
-        return report(args, SCRIPT)
-    from accelerate.utils import set_seed
-
-    set_seed(args.seed)
-    _reject_sdxl(args.pretrained_model_name_or_path)
-    # 2. data (scanned before any model loads), accelerator, models, new tokens
-    group, _ = build_data(args, SCRIPT, sdxl=False)
-    acc = setup.make_accelerator(args)
-    wdtype = setup.weight_dtype(args)
-    models = load_base_models(args, acc, wdtype, sdxl=False, train_text_encoder=True)
-    te = models.text_encoders[0]
-    strings, token_ids = _add_new_tokens(args, te, models.tokenizers[0])
-    data_replacement, prompt_replacement = ti_tokens.caption_replacement(strings, args.use_object_template,
-                                                                         args.use_style_template)
-    attach_tokenizers(args, group, models)  # after add_tokens: captions tokenize with the new tokens
-    if data_replacement:
-        group.add_replacement(*data_replacement)
-    cache_latents_if_asked(args, group, models, acc)
-    # 3. what trains: the input embeddings only (old rows restored after each step)
-    te.requires_grad_(False)
-    te.get_input_embeddings().requires_grad_(True)
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        models.unet.train()  # diffusers only checkpoints in training mode
-        te.gradient_checkpointing_enable()
-    if args.full_fp16 or args.full_bf16:  # T casts without checking --mixed_precision (spec pitfall 12)
-        te.to(wdtype)
-    # 4. optimizer, scheduler, prepare
-    optimizer, lr_sched, plan, _ = optimizer_and_schedule(args, [te.get_input_embeddings().weight], group, acc)
-    prepared_te, optimizer, lr_sched = acc.prepare(te, optimizer, lr_sched)
-    # 5. method, saving, sampling, resume
-    method = TextualInversionMethod.from_args(models, args, acc, wdtype, token_ids)
-    method.attach(prepared_te)
-    method.save_dtype = setup.save_dtype(args)
-    method.save_metadata = lambda: modelspec_from_args(args, models.family, "textual-inversion",
-                                                       resolution=trained_resolution(group))
-    ext = "." + (args.save_model_as or "pt")
-    checkpointer = Checkpointer(args, acc, method.save, ext, plan.num_epochs)
-    state = resume_state(acc, args)
-    tracker_init(acc, args, "textual_inversion")
-    replacer = (lambda s: s.replace(*prompt_replacement)) if prompt_replacement else None
-    hooks = LoopHooks(sample=make_sample_hook(args, models, acc, wdtype, prompt_replacer=replacer))
-    hooks = attach_extras(args, acc, SCRIPT, models, group, method, checkpointer, hooks,
-                          encode_latents_fn(models, acc, args))  # validation, EMA, receipts
-    hooks.sample = park_unused_models(args, models, acc, hooks.sample)  # after all caching
-    # 6. train, final save
-    return train_and_save(acc, method, group, args, optimizer, lr_sched, plan, checkpointer, state, hooks)
-
-
-def _verify(args: argparse.Namespace) -> None:
-    """Script checks (spec cli-options §12 T, §13); ``output_name`` defaults to the token string."""
-    verify_training_args(args, SCRIPT)
-    preflight(args, SCRIPT)
-    if not args.token_string:
-        raise UserError("--token_string is required (the new word the embedding is trained for)")
-    if args.num_vectors_per_token < 1:
-        raise UserError(f"--num_vectors_per_token must be at least 1, got {args.num_vectors_per_token}")
-    if args.use_object_template and args.use_style_template:
-        raise UserError("--use_object_template and --use_style_template exclude each other")
-    if args.output_name is None:
-        args.output_name = args.token_string
+    return run_recipe(args, TextualInversionRecipe())
 
 
 def _add_new_tokens(args: argparse.Namespace, te, tokenizer) -> tuple[list[str], list[int]]:
