@@ -174,3 +174,15 @@ def test_no_function_over_60_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "functions over 60 lines:\n" + "\n".join(long)
+
+
+def test_the_training_loop_reads_settings_not_the_namespace():
+    """Issue 17 item 1, first section: the loop module takes typed LoopSettings / LoopPlan, never the argparse
+    Namespace (``library/training/settings.py`` builds them from the options)."""
+    path = ROOT / "library" / "training" / "loop" / "train_loop.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    imports = {t for _, t in _imports(path)}
+    assert "argparse" not in imports
+    params = {a.arg for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for a in node.args.args + node.args.kwonlyargs}
+    assert "args" not in params

@@ -6,10 +6,8 @@ Accumulation, clipping, logging, sample images, saving, validation, the non-fini
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Protocol
 
@@ -18,9 +16,10 @@ from tqdm.auto import tqdm
 
 from library import interrupts
 from library.training.loop.checkpointing import Checkpointer, TrainState
-from library.training.loop.nonfinite_guard import NonFiniteGuard, group_grad_norms, remedies_for
+from library.training.loop.nonfinite_guard import NonFiniteGuard, group_grad_norms
 from library.training.loop.throughput import ThroughputWatch, batch_images
 from library.training.objective.diffusion_step import StepRandom
+from library.training.settings import LoopPlan, LoopSettings
 
 logger = logging.getLogger(__name__)
 
@@ -60,25 +59,6 @@ class LossRecorder:
 
 
 @dataclass
-class LoopPlan:
-    """Step arithmetic (spec cli-options §4.2): batches per epoch per process, steps, epochs."""
-
-    batches_per_epoch: int
-    grad_accum: int
-    max_train_steps: int
-    num_epochs: int
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, batches_per_epoch: int) -> "LoopPlan":
-        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-        max_steps = args.max_train_steps
-        if getattr(args, "max_train_epochs", None):
-            max_steps = args.max_train_epochs * steps_per_epoch
-            logger.info("--max_train_epochs %d -> %d steps", args.max_train_epochs, max_steps)
-        return cls(batches_per_epoch, args.gradient_accumulation_steps, max_steps, math.ceil(max_steps / steps_per_epoch))
-
-
-@dataclass
 class LoopHooks:
     """Optional side jobs: sample images, extra logs. ``sample(epoch_or_None, global_step)``.
 
@@ -93,7 +73,7 @@ class LoopHooks:
 
 
 def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int], Iterable], set_epoch: Callable[[int], None],
-          optimizer, lr_scheduler, plan: LoopPlan, checkpointer: Checkpointer, args: argparse.Namespace,
+          optimizer, lr_scheduler, plan: LoopPlan, checkpointer: Checkpointer, settings: LoopSettings,
           state: TrainState, hooks: LoopHooks = LoopHooks()) -> TrainState:
     """Run until ``plan.max_train_steps`` optimizer steps. ``make_loader(epoch, skip)`` yields batches.
 
@@ -101,13 +81,13 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
     saved file. With ``--save_state`` (one process) the first Ctrl-C lets the current optimizer step finish,
     saves a resumable state of it and then stops; a second one stops at once.
     """
-    graceful = bool(args.save_state) and accelerator.num_processes == 1
+    graceful = settings.save_state and accelerator.num_processes == 1
     bar = tqdm(total=plan.max_train_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                desc="steps", smoothing=0)
     try:
         with interrupts.graceful_stop(graceful):
-            _train(accelerator, method, make_loader, set_epoch, optimizer, lr_scheduler, plan, checkpointer, args,
-                   state, hooks, bar)
+            _train(accelerator, method, make_loader, set_epoch, optimizer, lr_scheduler, plan, checkpointer,
+                   settings, state, hooks, bar)
             if interrupts.stop_requested():
                 logger.info("Ctrl-C during the last step: the run ends with its final save")
     except interrupts.Interrupted as e:
@@ -119,17 +99,17 @@ def train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int],
 
 def _train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int], Iterable],
            set_epoch: Callable[[int], None], optimizer, lr_scheduler, plan: LoopPlan, checkpointer: Checkpointer,
-           args: argparse.Namespace, state: TrainState, hooks: LoopHooks, bar) -> None:
+           settings: LoopSettings, state: TrainState, hooks: LoopHooks, bar) -> None:
     # 1. guards, sampling before the first step
-    if hooks.sample and getattr(args, "sample_at_first", False) and state.global_step == 0:
+    if hooks.sample and settings.sample_at_first and state.global_step == 0:
         checkpointer.write_samples(hooks.sample, 0, 0)
     recorder = LossRecorder()
-    guard = NonFiniteGuard(bool(getattr(args, "check_grads", False)), getattr(accelerator, "scaler", None) is not None,
-                           remedies=remedies_for(args))
+    guard = NonFiniteGuard(settings.check_grads, getattr(accelerator, "scaler", None) is not None,
+                           remedies=settings.remedies)
     watch = ThroughputWatch()
-    seed, rank = args.seed, accelerator.process_index
-    ctx = _Loop(accelerator, method, optimizer, lr_scheduler, plan, checkpointer, args, state, hooks, bar, recorder,
-                watch)
+    seed, rank = settings.seed, accelerator.process_index
+    ctx = _Loop(accelerator, method, optimizer, lr_scheduler, plan, checkpointer, settings, state, hooks, bar,
+                recorder, watch)
     # 2. epochs
     for epoch in range(state.epoch, plan.num_epochs):
         if state.global_step >= plan.max_train_steps:
@@ -147,11 +127,11 @@ def _train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int]
             # loader tells accelerate where an epoch ends; ours is not prepared, so we decide here)
             sync = (i + 1) % plan.grad_accum == 0 or i + 1 == plan.batches_per_epoch
             with _no_sync_unless(accelerator, getattr(method, "modules", (method.module,)), sync):
-                current, grad_logs = _forward_backward(accelerator, method, optimizer, batch, rand, guard, args,
+                current, grad_logs = _forward_backward(accelerator, method, optimizer, batch, rand, guard,
                                                        state.global_step + 1, sync)
             if sync:
-                if args.max_grad_norm:
-                    accelerator.clip_grad_norm_(list(method.trainable_parameters()), args.max_grad_norm)
+                if settings.max_grad_norm:
+                    accelerator.clip_grad_norm_(list(method.trainable_parameters()), settings.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -178,7 +158,7 @@ class _Loop:
     lr_scheduler: object
     plan: LoopPlan
     checkpointer: Checkpointer
-    args: argparse.Namespace
+    settings: LoopSettings
     state: TrainState
     hooks: LoopHooks
     bar: object
@@ -189,7 +169,7 @@ class _Loop:
 def _after_optimizer_step(ctx: _Loop, current: float, grad_logs: dict) -> bool:
     """Logs, validation, samples and saves after optimizer step ``state.global_step``; True when the run
     has reached its last step."""
-    state, hooks, args, method = ctx.state, ctx.hooks, ctx.args, ctx.method
+    state, hooks, settings, method = ctx.state, ctx.hooks, ctx.settings, ctx.method
     _warn_once(ctx.watch.step_done())
     ctx.bar.update(1)
     logs = _loss_logs(method, current, ctx.recorder.moving_average)
@@ -204,8 +184,8 @@ def _after_optimizer_step(ctx: _Loop, current: float, grad_logs: dict) -> bool:
     ctx.accelerator.log(logs, step=state.global_step)
     for fn in hooks.on_log:
         fn(logs, state.global_step)
-    if hooks.sample and args.sample_every_n_steps and not args.sample_every_n_epochs \
-            and state.global_step % args.sample_every_n_steps == 0:
+    if hooks.sample and settings.sample_every_n_steps and not settings.sample_every_n_epochs \
+            and state.global_step % settings.sample_every_n_steps == 0:
         ctx.checkpointer.write_samples(hooks.sample, None, state.global_step)
     ctx.checkpointer.after_step(state)
     if state.global_step >= ctx.plan.max_train_steps:
@@ -218,7 +198,7 @@ def _after_optimizer_step(ctx: _Loop, current: float, grad_logs: dict) -> bool:
 
 def _end_of_epoch(ctx: _Loop, epoch: int) -> None:
     """Epoch loss, and for a finished epoch its validation, saves and samples."""
-    state, hooks, args = ctx.state, ctx.hooks, ctx.args
+    state, hooks, settings = ctx.state, ctx.hooks, ctx.settings
     ctx.accelerator.log({"loss/epoch": ctx.recorder.moving_average}, step=epoch + 1)
     if state.batches_in_epoch >= ctx.plan.batches_per_epoch:
         state.epoch, state.batches_in_epoch = epoch + 1, 0
@@ -229,7 +209,7 @@ def _end_of_epoch(ctx: _Loop, epoch: int) -> None:
             for fn in hooks.on_log:
                 fn(val_logs, state.global_step)
         ctx.checkpointer.after_epoch(epoch + 1, state)
-        if hooks.sample and args.sample_every_n_epochs and (epoch + 1) % args.sample_every_n_epochs == 0:
+        if hooks.sample and settings.sample_every_n_epochs and (epoch + 1) % settings.sample_every_n_epochs == 0:
             ctx.checkpointer.write_samples(hooks.sample, epoch + 1, state.global_step)
     if interrupts.stop_requested() and state.global_step < ctx.plan.max_train_steps:  # Ctrl-C during epoch-end jobs
         ctx.checkpointer.save_interrupt_state(state)
@@ -247,7 +227,7 @@ def _no_sync_unless(accelerator, modules, sync: bool):
 
 
 def _forward_backward(accelerator, method: TrainingMethod, optimizer, batch: dict, rand: StepRandom,
-                      guard: NonFiniteGuard, args: argparse.Namespace, step: int, sync: bool) -> tuple[float, dict]:
+                      guard: NonFiniteGuard, step: int, sync: bool) -> tuple[float, dict]:
     """Loss, backward, gradient sync; then the micro-step's single device sync: the loss value, the
     non-finite flags of the forward's sites and (``--check_grads``) the groups' gradient norms, checked
     before the optimizer may step (raises :class:`~library.errors.NonFiniteError`)."""

@@ -13,8 +13,8 @@ import math
 import os
 
 from library.training.loop import output_names as names
-from library.training.loop.train_loop import LoopPlan
 from library.training.runners.memory_estimate import GIB, estimate
+from library.training.settings import LoopPlan, loop_plan
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def report(args: argparse.Namespace, script: str, sdxl: bool = False) -> None:
     vgroup = build_dataset_group(params, [], part="validation", seed=args.seed, max_train_steps=args.max_train_steps,
                                  max_token_length=args.max_token_length, scan=scan_mode(args))
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = LoopPlan.from_args(args, -(-len(group) // processes))
+    plan = loop_plan(args, -(-len(group) // processes))
     if os.environ.get("RANK", "0") != "0":
         return None
     lines = [f"dry run of {script}.py: nothing was loaded onto a device", ""]

@@ -18,16 +18,17 @@ import torch
 
 from library.models.bundle import SDModels
 from library.training.loop.checkpointing import Checkpointer, resume_state
-from library.training.loop.train_loop import LoopHooks, LoopPlan
+from library.training.loop.train_loop import LoopHooks
 from library.training.memory.device_memory import park_unused_models
 from library.training.runners import accelerate_setup as setup
 from library.training.runners import run_lock
 from library.training.runners.checks import verify_training_args
 from library.training.runners.preflight import preflight
 from library.training.runners.run_common import (attach_tokenizers, build_data, cache_latents_if_asked,
-                                                 encode_latents_fn, load_base_models, make_sample_hook,
-                                                 tracker_init, train_and_save)
+                                                 encode_latents_fn, load_base_models, make_sample_hook, tracker_init,
+                                                 train_and_save)
 from library.training.runners.run_extras import attach_extras
+from library.training.settings import LoopPlan
 
 logger = logging.getLogger(__name__)
 

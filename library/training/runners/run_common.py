@@ -152,13 +152,13 @@ def cache_latents_if_asked(args: argparse.Namespace, group, models: SDModels, ac
 
 def optimizer_and_schedule(args: argparse.Namespace, params, group, acc):
     """Optimizer, step plan and LR scheduler of a run (spec cli-options §4.2, §8): ``(opt, sched, plan, name)``."""
-    from library.training.loop.train_loop import LoopPlan
     from library.training.optim.lr_schedules import build_lr_scheduler
     from library.training.optim.optimizers import build_optimizer
+    from library.training.settings import loop_plan
 
     optimizer, opt_name, extra = build_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args,
                                                  args.use_8bit_adam, args.use_lion_optimizer)
-    plan = LoopPlan.from_args(args, -(-len(group) // acc.num_processes))
+    plan = loop_plan(args, -(-len(group) // acc.num_processes))
     args.max_train_steps = plan.max_train_steps
     group.set_max_train_steps(plan.max_train_steps)
     lr_sched = build_lr_scheduler(optimizer, extra.get("lr_scheduler") or args.lr_scheduler, args.lr_warmup_steps,
@@ -258,12 +258,13 @@ def train_and_save(acc, method, group, args: argparse.Namespace, optimizer, lr_s
                    hooks, note: str = "") -> str:
     """The last step of every runner: the shared loop, then the final save; returns the final file."""
     from library.training.loop.train_loop import train
+    from library.training.settings import LoopSettings
 
     logger.info("training: %d steps, %d epochs, %d batches per epoch%s", plan.max_train_steps, plan.num_epochs,
                 plan.batches_per_epoch, note)
     try:
         state = train(acc, method, make_loader_factory(group, args, acc), group.set_current_epoch, optimizer,
-                      lr_sched, plan, checkpointer, args, state, hooks)
+                      lr_sched, plan, checkpointer, LoopSettings.from_args(args), state, hooks)
         path = checkpointer.at_end(state)
     finally:
         checkpointer.finish()  # pending hub uploads complete (or fail, logged) before the run returns

@@ -16,12 +16,12 @@ import torch
 from library.formats.modelspec import modelspec_from_args, trained_resolution
 from library.models.bundle import SDModels
 from library.training.loop.checkpointing import Checkpointer
-from library.training.loop.train_loop import LoopPlan
 from library.training.methods.full_model import FullModelMethod
 from library.training.methods.full_model_saving import FullModelSaver, resolve_save_format
 from library.training.runners import accelerate_setup as setup
 from library.training.runners.recipe import Recipe, RecipeRun, Training, run_recipe
 from library.training.runners.run_common import optimizer_and_schedule
+from library.training.settings import LoopPlan
 
 logger = logging.getLogger(__name__)
 
