@@ -97,19 +97,34 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], path:
     return path
 
 
+VERDICT_OK = (0, 150, 60)  # caption colour of a verdict that matches the prompt
+VERDICT_BAD = (210, 30, 30)
+CAPTION_H = 14
+
+
 def image_grid(rows: Sequence[Sequence[Image.Image]], path: str | Path, *, row_labels: Sequence[str] = (),
-               col_labels: Sequence[str] = (), cell: int = 96) -> Path:
-    """Paste images into a labelled grid (each image fitted into a ``cell`` square) and save it as PNG."""
+               col_labels: Sequence[str] = (), cell: int = 96,
+               captions: Sequence[Sequence[tuple[str, bool]]] = ()) -> Path:
+    """Paste images into a labelled grid (each image fitted into a ``cell`` square) and save it as PNG.
+
+    ``captions`` (one ``(text, ok)`` per image, row by row) are written under each image, green when
+    ``ok`` (the verdict matches the prompt), red otherwise."""
     font = ImageFont.load_default()
     label_w = 8 + max((int(font.getlength(t)) for t in row_labels), default=0) if row_labels else 0
     label_h = 16 if col_labels else 0
+    cap_h = CAPTION_H if captions else 0
     n_cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (label_w + n_cols * (cell + 2), label_h + len(rows) * (cell + 2)), "white")
+    grid = Image.new("RGB", (label_w + n_cols * (cell + 2), label_h + len(rows) * (cell + 2 + cap_h)), "white")
     d = ImageDraw.Draw(grid)
     for c, text in enumerate(col_labels):
         d.text((label_w + c * (cell + 2) + cell / 2, 2), text, fill="black", font=font, anchor="ma")
+    for r, row_caps in enumerate(captions):
+        for c, (text, ok) in enumerate(row_caps):
+            x, y = label_w + c * (cell + 2), label_h + r * (cell + 2 + cap_h) + cell + 1
+            d.rectangle([x, y, x + cell - 1, y + cap_h - 2], fill=VERDICT_OK if ok else VERDICT_BAD)
+            d.text((x + cell / 2, y + cap_h / 2 - 1), text, fill="white", font=font, anchor="mm")
     for r, images in enumerate(rows):
-        y = label_h + r * (cell + 2)
+        y = label_h + r * (cell + 2 + cap_h)
         if r < len(row_labels):
             d.text((4, y + cell / 2), row_labels[r], fill="black", font=font, anchor="lm")
         for c, im in enumerate(images):

@@ -179,8 +179,12 @@ def _background(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, s
 
 def shape_alpha(shape: str, w: int, h: int, box: tuple[float, float, float, float]) -> np.ndarray:
     """Anti-aliased coverage (H x W floats in [0, 1]) of ``shape`` filling ``box`` = (x0, y0, x1, y1)."""
+    return polygon_alpha(SHAPE_POLYGONS[shape], w, h, box)
+
+
+def polygon_alpha(poly: np.ndarray, w: int, h: int, box: tuple[float, float, float, float]) -> np.ndarray:
+    """Anti-aliased coverage of a polygon given in [-1, 1]^2, mapped onto ``box`` = (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = box
-    poly = SHAPE_POLYGONS[shape]
     s = SUPERSAMPLE
     px = (x0 + (poly[:, 0] + 1) / 2 * (x1 - x0)) * s
     py = (y0 + (poly[:, 1] + 1) / 2 * (y1 - y0)) * s
@@ -203,10 +207,24 @@ def render(color: str, shape: str, size: tuple[int, int], rng: np.random.Generat
     """Draw one image (H x W x 3 uint8) of a ``color`` ``shape`` on a canvas of ``size`` = (w, h)."""
     w, h = size
     bg, kind = _background(rng, w, h)
-    alpha = shape_alpha(shape, w, h, _shape_box(rng, w, h))[..., None]
+    return paint(bg, shape_alpha(shape, w, h, _shape_box(rng, w, h)), color, rng), kind
+
+
+def background(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, str]:
+    """A canvas of the world's kind (float H x W x 3) and its kind (plain, gradient, noise)."""
+    return _background(rng, w, h)
+
+
+def shape_box(rng: np.random.Generator, w: int, h: int) -> tuple[float, float, float, float]:
+    """A bounding box of the world's kind for a shape on a ``w`` x ``h`` canvas."""
+    return _shape_box(rng, w, h)
+
+
+def paint(bg: np.ndarray, alpha: np.ndarray, color: str, rng: np.random.Generator) -> np.ndarray:
+    """Composite a ``color`` foreground (slightly jittered) with coverage ``alpha`` over ``bg`` (uint8)."""
     fg = np.asarray(PALETTE[color], dtype=np.float64) + rng.uniform(-12, 12, size=3)
-    img = bg * (1 - alpha) + fg * alpha
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), kind
+    a = alpha[..., None]
+    return np.clip(np.rint(bg * (1 - a) + fg * a), 0, 255).astype(np.uint8)
 
 
 def pair_for_index(pairs: Sequence[Pair], seed: int, index: int) -> Pair:
