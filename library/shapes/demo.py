@@ -6,8 +6,10 @@ Steps (each one an ordinary command of this project, run in-process):
    and regularisation images of the old world (``a red circle``...), with a dataset TOML;
 2. ``train_network.py --config_file <out>/train_network.toml`` (a LoRA on the base model's U-Net);
 3. ``gen_img.py`` before (base model) and after (``--network_weights``) on the same prompts and seeds;
-4. judge every image with the deterministic evaluator and write ``report.md`` / ``report.json``,
-   ``grid.png`` (before / after) and ``loss.png``.
+4. judge every image with the strict judge (a shape or ``none``, library/shapes/judge.py), read it again
+   with the independent cross-check (library/shapes/crosscheck.py), and write ``report.md`` /
+   ``report.json`` (accuracies, agreement, disagreements), ``grid.png`` (before / after, the verdict
+   under every image) and ``loss.png``.
 """
 from __future__ import annotations
 
@@ -150,18 +152,57 @@ def generate(out_dir: Path, prompts: Path, s: DemoSettings, lora: Path | None = 
     return run(args)
 
 
-def judge(paths: Sequence[str], groups: dict[str, str]) -> dict:
-    """Evaluator summaries per prompt group (new concept, held-out pairs, training pairs) and overall."""
-    from library.shapes.evaluate import evaluate_images, prompt_of, summarize
+def judge_image(path: str, prompt: str) -> dict:
+    """The strict judge's verdict on one image, the independent cross-check's, and what the prompt wanted."""
+    from PIL import Image
 
-    items = [(p, prompt_of(p) or "") for p in paths]
-    # the classifier may answer any colour the model knows, so a drift to a neighbouring hue counts as wrong
-    results = evaluate_images(items, colors=world.MODEL_COLORS, aliases={TRIGGER: world.NEW_SHAPE})
+    from library.shapes import crosscheck
+    from library.shapes import judge as strict
+    from library.shapes.evaluate import parse_prompt
+
+    want_color, want_shape = parse_prompt(prompt, aliases={TRIGGER: world.NEW_SHAPE})
+    with Image.open(path) as im:
+        # the judge may answer any colour the model knows, so a drift to a neighbouring hue counts as wrong
+        v = strict.judge(im, colors=world.MODEL_COLORS)
+        check = crosscheck.read_shape(im).shape
+    return {"path": path, "prompt": prompt.split(" --")[0], "want_color": want_color, "want_shape": want_shape,
+            "shape": v.shape, "color": v.color, "check": check, "reason": v.reason,
+            "color_ok": v.color == want_color, "shape_ok": v.shape == want_shape,
+            "ok": v.color == want_color and v.shape == want_shape}
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Colour, shape and prompt accuracy, the share of ``none`` verdicts, and accuracy per prompt."""
+    n = max(len(records), 1)
+    per_prompt: dict[str, list[int]] = {}
+    for r in records:
+        per_prompt.setdefault(r["prompt"], []).append(int(r["ok"]))
+    return {"n": len(records), "color_accuracy": sum(r["color_ok"] for r in records) / n,
+            "shape_accuracy": sum(r["shape_ok"] for r in records) / n,
+            "prompt_accuracy": sum(r["ok"] for r in records) / n,
+            "none_rate": sum(r["shape"] == "none" for r in records) / n,
+            "per_prompt": {k: sum(v) / len(v) for k, v in sorted(per_prompt.items())}}
+
+
+def agreement(records: Sequence[dict]) -> dict:
+    """How often the judge and the independent cross-check name the same shape (or both ``none``)."""
+    differ = [{"path": r["path"], "prompt": r["prompt"], "judge": r["shape"], "check": r["check"]}
+              for r in records if r["shape"] != r["check"]]
+    return {"n": len(records), "agreement": 1 - len(differ) / max(len(records), 1), "disagreements": differ}
+
+
+def judge(paths: Sequence[str], groups: dict[str, str]) -> dict:
+    """Strict-judge summaries per prompt group (new concept, held-out pairs, training pairs) and overall,
+    the agreement with the cross-check, and every image's verdict (``images``)."""
+    from library.shapes.evaluate import prompt_of
+
+    records = [judge_image(p, prompt_of(p) or "") for p in paths]
     group_of = {line.split(" --")[0]: g for line, g in groups.items()}
     by_group: dict[str, list] = {}
-    for r in results:
-        by_group.setdefault(group_of.get(r.prompt.split(" --")[0], "other"), []).append(r)
-    return {g: summarize(rs) for g, rs in by_group.items()} | {"all": summarize(results)}
+    for r in records:
+        by_group.setdefault(group_of.get(r["prompt"], "other"), []).append(r)
+    return ({g: summarize(rs) for g, rs in by_group.items()}
+            | {"all": summarize(records), "crosscheck": agreement(records), "images": records})
 
 
 def read_losses(log_dir: Path, tag: str = "loss/current") -> tuple[list[int], list[float]]:
@@ -189,14 +230,10 @@ def _moving_average(values: Sequence[float], k: int = 50) -> list[float]:
     return out
 
 
-def write_figures(out: Path, before: Sequence[str], after: Sequence[str], groups: dict[str, str],
-                  losses: tuple[list[int], list[float]]) -> dict:
-    from PIL import Image
-
+def _grid_columns(before: Sequence[str], groups: dict[str, str]) -> list[int]:
+    """Columns of the grid: the first image of each new-concept prompt, then of each held-out pair."""
     from library.shapes.evaluate import prompt_of
-    from library.shapes.plots import image_grid, line_chart
 
-    # Columns: the new concept in each colour, then each held-out pair (the first image of each prompt).
     prompts = [(prompt_of(p) or "").split(" --")[0] for p in before]
     group_of = {line.split(" --")[0]: g for line, g in groups.items()}
     picked, seen = [], set()
@@ -205,9 +242,27 @@ def write_figures(out: Path, before: Sequence[str], after: Sequence[str], groups
             if group_of.get(text) == wanted and text not in seen:
                 picked.append(i)
                 seen.add(text)
-    rows = [[Image.open(paths[i]) for i in picked] for paths in (before, after)]
+    return picked
+
+
+def write_figures(out: Path, before: Sequence[str], after: Sequence[str], groups: dict[str, str],
+                  losses: tuple[list[int], list[float]], verdicts: tuple[Sequence[dict], Sequence[dict]]) -> dict:
+    """grid.png (before / after, the judge's verdict under every image: green = matches the prompt) and
+    loss.png. ``verdicts`` are the ``images`` records of ``judge`` for before and after, in path order."""
+    from PIL import Image
+
+    from library.shapes.plots import image_grid, line_chart
+
+    picked = _grid_columns(before, groups)
+    rows, captions = [], []
+    for paths, records in zip((before, after), verdicts):
+        by_path = {r["path"]: r for r in records}
+        rows.append([Image.open(paths[i]) for i in picked])
+        captions.append([(f"{by_path[paths[i]]['color']} {by_path[paths[i]]['shape']}", by_path[paths[i]]["ok"])
+                         for i in picked])
+    col_labels = [by_path[after[i]]["prompt"][2:] for i in picked]
     files = {"grid": str(image_grid(rows, out / "grid.png", row_labels=["before", "after"],
-                                    col_labels=[prompts[i][2:] for i in picked], cell=96))}
+                                    col_labels=col_labels, cell=96, captions=captions))}
     steps, values = losses
     if values:
         series = {"loss": (steps, values), "moving average (50)": (steps, _moving_average(values, 50))}
@@ -220,6 +275,22 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _agreement_lines(result: dict) -> list[str]:
+    lines = ["## Cross-check", "",
+             "A second method that shares no code with the judge (library/shapes/crosscheck.py: frame-colour "
+             "background, flood-fill mask, IoU against each shape's own rasterisation) reads every image again.", ""]
+    for when in ("before", "after"):
+        c = result[when]["crosscheck"]
+        lines.append(f"- {when}: the two agree on {_pct(c['agreement'])} of {c['n']} images "
+                     f"({len(c['disagreements'])} differ)")
+    for when in ("before", "after"):
+        differ = result[when]["crosscheck"]["disagreements"]
+        if differ:
+            lines += ["", f"Disagreements, {when} (image: prompt -> judge / cross-check):", ""]
+            lines += [f"- `{Path(d['path']).name}`: {d['prompt']} -> {d['judge']} / {d['check']}" for d in differ]
+    return lines + [""]
+
+
 def report_markdown(result: dict) -> str:
     b, a = result["before"], result["after"]
     lines = ["# Demo: a LoRA teaches the shapes model a new concept", "",
@@ -227,16 +298,18 @@ def report_markdown(result: dict) -> str:
              f"in {result['train_seconds']:.0f} s (`python train_network.py --config_file {result['train_config']}`).",
              f"The new concept is the `{world.NEW_SHAPE}` shape, prompted with the trigger word `{TRIGGER}` "
              f"(`a red {TRIGGER}`); the base model never saw a {world.NEW_SHAPE}.", "",
-             "| prompts | images | prompt accuracy before | after | colour after | shape after |",
-             "|---|---|---|---|---|---|"]
+             "| prompts | images | prompt accuracy before | after | colour after | shape after | `none` after |",
+             "|---|---|---|---|---|---|---|"]
     for g in ("new concept", "old, held-out pairs", "old, training pairs", "all"):
         if g in a:
             lines.append(f"| {g} | {a[g]['n']} | {_pct(b.get(g, {}).get('prompt_accuracy', 0.0))} | "
                          f"**{_pct(a[g]['prompt_accuracy'])}** | {_pct(a[g]['color_accuracy'])} | "
-                         f"{_pct(a[g]['shape_accuracy'])} |")
-    lines += ["", "A prompt counts as right when the evaluator (library/shapes/evaluate.py, no learned model) finds "
-              "both its colour and its shape.", "",
-              "Files: `grid.png` (before / after, same seeds), `loss.png`, `before/`, `after/`, `report.json`, "
+                         f"{_pct(a[g]['shape_accuracy'])} | {_pct(a[g]['none_rate'])} |")
+    lines += ["", "A prompt counts as right when the strict judge (library/shapes/judge.py, no learned model) names "
+              "both its colour and its shape. The judge answers `none` unless one shape is clearly there "
+              "(calibration: docs/demo.md); `grid.png` shows its verdict under every image.", ""]
+    lines += _agreement_lines(result)
+    lines += ["Files: `grid.png` (before / after, same seeds), `loss.png`, `before/`, `after/`, `report.json`, "
               "`train_network.toml`, `dataset.toml`, `lora/`.", ""]
     if result.get("loss_first") is not None:
         lines.insert(4, f"Training loss (mean of the first / last 50 steps): {result['loss_first']:.4f} -> "
@@ -281,7 +354,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         "loss_first": sum(losses[1][:50]) / max(1, len(losses[1][:50])) if losses[1] else None,
         "loss_last": sum(losses[1][-50:]) / max(1, len(losses[1][-50:])) if losses[1] else None,
     }
-    result["files"] = write_figures(out, before, after, groups, losses)
+    result["files"] = write_figures(out, before, after, groups, losses,
+                                    (result["before"]["images"], result["after"]["images"]))
     result["seconds"] = time.perf_counter() - t0
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(report_markdown(result), encoding="utf-8")
