@@ -5,8 +5,8 @@
 
 The demo's job (a LoRA that teaches the shapes base model the heart, trigger ``sks``) is trained once per
 loss setting, from the same seed, data and batches, with a LoRA saved every ``--every`` steps. Each saved
-LoRA (and the base model, step 0) generates the same prompts with the same seeds, and the deterministic
-evaluator scores them. Prints a markdown table (new-concept prompt accuracy per step, accuracy on the
+LoRA (and the base model, step 0) generates the same prompts with the same seeds, and the strict judge
+(library/shapes/judge.py: a shape only when the evidence is clear, otherwise ``none``) scores them. Prints a markdown table (new-concept prompt accuracy per step, accuracy on the
 base model's held-out pairs at the end) and writes ``quality.png`` and ``quality.json`` into --out.
 
 Loss settings (sd-scripts options): ``l2``; ``huber`` with ``--huber_schedule snr``; ``smooth_l1`` (also
@@ -70,7 +70,8 @@ def run(out: Path, steps: int, every: int, seed: int, prompts_per_color: int, na
 def markdown(table: dict, steps: int, every: int) -> str:
     ks = list(range(0, steps + 1, every))
     head = "| loss | " + " | ".join(f"step {k}" for k in ks) + " | held-out old pairs, end | train s |"
-    lines = ["New-concept prompt accuracy (`a <colour> sks` judged as a heart of that colour) after k steps:", "",
+    lines = ["New-concept prompt accuracy (`a <colour> sks` judged a heart of that colour by the strict judge) "
+             "after k steps:", "",
              head, "|" + "---|" * (len(ks) + 3)]
     for name, row in table.items():
         pts = row["points"]

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"concept images, and as many regularisation images (default {d.images})")
     p.add_argument("--prompts_per_color", type=int, default=d.prompts_per_color,
                    help=f"new-concept prompts per colour, before and after (default {d.prompts_per_color})")
+    p.add_argument("--scale", type=float, default=d.guidance_scale,
+                   help=f"classifier-free guidance scale of gen_img, before and after (default {d.guidance_scale})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of data, training and sampling (default {d.seed})")
     add_logging_arguments(p)
     return p
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     settings = DemoSettings(base_model=args.base_model, steps=args.steps, images=args.images,
-                            prompts_per_color=args.prompts_per_color, seed=args.seed)
+                            prompts_per_color=args.prompts_per_color, seed=args.seed,
+                            guidance_scale=args.scale)
     result = run_demo(args.out, settings)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"done in {result['seconds']:.0f} s; files in {args.out}/")

@@ -41,6 +41,7 @@ class DemoSettings:
     heldout_prompts_per_pair: int = 8  # old world, the 5 pairs the base model never saw
     train_prompts_per_pair: int = 1  # old world, the 35 pairs it was trained on
     sample_steps: int = 20
+    guidance_scale: float = 2.0  # classifier-free guidance; above ~3 this tiny model draws lumpy outlines
     seed: int = 0
     loss_options: dict = field(default_factory=lambda: {"min_snr_gamma": 5.0})
     extra_train_options: dict = field(default_factory=dict)
@@ -143,7 +144,7 @@ def generate(out_dir: Path, prompts: Path, s: DemoSettings, lora: Path | None = 
     from library.sampling.gen_runner import run
 
     argv = ["--ckpt", s.base_model, "--from_file", str(prompts), "--outdir", str(out_dir), "--steps",
-            str(s.sample_steps), "--sampler", "euler_a", "--scale", "5", "--seed", str(s.seed),
+            str(s.sample_steps), "--sampler", "euler_a", "--scale", str(s.guidance_scale), "--seed", str(s.seed),
             "--batch_size", "8", "--console_log_simple"]
     if lora is not None:
         argv += ["--network_module", "networks.lora", "--network_weights", str(lora), "--network_mul", "1.0"]
