@@ -40,6 +40,8 @@ def run_ours(args) -> dict:
     from library.models.loading import load_models
     from library.training.objective.diffusion_step import DiffusionObjective, StepRandom
     from library.training.methods.network import NetworkMethod
+    from library.training.settings import TextSettings
+    from library.training.settings.from_options import objective_settings
     from networks.network_host import NetworkHost
 
     models = load_models(args.model)
@@ -50,10 +52,9 @@ def run_ours(args) -> dict:
     host = NetworkHost("networks.lora")
     host.create(1.0, args.rank, args.rank, models.vae, models.text_encoders[0], models.unet)
     host.apply_to(models.text_encoders[0], models.unet, False, True)
-    ns = argparse.Namespace(clip_skip=None, max_token_length=None, scale_weight_norms=None, zero_terminal_snr=False,
-                            v_parameterization=False)
-    obj = DiffusionObjective.from_args(ns, "N", models.vae.config.scaling_factor)
-    method = NetworkMethod(host, models, obj, ns, acc, torch.float32, True, False)
+    objective = objective_settings(argparse.Namespace(), "N")  # every loss / noise option at its default
+    obj = DiffusionObjective.from_settings(objective, models.vae.config.scaling_factor)
+    method = NetworkMethod(host, models, obj, TextSettings(), acc, torch.float32, True, False)
     opt = torch.optim.AdamW(host.network.parameters(), lr=1e-4)
     images, ids = _batch(args, models, torch)
     batch = {"images": images, "input_ids": ids[:, None], "loss_weights": torch.ones(args.batch)}

@@ -85,10 +85,10 @@ class LoRAModule(nn.Module):
             self._hook_handle.remove()
             self._hook_handle = None
 
-    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return output
-        delta = self.lora_delta(args[0])
+        delta = self.lora_delta(inputs[0])
         if delta is None:
             return output
         if self.region is not None:

@@ -157,9 +157,10 @@ class NetworkHost:
             self.network.set_multiplier(multiplier)
         # else: the plug-in keeps the multiplier it was created with
 
-    def prepare_network(self, args: Any) -> None:
+    def prepare_network(self, options: Any) -> None:
+        """The plug-in contract: ``prepare_network`` receives the run's options, read-only (an ``OptionRecord``)."""
         if hasattr(self.network, "prepare_network"):
-            self.network.prepare_network(args)
+            self.network.prepare_network(options)
 
     def on_step_start(self, text_encoder, unet) -> None:
         if hasattr(self.network, "on_step_start"):

@@ -176,13 +176,68 @@ def test_no_function_over_60_lines():
     assert not long, "functions over 60 lines:\n" + "\n".join(long)
 
 
-def test_the_training_loop_reads_settings_not_the_namespace():
-    """Issue 17 item 1, first section: the loop module takes typed LoopSettings / LoopPlan, never the argparse
-    Namespace (``library/training/settings.py`` builds them from the options)."""
-    path = ROOT / "library" / "training" / "loop" / "train_loop.py"
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    imports = {t for _, t in _imports(path)}
-    assert "argparse" not in imports
-    params = {a.arg for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for a in node.args.args + node.args.kwonlyargs}
-    assert "args" not in params
+# Issue 17 item 1: the parsed options stop at the runners. Below them (the loop, objective, methods, memory,
+# extras, optimizers, the settings sections, file formats, data, models and the network plug-ins) code takes typed
+# settings: no argparse import, no ``args`` parameter, no ``Namespace``, no ``getattr(args, ...)``.
+BELOW_THE_RUNNER = ["library/training/loop", "library/training/objective", "library/training/methods",
+                    "library/training/memory", "library/training/extras", "library/training/optim",
+                    "library/training/settings", "library/formats", "library/data", "library/models"]
+# the one module that turns options into settings, and convert_model.py's own runner
+OPTION_READERS = {"library/training/settings/from_options.py", "library/models/convert.py"}
+
+
+def _below_the_runner() -> list[Path]:
+    paths = [p for folder in BELOW_THE_RUNNER for p in sorted((ROOT / folder).rglob("*.py"))]
+    # network plug-ins and their host; the networks/ scripts (merge, resize, extract, ...) are runners themselves
+    paths += [p for p in sorted((ROOT / "networks").glob("*.py")) if "def main(" not in p.read_text(encoding="utf-8")]
+    return [p for p in paths if str(p.relative_to(ROOT)) not in OPTION_READERS]
+
+
+def _namespace_uses(path: Path, root: Path = ROOT) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            if "argparse" in names:
+                found.append(f"{node.lineno}: imports argparse")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if "args" in {a.arg for a in node.args.args + node.args.kwonlyargs}:
+                found.append(f"{node.lineno}: {node.name}(args)")
+        elif isinstance(node, ast.Name) and node.id == "Namespace" or \
+                isinstance(node, ast.Attribute) and node.attr == "Namespace":
+            found.append(f"{node.lineno}: Namespace")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and node.args and \
+                getattr(node.args[0], "id", None) == "args":
+            found.append(f"{node.lineno}: getattr(args, ...)")
+    return [f"{path.relative_to(root)}:{line}" for line in found]
+
+
+def test_nothing_below_the_runner_reads_the_namespace():
+    assert len(_below_the_runner()) > 60  # the rule covers the packages, not a handful of files
+    bad = [use for path in _below_the_runner() for use in _namespace_uses(path)]
+    assert not bad, "argparse options below the runner (take a settings section instead):\n" + "\n".join(bad)
+
+
+def test_nothing_writes_into_the_options():
+    """Derived values are computed once in settings/from_options.py (a new object), never patched in later."""
+    bad = []
+    for path in sorted((ROOT / "library" / "training").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("setattr", "delattr") and \
+                    node.args and getattr(node.args[0], "id", None) in ("args", "parsed"):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno}" for t in targets
+                    if isinstance(t, ast.Attribute) and getattr(t.value, "id", None) in ("args", "parsed")]
+    assert not bad, "writes into the parsed options:\n" + "\n".join(bad)
+
+
+def test_the_namespace_check_catches_what_it_should(tmp_path):
+    """The checker itself, on a file with each forbidden use."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import argparse\ndef f(args):\n    return getattr(args, 'x', None)\n"
+                     "def g(o):\n    return argparse.Namespace(**o)\n")
+    uses = [u.split(":", 1)[1] for u in _namespace_uses(probe, tmp_path)]
+    assert uses == ["1: imports argparse", "2: f(args)", "3: getattr(args, ...)", "5: Namespace"]
+

@@ -221,9 +221,9 @@ def build_dataset_group(params: list[DatasetParams], tokenizers: list, *, seed: 
     return group
 
 
-def scan_mode(args) -> str:
-    """The image scan a run's options ask for: ``"full"`` with ``--verify_images``, else ``"header"``."""
-    return "full" if getattr(args, "verify_images", False) else "header"
+def scan_mode(verify_images: bool) -> str:
+    """The image scan a run asks for: ``"full"`` with ``--verify_images``, else ``"header"``."""
+    return "full" if verify_images else "header"
 
 
 class WorkerFailure:

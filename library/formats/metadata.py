@@ -7,7 +7,6 @@ once data and optimizer exist. Every value is ``str(v)`` (None → "None", bools
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from library.config.dataset_schema import parse_resolution
+from library.config.option_record import OptionRecord
 from library.errors import UserError
 from library.formats.model_hashes_files import model_file_metadata
 
@@ -82,7 +82,7 @@ def new_session_id() -> int:
 
 @dataclass
 class TrainingFacts:
-    """What the trainer knows after building data and optimizer; ``args`` holds everything else."""
+    """What the trainer knows after building data and optimizer; the option record holds everything else."""
 
     family: str  # 'sd1' | 'sd2' | 'sdxl'
     num_train_images: int
@@ -97,6 +97,7 @@ class TrainingFacts:
     training_started_at: float = field(default_factory=time.time)
     # ss_sd_model_* / ss_vae_* keys; None → hashed from --pretrained_model_name_or_path / --vae
     model_files: Optional[dict[str, str]] = None
+    max_train_steps: Optional[int] = None  # resolved from --max_train_epochs; None → --max_train_steps
 
 
 def base_model_version(family: str, v_parameterization: bool) -> str:
@@ -134,85 +135,85 @@ def network_kwargs(network_args: Optional[Sequence[str]], network_dropout: Optio
     return kwargs
 
 
-def build_training_metadata(args: argparse.Namespace, facts: TrainingFacts) -> dict[str, str]:
+def build_training_metadata(options: OptionRecord, facts: TrainingFacts) -> dict[str, str]:
     """The full ``ss_*`` set of §b.1 (before the per-save keys), every value a string."""
-    meta = _run_keys(args, facts)
-    meta.update(_recipe_keys(args, facts))
-    if args.dataset_config is not None:
+    meta = _run_keys(options, facts)
+    meta.update(_recipe_keys(options, facts))
+    if options.dataset_config is not None:
         meta.update(_dataset_config_keys(facts.datasets))
     else:
-        meta.update(_single_dataset_keys(args, facts))
-    if args.network_args:  # only when given at all, though the kwargs also carry the added dropout
-        kwargs = network_kwargs(args.network_args, args.network_dropout, args.dim_from_weights)
+        meta.update(_single_dataset_keys(options, facts))
+    if options.network_args:  # only when given at all, though the kwargs also carry the added dropout
+        kwargs = network_kwargs(options.network_args, options.network_dropout, options.dim_from_weights)
         meta["ss_network_args"] = json.dumps(kwargs)
     files = facts.model_files
     if files is None:
-        files = model_file_metadata(args.pretrained_model_name_or_path, args.vae)
+        files = model_file_metadata(options.pretrained_model_name_or_path, options.vae)
     meta.update(files)
     return {k: str(v) for k, v in meta.items()}
 
 
-def _run_keys(args: argparse.Namespace, facts: TrainingFacts) -> dict[str, Any]:
+def _run_keys(options: OptionRecord, facts: TrainingFacts) -> dict[str, Any]:
     """Run identity, schedule, network and precision keys (§b.1 'Always', first half)."""
     return {
         "ss_session_id": facts.session_id,
         "ss_training_started_at": facts.training_started_at,
-        "ss_output_name": args.output_name,
-        "ss_learning_rate": args.learning_rate,
-        "ss_text_encoder_lr": args.text_encoder_lr,
-        "ss_unet_lr": args.unet_lr,
+        "ss_output_name": options.output_name,
+        "ss_learning_rate": options.learning_rate,
+        "ss_text_encoder_lr": options.text_encoder_lr,
+        "ss_unet_lr": options.unet_lr,
         "ss_num_train_images": facts.num_train_images,
         "ss_num_reg_images": facts.num_reg_images,
         "ss_num_batches_per_epoch": facts.num_batches_per_epoch,
         "ss_num_epochs": facts.num_epochs,
-        "ss_gradient_checkpointing": args.gradient_checkpointing,
-        "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "ss_max_train_steps": args.max_train_steps,  # the trainer has resolved --max_train_epochs into it
-        "ss_lr_warmup_steps": args.lr_warmup_steps,
-        "ss_lr_scheduler": args.lr_scheduler,
-        "ss_network_module": args.network_module,
-        "ss_network_dim": args.network_dim,
-        "ss_network_alpha": args.network_alpha,
-        "ss_network_dropout": args.network_dropout,
-        "ss_mixed_precision": args.mixed_precision,
-        "ss_full_fp16": bool(args.full_fp16),
-        "ss_v2": bool(args.v2),
+        "ss_gradient_checkpointing": options.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": options.gradient_accumulation_steps,
+        "ss_max_train_steps": options.max_train_steps if facts.max_train_steps is None else facts.max_train_steps,
+        "ss_lr_warmup_steps": options.lr_warmup_steps,
+        "ss_lr_scheduler": options.lr_scheduler,
+        "ss_network_module": options.network_module,
+        "ss_network_dim": options.network_dim,
+        "ss_network_alpha": options.network_alpha,
+        "ss_network_dropout": options.network_dropout,
+        "ss_mixed_precision": options.mixed_precision,
+        "ss_full_fp16": bool(options.full_fp16),
+        "ss_v2": bool(options.v2),
         "ss_base_model_version": base_model_version(facts.family, facts.v_parameterization),
-        "ss_clip_skip": args.clip_skip,
-        "ss_max_token_length": args.max_token_length,
+        "ss_clip_skip": options.clip_skip,
+        "ss_max_token_length": options.max_token_length,
         # upstream turns --cache_latents_to_disk into --cache_latents before writing this
-        "ss_cache_latents": bool(args.cache_latents or getattr(args, "cache_latents_to_disk", False)),
-        "ss_seed": args.seed,
-        "ss_lowram": args.lowram,
+        "ss_cache_latents": bool(options.cache_latents or options.get("cache_latents_to_disk", False)),
+        "ss_seed": options.seed,
+        "ss_lowram": options.lowram,
     }
 
 
-def _recipe_keys(args: argparse.Namespace, facts: TrainingFacts) -> dict[str, Any]:
+def _recipe_keys(options: OptionRecord, facts: TrainingFacts) -> dict[str, Any]:
     """Noise, loss, caption and optimizer keys (§b.1 'Always', second half)."""
     return {
-        "ss_noise_offset": args.noise_offset,
-        "ss_multires_noise_iterations": args.multires_noise_iterations,
-        "ss_multires_noise_discount": args.multires_noise_discount,
-        "ss_adaptive_noise_scale": args.adaptive_noise_scale,
-        "ss_zero_terminal_snr": args.zero_terminal_snr,
-        "ss_training_comment": args.training_comment,
+        "ss_noise_offset": options.noise_offset,
+        "ss_multires_noise_iterations": options.multires_noise_iterations,
+        "ss_multires_noise_discount": options.multires_noise_discount,
+        "ss_adaptive_noise_scale": options.adaptive_noise_scale,
+        "ss_zero_terminal_snr": options.zero_terminal_snr,
+        "ss_training_comment": options.training_comment,
         "ss_sd_scripts_commit_hash": project_commit_hash(),
         "ss_optimizer": facts.optimizer_name,
-        "ss_max_grad_norm": args.max_grad_norm,
-        "ss_caption_dropout_rate": args.caption_dropout_rate,
-        "ss_caption_dropout_every_n_epochs": args.caption_dropout_every_n_epochs,
-        "ss_caption_tag_dropout_rate": args.caption_tag_dropout_rate,
-        "ss_face_crop_aug_range": _float_pair(args.face_crop_aug_range),
-        "ss_prior_loss_weight": args.prior_loss_weight,
-        "ss_min_snr_gamma": args.min_snr_gamma,
-        "ss_scale_weight_norms": args.scale_weight_norms,
-        "ss_ip_noise_gamma": args.ip_noise_gamma,
-        "ss_debiased_estimation": bool(args.debiased_estimation_loss),
-        "ss_noise_offset_random_strength": args.noise_offset_random_strength,
-        "ss_ip_noise_gamma_random_strength": args.ip_noise_gamma_random_strength,
-        "ss_loss_type": args.loss_type,
-        "ss_huber_schedule": args.huber_schedule,
-        "ss_huber_c": args.huber_c,
+        "ss_max_grad_norm": options.max_grad_norm,
+        "ss_caption_dropout_rate": options.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": options.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": options.caption_tag_dropout_rate,
+        "ss_face_crop_aug_range": _float_pair(options.face_crop_aug_range),
+        "ss_prior_loss_weight": options.prior_loss_weight,
+        "ss_min_snr_gamma": options.min_snr_gamma,
+        "ss_scale_weight_norms": options.scale_weight_norms,
+        "ss_ip_noise_gamma": options.ip_noise_gamma,
+        "ss_debiased_estimation": bool(options.debiased_estimation_loss),
+        "ss_noise_offset_random_strength": options.noise_offset_random_strength,
+        "ss_ip_noise_gamma_random_strength": options.ip_noise_gamma_random_strength,
+        "ss_loss_type": options.loss_type,
+        "ss_huber_schedule": options.huber_schedule,
+        "ss_huber_c": options.huber_c,
     }
 
 
@@ -306,7 +307,7 @@ def _subset_entry(kind: str, s: SubsetFacts) -> dict[str, Any]:
     return entry
 
 
-def _single_dataset_keys(args: argparse.Namespace, facts: TrainingFacts) -> dict[str, Any]:
+def _single_dataset_keys(options: OptionRecord, facts: TrainingFacts) -> dict[str, Any]:
     """Keys written without ``--dataset_config``: one dataset, options read from ``args`` (§b.1)."""
     if len(facts.datasets) != 1:
         raise ValueError(f"without --dataset_config there is one dataset, got {len(facts.datasets)}")
@@ -319,20 +320,20 @@ def _single_dataset_keys(args: argparse.Namespace, facts: TrainingFacts) -> dict
             dirs[os.path.basename(subset.metadata_file or "")] = _dir_info(subset)
         elif subset.image_dir:
             (reg_dirs if subset.is_reg else dirs)[os.path.basename(subset.image_dir)] = _dir_info(subset)
-    resolution = None if args.resolution is None else parse_resolution(args.resolution)
+    resolution = None if options.resolution is None else parse_resolution(options.resolution)
     return {
-        "ss_batch_size_per_device": args.train_batch_size,
-        "ss_total_batch_size": args.train_batch_size * facts.num_processes * args.gradient_accumulation_steps,
+        "ss_batch_size_per_device": options.train_batch_size,
+        "ss_total_batch_size": options.train_batch_size * facts.num_processes * options.gradient_accumulation_steps,
         "ss_resolution": resolution,
-        "ss_color_aug": bool(args.color_aug),
-        "ss_flip_aug": bool(args.flip_aug),
-        "ss_random_crop": bool(args.random_crop),
-        "ss_shuffle_caption": bool(args.shuffle_caption),
+        "ss_color_aug": bool(options.color_aug),
+        "ss_flip_aug": bool(options.flip_aug),
+        "ss_random_crop": bool(options.random_crop),
+        "ss_shuffle_caption": bool(options.shuffle_caption),
         "ss_enable_bucket": bool(ds.enable_bucket),
         "ss_bucket_no_upscale": bool(ds.bucket_no_upscale),
         "ss_min_bucket_reso": ds.min_bucket_reso,
         "ss_max_bucket_reso": ds.max_bucket_reso,
-        "ss_keep_tokens": args.keep_tokens,
+        "ss_keep_tokens": options.keep_tokens,
         "ss_dataset_dirs": json.dumps(dirs),
         "ss_reg_dataset_dirs": json.dumps(reg_dirs),
         "ss_tag_frequency": json.dumps(ds.tag_frequency),

@@ -1,10 +1,9 @@
 """``modelspec.*`` metadata (Stability AI model spec 1.0.0) as sd-scripts writes it, spec file-formats §b.3."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 KINDS = ("lora", "textual-inversion", "checkpoint")
@@ -106,11 +105,11 @@ def build_modelspec(
     return meta
 
 
-def family_from_args(args: argparse.Namespace, sdxl: bool = False) -> str:
+def family_from_options(options: Mapping[str, Any], sdxl: bool = False) -> str:
     """``sdxl`` for the SDXL scripts, else ``sd2`` with ``--v2``, else ``sd1``."""
     if sdxl:
         return "sdxl"
-    return "sd2" if getattr(args, "v2", False) else "sd1"
+    return "sd2" if options.get("v2", False) else "sd1"
 
 
 def trained_resolution(group: Any) -> Optional[tuple[int, int]]:
@@ -125,7 +124,7 @@ def trained_resolution(group: Any) -> Optional[tuple[int, int]]:
     return max(sizes, key=lambda wh: (wh[0] * wh[1], wh)) if sizes else None
 
 
-def modelspec_from_args(args: argparse.Namespace, family: str, kind: str,
+def modelspec_from_options(options: Mapping[str, Any], family: str, kind: str,
                         timestamp: Optional[float] = None, resolution: Resolution = None) -> dict[str, str]:
     """``build_modelspec`` fed from sd-scripts options (``--metadata_*``, ``--resolution``, ...), §b.3.
 
@@ -133,7 +132,7 @@ def modelspec_from_args(args: argparse.Namespace, family: str, kind: str,
     """
 
     def get(name: str) -> Any:
-        return getattr(args, name, None)
+        return options.get(name)
 
     return build_modelspec(
         family, bool(get("v_parameterization")), kind,

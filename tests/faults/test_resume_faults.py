@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 import train_network
 from library.errors import NonFiniteError
-from library.training.loop.nonfinite_guard import NonFiniteGuard, remedies_for
+from library.training.loop.nonfinite_guard import NonFiniteGuard
+from library.training.settings.from_options import remedies
 from tests.faults.conftest import error_line, run_main
 from tests.training.train_helpers import base_args
 
@@ -89,7 +90,7 @@ def _args(mixed_precision="no", **kw):
 
 
 def _raise_at(site: str, args) -> str:
-    guard = NonFiniteGuard(remedies=remedies_for(args))
+    guard = NonFiniteGuard(remedies=remedies(args))
     with guard.recording():
         from library.training.loop.nonfinite_guard import watch
 
@@ -122,7 +123,7 @@ def test_remedy_fits_the_precision(args, site, present, absent):
 
 
 def test_gradient_remedy_names_the_group_and_fits_the_precision():
-    guard = NonFiniteGuard(check_grads=True, remedies=remedies_for(_args("bf16")))
+    guard = NonFiniteGuard(check_grads=True, remedies=remedies(_args("bf16")))
     with pytest.raises(NonFiniteError) as e:
         guard.check(torch.tensor(1.0), 3, [torch.tensor(float("inf"))], ["unet"])
     assert "lower the learning rate of 'unet', or lower --max_grad_norm (now 1)" in str(e.value)

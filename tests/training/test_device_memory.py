@@ -31,11 +31,10 @@ def test_parking_moves_out_and_back_only_while_sampling(monkeypatch):
         text_encoders = [te]
 
     Models.vae = vae
-    args = type("A", (), {"cache_latents": True})()
     acc = type("Acc", (), {"device": torch.device("cuda")})()
     sampled = []
-    hook = device_memory.park_unused_models(args, Models, acc, lambda e, s: sampled.append(list(log)),
-                                            text_encoders_cached=True)
+    hook = device_memory.park_unused_models(Models, acc, lambda e, s: sampled.append(list(log)),
+                                            latents_cached=True, text_encoders_cached=True)
     assert log == [("vae", "cpu"), ("te", "cpu")] and freed  # parked, cache returned
     n_freed = len(freed)
     hook(1, 10)
@@ -51,9 +50,8 @@ def test_nothing_parked_without_caches(monkeypatch):
         text_encoders = [Recorder(log, "te")]
 
     Models.vae = vae
-    args = type("A", (), {"cache_latents": False})()
     acc = type("Acc", (), {"device": torch.device("cpu")})()
-    assert device_memory.park_unused_models(args, Models, acc, None) is None
+    assert device_memory.park_unused_models(Models, acc, None) is None
     assert log == []
 
 

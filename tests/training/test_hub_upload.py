@@ -172,18 +172,15 @@ def test_resume_from_huggingface_continues_exactly(tiny_sd, shapes_data, tmp_pat
 
 
 def test_resume_from_huggingface_errors(tmp_path, monkeypatch):
-    import argparse
-
     def offline(**kw):
         raise OSError("Cannot reach https://huggingface.co")
 
     monkeypatch.setattr(hub_upload, "snapshot_download", offline)
-    args = argparse.Namespace(resume="me/repo/st", huggingface_token=None)
     with pytest.raises(UserError, match="cannot download st from hub repo me/repo"):
-        hub_upload.download_state(args)
+        hub_upload.download_state("me/repo/st")
     monkeypatch.setattr(hub_upload, "snapshot_download", lambda **kw: str(tmp_path))
     with pytest.raises(UserError, match="no files under st in hub repo me/repo"):
-        hub_upload.download_state(args)
+        hub_upload.download_state("me/repo/st")
     with pytest.raises(UserError, match="repo_id"):
         hub_upload.parse_hub_location("justaname")
 
@@ -227,17 +224,17 @@ def test_train_db_diffusers_folder_and_ti_file_are_uploaded(tiny_sd, shapes_data
 
 def test_no_hub_uploader_without_repo_id(monkeypatch):
     """Without --huggingface_repo_id the checkpointer never touches the hub module (nor huggingface_hub)."""
-    import argparse
     import types
 
     from library.training.loop.checkpointing import Checkpointer
+    from library.training.settings import HubSettings, SaveSettings
 
-    def refuse(args):
-        raise AssertionError("HubUploader.from_args called without --huggingface_repo_id")
+    def refuse(hub):
+        raise AssertionError("HubUploader.from_settings called without --huggingface_repo_id")
 
-    monkeypatch.setattr(hub_upload.HubUploader, "from_args", classmethod(lambda cls, args: refuse(args)))
-    args = argparse.Namespace(output_dir="out", save_every_n_epochs=None, save_n_epoch_ratio=None,
-                              huggingface_token="t", async_upload=True)
-    checkpointer = Checkpointer(args, types.SimpleNamespace(is_main_process=True), lambda *a: None, ".safetensors", 1)
+    monkeypatch.setattr(hub_upload.HubUploader, "from_settings", classmethod(lambda cls, hub: refuse(hub)))
+    hub = HubSettings(token="t", async_upload=True)
+    checkpointer = Checkpointer(SaveSettings(output_dir="out"), types.SimpleNamespace(is_main_process=True),
+                                lambda *a: None, ".safetensors", 1, hub=hub)
     assert checkpointer.hub is None
     checkpointer.finish()

@@ -18,6 +18,7 @@ from library.training.objective.losses import (
     v_pred_like_loss_factor,
 )
 from library.training.objective.noise_schedule import build_training_schedule
+from library.training.settings.from_options import loss_config
 
 TS = (0, 500, 999)
 
@@ -161,7 +162,7 @@ def test_methods_drop_what_upstream_ignores(sched):
     args = argparse.Namespace(v_pred_like_loss=0.5, masked_loss=True, min_snr_gamma=None, loss_type="l2")
     t, elem = torch.tensor([500, 500]), _elem_losses([1.0, 1.0])
     weights, mask = torch.tensor([2.0, 2.0]), torch.zeros(2, 1, 2, 2)
-    n, d, f = (LossConfig.from_args(args, m) for m in ("N", "D", "F"))
+    n, d, f = (loss_config(args, m) for m in ("N", "D", "F"))
     assert n.v_pred_like_loss == 0.5 and d.v_pred_like_loss is None and f.v_pred_like_loss is None
     assert d.masked_loss and not f.masked_loss
     assert reduce_and_weight(elem, t, weights, sched, d, mask).item() == 0.0  # masked out entirely

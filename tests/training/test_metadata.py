@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from library.config.option_record import OptionRecord
 from library.config.options import build_parser
 from library.errors import UserError
 from library.formats import metadata as md
@@ -53,7 +54,7 @@ def _args(script="train_network", extra=(), model="runwayml/sd15", vae=None):
             "--train_data_dir", "data", "--enable_bucket", "--max_train_steps", "300", *extra]
     if vae is not None:
         argv += ["--vae", str(vae)]
-    return build_parser(script).parse_args(argv)
+    return OptionRecord.of(build_parser(script).parse_args(argv))  # what the runner hands the metadata
 
 
 def _db_dataset(**kw):

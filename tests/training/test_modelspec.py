@@ -5,7 +5,8 @@ import re
 import pytest
 
 from library.config.options import build_parser
-from library.formats.modelspec import build_modelspec, family_from_args, modelspec_from_args
+from library.config.option_record import OptionRecord
+from library.formats.modelspec import build_modelspec, family_from_options, modelspec_from_options
 
 TS = 1712495272.654321
 GM = "https://github.com/Stability-AI/generative-models"
@@ -86,12 +87,13 @@ def test_bad_family_or_kind():
         build_modelspec("sd1", False, "lycoris")
 
 
-def test_from_args():
+def test_from_options():
     args = build_parser("sdxl_train_network").parse_args([
         "--pretrained_model_name_or_path", "m", "--output_name", "out", "--resolution", "1024,768",
         "--metadata_author", "me", "--metadata_tags", "x,y", "--min_timestep", "200", "--clip_skip", "2"])
-    family = family_from_args(args, sdxl=True)
-    meta = modelspec_from_args(args, family, "lora", timestamp=TS)
+    args = OptionRecord.of(args)
+    family = family_from_options(args, sdxl=True)
+    meta = modelspec_from_options(args, family, "lora", timestamp=TS)
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["modelspec.title"] == "out"
     assert meta["modelspec.resolution"] == "1024x768"
@@ -101,5 +103,6 @@ def test_from_args():
     assert "modelspec.license" not in meta
     v2 = build_parser("train_network").parse_args(["--pretrained_model_name_or_path", "m", "--v2",
                                                    "--v_parameterization"])
-    assert family_from_args(v2) == "sd2"
-    assert modelspec_from_args(v2, "sd2", "lora", TS)["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    v2 = OptionRecord.of(v2)
+    assert family_from_options(v2) == "sd2"
+    assert modelspec_from_options(v2, "sd2", "lora", TS)["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"

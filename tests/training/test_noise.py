@@ -209,15 +209,20 @@ def test_make_noisy_latents_order_and_ip_noise_leaves_target():
     torch.testing.assert_close(compute_target(x0, noise, t, sched, False), eps)
 
 
-def test_make_noisy_latents_accepts_args_and_is_deterministic():
+def test_noise_config_from_options_is_deterministic():
+    """The options become a NoiseConfig once (settings.from_options); the same seeds give the same draws."""
+    from library.training.settings.from_options import noise_config
+
     sched = build_training_schedule()
-    args = argparse.Namespace(noise_offset=0.05, noise_offset_random_strength=True, adaptive_noise_scale=0.01,
-                              multires_noise_iterations=4, multires_noise_discount=0.3, ip_noise_gamma=0.1,
-                              ip_noise_gamma_random_strength=True, min_timestep=None, max_timestep=None,
-                              loss_type="huber", huber_schedule="snr", huber_c=0.1)
+    options = argparse.Namespace(noise_offset=0.05, noise_offset_random_strength=True, adaptive_noise_scale=0.01,
+                                 multires_noise_iterations=4, multires_noise_discount=0.3, ip_noise_gamma=0.1,
+                                 ip_noise_gamma_random_strength=True, min_timestep=None, max_timestep=None,
+                                 loss_type="huber", huber_schedule="snr", huber_c=0.1)
+    cfg = noise_config(options)
+    assert cfg.noise_offset == 0.05 and cfg.ip_noise_gamma_random_strength and not cfg.v_parameterization
     x0 = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    a = make_noisy_latents(x0, args, sched, torch.Generator().manual_seed(1), random.Random(1))
-    b = make_noisy_latents(x0, args, sched, torch.Generator().manual_seed(1), random.Random(1))
+    a = make_noisy_latents(x0, cfg, sched, torch.Generator().manual_seed(1), random.Random(1))
+    b = make_noisy_latents(x0, cfg, sched, torch.Generator().manual_seed(1), random.Random(1))
     for u, v in zip(a[:3], b[:3]):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
     assert a.huber_c == b.huber_c and 0.1 <= a.huber_c <= 1.0

@@ -122,16 +122,17 @@ def test_validation_loss_is_the_item_mean_whatever_the_processes():
     from types import SimpleNamespace
 
     from library.training.extras.validation import Validator
+    from library.training.settings import ValidationSettings
 
     obj = SimpleNamespace(noise_cfg=SimpleNamespace(min_timestep=None, max_timestep=None, loss_type="l2"),
                           sched=SimpleNamespace(num_train_timesteps=1000))
     method = SimpleNamespace(obj=obj, module=torch.nn.Linear(1, 1), loss=lambda batch, rand: batch["values"].mean())
-    args = SimpleNamespace(validate_every_n_steps=1)
+    settings = ValidationSettings(every_n_steps=1, seed=0)
     group = _Batches([1.0, 2.0], [6.0])
-    assert Validator(group, _Rank(0, 1), args, 0).run(method)["loss/validation"] == pytest.approx(3.0)
+    assert Validator(group, _Rank(0, 1), settings).run(method)["loss/validation"] == pytest.approx(3.0)
     rank1 = _Rank(1, 2)
-    Validator(group, rank1, args, 0).run(method)
-    logs = Validator(group, _Rank(0, 2, [rank1.sent]), args, 0).run(method)
+    Validator(group, rank1, settings).run(method)
+    logs = Validator(group, _Rank(0, 2, [rank1.sent]), settings).run(method)
     assert logs["loss/validation"] == pytest.approx(3.0)  # (1 + 2 + 6) / 3; the batch means' mean is 3.75
     assert all(v == pytest.approx(3.0) for k, v in logs.items() if k.startswith("loss/validation_t"))
 

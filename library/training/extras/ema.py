@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from library.errors import UserError
+from library.training.settings import EmaSettings
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +120,15 @@ def ema_name(stem: str) -> str:
     return stem + "-ema"
 
 
-def ema_from_args(args, params: Sequence[torch.nn.Parameter], device: torch.device) -> Optional[EMA]:
+def ema_from_settings(settings: EmaSettings, params: Sequence[torch.nn.Parameter], device: torch.device
+                      ) -> Optional[EMA]:
     """The run's EMA, or None without ``--ema``."""
-    if not getattr(args, "ema", False):
-        if getattr(args, "sample_with_ema", False):
+    if not settings.enabled:
+        if settings.sample_with_ema:
             raise UserError("--sample_with_ema needs --ema")
         return None
-    where = torch.device("cpu") if args.ema_device == "cpu" else device
-    ema = EMA(params, args.ema_decay, args.ema_update_after_step, args.ema_power, args.ema_every_n_steps, where)
+    where = torch.device("cpu") if settings.device == "cpu" else device
+    ema = EMA(params, settings.decay, settings.update_after_step, settings.power, settings.every_n_steps, where)
     n = sum(s.numel() for s in ema.shadow)
-    logger.info("EMA of %d tensors (%.1fM values) on %s, decay %s", len(ema.shadow), n / 1e6, where, args.ema_decay)
+    logger.info("EMA of %d tensors (%.1fM values) on %s, decay %s", len(ema.shadow), n / 1e6, where, settings.decay)
     return ema

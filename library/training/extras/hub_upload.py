@@ -14,7 +14,6 @@ The token (``--huggingface_token``) is only handed to ``HfApi`` / the download; 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import threading
@@ -22,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 from library.errors import UserError
+from library.training.settings import HubSettings
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +53,12 @@ class HubUploader:
         self.uploaded: list[str] = []
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Optional["HubUploader"]:
-        repo_id = getattr(args, "huggingface_repo_id", None)
-        if not repo_id:
+    def from_settings(cls, hub: HubSettings) -> Optional["HubUploader"]:
+        if not hub.repo_id:
             return None
         if HfApi is None:
             raise UserError("--huggingface_repo_id needs huggingface_hub: pip install huggingface_hub")
-        private = getattr(args, "huggingface_repo_visibility", None) != "public"  # as sd-scripts
-        return cls(repo_id, getattr(args, "huggingface_repo_type", None),
-                   getattr(args, "huggingface_path_in_repo", None), getattr(args, "huggingface_token", None),
-                   private, bool(getattr(args, "async_upload", False)))
+        return cls(hub.repo_id, hub.repo_type, hub.path_in_repo, hub.token, hub.private, hub.async_upload)
 
     def destination(self, src: str) -> str:
         name = os.path.basename(os.path.normpath(src))
@@ -152,9 +148,9 @@ def parse_hub_location(location: str) -> tuple[str, str, Optional[str], Optional
     return "/".join(parts[:2]), "/".join(parts[2:]), revision, repo_type
 
 
-def download_state(args: argparse.Namespace) -> str:
+def download_state(location: str, token: Optional[str] = None) -> str:
     """``--resume_from_huggingface``: download the state folder named by ``--resume``; its local path."""
-    repo_id, path_in_repo, revision, repo_type = parse_hub_location(args.resume)
+    repo_id, path_in_repo, revision, repo_type = parse_hub_location(location)
     if snapshot_download is None:  # pragma: no cover
         raise UserError("--resume_from_huggingface needs huggingface_hub: pip install huggingface_hub")
     logger.info("downloading state %s from hub repo %s (revision %s)", path_in_repo or "(whole repo)", repo_id,
@@ -162,7 +158,7 @@ def download_state(args: argparse.Namespace) -> str:
     try:
         root = snapshot_download(repo_id=repo_id, repo_type=repo_type, revision=revision,
                                  allow_patterns=[f"{path_in_repo}/*"] if path_in_repo else None,
-                                 token=getattr(args, "huggingface_token", None))
+                                 token=token)
     except Exception as e:
         raise UserError(f"--resume_from_huggingface: cannot download {path_in_repo or 'the state'} from hub repo "
                         f"{repo_id} ({_first_line(e)})") from None

@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 from importlib import metadata as importlib_metadata
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from library.fileio import write_text_atomic
 
@@ -103,10 +103,11 @@ def dataset_fingerprint(groups: Iterable) -> str:
     return digest.hexdigest()
 
 
-def build_receipt(args, script: str, fingerprint: str, num_images: dict[str, int]) -> dict[str, Any]:
+def build_receipt(options: Mapping[str, Any], script: str, fingerprint: str, num_images: dict[str, int]
+                  ) -> dict[str, Any]:
     """The receipt's content (without the per-save part)."""
-    return {"format": "sd-trainer-run-receipt/1", "script": script, "seed": getattr(args, "seed", None),
-            "config": scrub(vars(args)), "versions": package_versions(CORE), "project": project_version(),
+    return {"format": "sd-trainer-run-receipt/1", "script": script, "seed": options.get("seed"),
+            "config": scrub(dict(options)), "versions": package_versions(CORE), "project": project_version(),
             "environment": environment_facts(), "dataset": {"fingerprint": fingerprint, **num_images}}
 
 

@@ -20,6 +20,7 @@ import torch
 
 from library.training.objective.diffusion_step import StepRandom, step_seed
 from library.training.objective.noise import NoisyLatents, huber_c_for_timestep, timestep_bounds
+from library.training.settings import ValidationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,13 @@ def band_timesteps(lo: int, hi: int, bands: int = BANDS) -> list[tuple[int, int,
 class Validator:
     """Runs the validation pass when it is due and returns the logs."""
 
-    def __init__(self, group, accelerator, args, seed: int):
-        self.group, self.acc, self.args, self.seed = group, accelerator, args, seed
-        self.every_steps = getattr(args, "validate_every_n_steps", None)
-        self.every_epochs = getattr(args, "validate_every_n_epochs", None)
+    def __init__(self, group, accelerator, settings: ValidationSettings):
+        self.group, self.acc, self.seed = group, accelerator, settings.seed
+        self.every_steps = settings.every_n_steps
+        self.every_epochs = settings.every_n_epochs
         if not self.every_steps and not self.every_epochs:
             self.every_epochs = 1  # later sd-scripts validates after every epoch by default
-        limit = getattr(args, "max_validation_steps", None)
+        limit = settings.max_steps
         self.num_batches = min(len(group), limit) if limit else len(group)
         self.last: Optional[float] = None
         group.set_current_epoch(1)  # the validation batches never change: always epoch 1's order

@@ -8,7 +8,6 @@ A failed save is one line naming the file, what went wrong and the last good che
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -24,6 +23,7 @@ from library.interrupts import Interrupted
 from library.training.loop import output_names as names
 from library.training.loop.state_checks import (TRAIN_STATE_FILE, check_model_shapes, check_rng_file,
                                                 describe_load_failure, read_train_state)
+from library.training.settings import HubSettings, ResumeSettings, SaveSettings
 
 logger = logging.getLogger(__name__)
 
@@ -106,18 +106,18 @@ def load_state(accelerator, folder: str, inexact: bool = False) -> TrainState:
     return TrainState.from_json(saved)
 
 
-def resume_state(accelerator, args: argparse.Namespace) -> TrainState:
-    """The state ``--resume`` names (a fresh one without it); with ``--resume_from_huggingface`` the folder is
-    downloaded first and ``args.resume`` becomes its local path (the EMA reads it later)."""
-    if not getattr(args, "resume", None):
-        return TrainState()
-    if getattr(args, "resume_from_huggingface", False):
+def resume_state(accelerator, resume: ResumeSettings, hub: HubSettings) -> tuple[TrainState, Optional[str]]:
+    """The state ``--resume`` names (a fresh one without it) and the local folder it was read from (None
+    without ``--resume``); with ``--resume_from_huggingface`` the folder is downloaded first."""
+    if not resume.resume:
+        return TrainState(), None
+    folder = resume.resume
+    if resume.from_huggingface:
         from library.training.extras.hub_upload import download_state
 
-        location = args.resume
-        args.resume = download_state(args)
-        logger.info("resuming from hub state %s (downloaded to %s)", location, args.resume)
-    return load_state(accelerator, args.resume, inexact=bool(getattr(args, "resume_inexact", False)))
+        folder = download_state(resume.resume, hub.token)
+        logger.info("resuming from hub state %s (downloaded to %s)", resume.resume, folder)
+    return load_state(accelerator, folder, inexact=resume.inexact), folder
 
 
 def _remove(path: str) -> None:
@@ -135,12 +135,14 @@ class Checkpointer:
     It remembers what it saved: a failed save names the last good checkpoint, an interrupt the last saved file.
     """
 
-    def __init__(self, args: argparse.Namespace, accelerator, save_model: Callable[[str, str, int, int], None],
-                 ext: str, num_epochs: int):
-        self.args, self.acc, self.save_model, self.ext, self.num_epochs = args, accelerator, save_model, ext, num_epochs
-        self.out = args.output_dir or "."
-        self.every_epochs = names.save_every_n_epochs_from_ratio(num_epochs, getattr(args, "save_n_epoch_ratio", None),
-                                                                 args.save_every_n_epochs)
+    def __init__(self, saving: SaveSettings, accelerator, save_model: Callable[[str, str, int, int], None],
+                 ext: str, num_epochs: int, total_steps: Optional[int] = None, hub: Optional[HubSettings] = None):
+        self.cfg, self.acc, self.save_model, self.ext = saving, accelerator, save_model, ext
+        self.num_epochs = num_epochs
+        self.total_steps = total_steps  # shown when interrupted
+        self.out = saving.output_dir
+        self.every_epochs = names.save_every_n_epochs_from_ratio(num_epochs, saving.save_n_epoch_ratio,
+                                                                 saving.save_every_n_epochs)
         self.companions: list[Companion] = []  # written beside every model, pruned with it
         self.state_extras: list[StateExtra] = []  # written into every state folder
         self.hub = None  # --huggingface_repo_id: uploads of saved models (and states), main process only
@@ -148,10 +150,10 @@ class Checkpointer:
         self.last_state: Optional[str] = None  # the newest state folder this run saved
         self.last_saved: Optional[str] = None  # the newer of the two
         self._state_step: Optional[int] = None  # the step of last_state
-        if accelerator.is_main_process and getattr(args, "huggingface_repo_id", None):  # no hub import otherwise
+        if accelerator.is_main_process and hub is not None and hub.repo_id:  # no hub import otherwise
             from library.training.extras.hub_upload import HubUploader
 
-            self.hub = HubUploader.from_args(args)
+            self.hub = HubUploader.from_settings(hub)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -187,7 +189,7 @@ class Checkpointer:
         save_state(self.acc, self._path(folder), state, self.state_extras)
         self.last_state = self.last_saved = self._path(folder)
         self._state_step = state.global_step
-        if self.hub is not None and getattr(self.args, "save_state_to_huggingface", False):
+        if self.hub is not None and self.cfg.save_state_to_huggingface:
             self.hub.upload(self._path(folder))
 
     def _wait_upload(self, path: str) -> None:
@@ -201,7 +203,7 @@ class Checkpointer:
             self.hub.close()
 
     def after_step(self, state: TrainState) -> None:
-        a, step = self.args, state.global_step
+        a, step = self.cfg, state.global_step
         if not names.should_save_step(step, a.save_every_n_steps):
             return
         self._save_and_prune(
@@ -213,7 +215,7 @@ class Checkpointer:
 
     def after_epoch(self, epoch_done: int, state: TrainState) -> None:
         """``epoch_done`` = number of completed epochs (1-based)."""
-        a = self.args
+        a = self.cfg
         if not names.should_save_epoch(epoch_done, self.every_epochs, self.num_epochs):
             return
         self._save_and_prune(
@@ -230,7 +232,7 @@ class Checkpointer:
         self.acc.wait_for_everyone()
         with self.naming_last_good():
             self._model(model_name(key), event, loop_epoch, state.global_step)
-            if self.args.save_state:
+            if self.cfg.save_state:
                 self._save_state(state_name(key), state)
         if self.acc.is_main_process:
             if old_model is not None:
@@ -240,13 +242,13 @@ class Checkpointer:
                 _remove(self._path(state_name(old_state)))
 
     def at_end(self, state: TrainState) -> Optional[str]:
-        a = self.args
+        a = self.cfg
         self.acc.wait_for_everyone()
         path = self._path(names.last_name(a.output_name) + self.ext)
         try:
             with self.naming_last_good():
                 self._model(names.last_name(a.output_name), "final", self.num_epochs, state.global_step)
-                if a.save_state or getattr(a, "save_state_on_train_end", False):
+                if a.save_state or a.save_state_on_train_end:
                     self._save_state(names.last_state_name(a.output_name), state)
         except Interrupted as e:
             raise self.interrupted(e, state) from None
@@ -258,12 +260,12 @@ class Checkpointer:
         if self._state_step == state.global_step:
             return
         with self.naming_last_good():
-            self._save_state(names.step_state_name(self.args.output_name, state.global_step), state)
+            self._save_state(names.step_state_name(self.cfg.output_name, state.global_step), state)
 
     def interrupted(self, e: Interrupted, state: TrainState) -> Interrupted:
         """``e`` with the line the user sees: the step reached and the last file saved."""
         saved = f"last saved: {self.last_saved}" if self.last_saved else "nothing saved yet"
-        total = getattr(self.args, "max_train_steps", None) or "?"
+        total = self.total_steps or "?"
         return e.with_message(f"interrupted at step {state.global_step}/{total}; {saved}")
 
     @contextlib.contextmanager
@@ -275,7 +277,7 @@ class Checkpointer:
             raise e.with_note(self.last_good()) from None
 
     def last_good(self) -> str:
-        model = self.last_model or _newest_saved(self.out, self.args.output_name, self.ext)
+        model = self.last_model or _newest_saved(self.out, self.cfg.output_name, self.ext)
         text = f"last good checkpoint: {model}" if model else "no checkpoint saved yet"
         return text + (f" (resumable state: {self.last_state})" if self.last_state else "")
 

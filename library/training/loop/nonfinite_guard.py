@@ -24,28 +24,26 @@ SITES = ("VAE latents", "text-encoder output", "U-Net output", "loss")
 _BF16_NOT_FP16 = "use --mixed_precision bf16 instead of fp16"
 
 
-def remedies_for(args=None) -> dict[str, str]:
+def remedies_for(precision: Optional[str] = None, *, full_fp16: bool = False, full_bf16: bool = False,
+                 max_grad_norm: Optional[float] = 1.0, no_half_vae: bool = False) -> dict[str, str]:
     """The likely remedy per site, fitted to the precision in use: bf16 is suggested only to an fp16 run,
     ``--no_half_vae`` only when the VAE runs in half precision, clipping as ``--max_grad_norm`` stands.
-    ``args`` None: nothing known, every hint applies. Key ``"gradient"``: for a parameter group ``{group}``."""
-    def opt(name, default=None):
-        return getattr(args, name, default) if args is not None else default
-
-    precision = opt("mixed_precision", "fp16" if args is None else "no") or "no"
-    fp16 = precision == "fp16" or bool(opt("full_fp16", False))
-    half = fp16 or precision == "bf16" or bool(opt("full_bf16", False))
-    clip = opt("max_grad_norm", 1.0)
+    ``precision`` None: nothing known, every hint applies. Key ``"gradient"``: for a parameter group ``{group}``."""
+    precision = "fp16" if precision is None else precision
+    fp16 = precision == "fp16" or full_fp16
+    half = fp16 or precision == "bf16" or full_bf16
+    clip = max_grad_norm
     lower = [f"lower --learning_rate or --max_grad_norm (now {clip:g})"] if clip else \
         ["lower --learning_rate", "clip gradients (--max_grad_norm 1.0)"]
     clipping = f"lower --max_grad_norm (now {clip:g})" if clip else "clip gradients (--max_grad_norm 1.0)"
     cache = "; with a latent cache, delete it and cache again"
-    if half and not opt("no_half_vae", False):
+    if half and not no_half_vae:
         fixed = " (or a VAE fixed for fp16)" if fp16 else ""
         vae = f"the VAE fails in {'fp16' if fp16 else 'bf16'}: use --no_half_vae{fixed}{cache}"
     else:
         vae = f"the VAE gives NaN/Inf even in full precision: check the VAE (--vae) and the training images{cache}"
     full = [f"drop --{name} (weights kept in half precision lose small updates)"
-            for name in ("full_fp16", "full_bf16") if opt(name, False)]
+            for name, on in (("full_fp16", full_fp16), ("full_bf16", full_bf16)) if on]
     diverged = "the weights diverged or fp16 overflowed" if fp16 else "the weights diverged"
     bf16 = [_BF16_NOT_FP16] if fp16 else []
     return {

@@ -55,13 +55,13 @@ class Parking:
             free_cached_memory(self.device)
 
 
-def park_unused_models(args, models, acc, sample: Optional[Callable], text_encoders_cached: bool = False
-                       ) -> Optional[Callable]:
+def park_unused_models(models, acc, sample: Optional[Callable], latents_cached: bool = False,
+                       text_encoders_cached: bool = False) -> Optional[Callable]:
     """After all caching (training and validation images): park the VAE when latents are cached and the text
     encoders when their outputs are; returns the sample hook wrapped so sampling finds them on the device."""
     parking = Parking(acc.device)
     names = []
-    if getattr(args, "cache_latents", False):
+    if latents_cached:
         parking.park(models.vae)
         names.append("VAE")
     if text_encoders_cached:

@@ -6,7 +6,6 @@ dropping ``--v_pred_like_loss`` as train_db does (spec losses §8, cli-options p
 """
 from __future__ import annotations
 
-import argparse
 from typing import Optional
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from library.models.bundle import SDModels
 from library.training.methods.full_model import FullModelMethod
 from library.training.objective.diffusion_step import DiffusionObjective
+from library.training.settings import TrainSettings
 
 
 def text_encoder_schedule(stop_text_encoder_training: Optional[int]) -> tuple[bool, Optional[int]]:
@@ -32,9 +32,10 @@ class DreamBoothMethod(FullModelMethod):
     """The train_db.py method: U-Net + text encoder until ``--stop_text_encoder_training``."""
 
     @classmethod
-    def from_args(cls, models: SDModels, args: argparse.Namespace, accelerator,
-                  weight_dtype: torch.dtype) -> "DreamBoothMethod":
-        objective = DiffusionObjective.from_args(args, "D", models.vae.config.scaling_factor)
-        train_te, stop = text_encoder_schedule(args.stop_text_encoder_training)
-        return cls(models, objective, args, accelerator, weight_dtype, train_te, stop,
-                   pad_per_batch=bool(args.no_token_padding))
+    def from_settings(cls, models: SDModels, settings: TrainSettings, accelerator,
+                      weight_dtype: torch.dtype) -> "DreamBoothMethod":
+        objective = DiffusionObjective.from_settings(settings.objective, models.vae.config.scaling_factor)
+        m = settings.method
+        train_te, stop = text_encoder_schedule(m.stop_text_encoder_training)
+        return cls(models, objective, settings.text, accelerator, weight_dtype, train_te, stop,
+                   pad_per_batch=m.no_token_padding, gradient_checkpointing=m.gradient_checkpointing)

@@ -7,7 +7,6 @@ are the ones accelerate prepared, called through their wrappers, so DDP syncs th
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Iterable, Optional
 
@@ -19,6 +18,7 @@ from library.training.objective.conditioning import (TextConditioning, encode_sd
                                                      weighted_captions_tokenizer)
 from library.training.objective.diffusion_step import (DiffusionObjective, StepRandom, batch_latents, call_unet,
                                                        diffusion_loss)
+from library.training.settings import TextSettings
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +30,17 @@ class FullModelMethod:
 
     loss_log_keys = ("loss", None)  # D/F log only `loss` per step (spec cli-options §13)
 
-    def __init__(self, models: SDModels, objective: DiffusionObjective, args: argparse.Namespace, accelerator,
+    def __init__(self, models: SDModels, objective: DiffusionObjective, text: TextSettings, accelerator,
                  weight_dtype: torch.dtype, train_text_encoder: bool, te_stop_step: Optional[int] = None,
-                 pad_per_batch: bool = False):
-        self.models, self.obj, self.args, self.acc = models, objective, args, accelerator
+                 pad_per_batch: bool = False, gradient_checkpointing: bool = False):
+        self.models, self.obj, self.text, self.acc = models, objective, text, accelerator
+        self.gradient_checkpointing = gradient_checkpointing
         self.weight_dtype = weight_dtype
         self.te_training = train_text_encoder
         self.te_stop_step = te_stop_step
         self.pad_per_batch = pad_per_batch  # train_db --no_token_padding
-        self.weighted_tokenizer = weighted_captions_tokenizer(models, args)  # --weighted_captions (SD1/SD2)
+        # --weighted_captions (SD1/SD2)
+        self.weighted_tokenizer = weighted_captions_tokenizer(models, text.weighted_captions)
         self.unet: torch.nn.Module = models.unet
         self.text_encoder: torch.nn.Module = models.text_encoders[0]
         self.module: torch.nn.Module = self.unet
@@ -61,13 +63,13 @@ class FullModelMethod:
             return diffusion_loss(lambda x, t, c: call_unet(self.unet, x, t, c), latents, cond, batch, self.obj, rand)
 
     def _conditioning(self, batch: dict) -> TextConditioning:
-        a = self.args
+        t = self.text
         weighted = self.weighted_tokenizer
         if self.pad_per_batch and weighted is None:
             return TextConditioning(encode_sd(self.text_encoder, self._ids_padded_to_longest(batch["captions"]),
-                                              a.clip_skip, None).to(self.weight_dtype))
-        return text_conditioning(self.models.family, [self.text_encoder], batch, clip_skip=a.clip_skip,
-                                 max_token_length=a.max_token_length, device=self.acc.device, dtype=self.weight_dtype,
+                                              t.clip_skip, None).to(self.weight_dtype))
+        return text_conditioning(self.models.family, [self.text_encoder], batch, clip_skip=t.clip_skip,
+                                 max_token_length=t.max_token_length, device=self.acc.device, dtype=self.weight_dtype,
                                  weighted_tokenizer=weighted)
 
     def _ids_padded_to_longest(self, captions: list[str]) -> torch.Tensor:
@@ -93,7 +95,7 @@ class FullModelMethod:
     def on_epoch_start(self, epoch: int) -> None:
         self.models.unet.train()
         # diffusers / transformers checkpoint only in training mode, so a frozen TE trains too then (sd-scripts)
-        if self.te_training or self.args.gradient_checkpointing:
+        if self.te_training or self.gradient_checkpointing:
             self.models.text_encoders[0].train()
 
     def after_optimizer_step(self, state: TrainState) -> dict:
@@ -109,7 +111,7 @@ class FullModelMethod:
         logger.info("stop text encoder training at step %d", global_step)
         te = self.models.text_encoders[0]
         te.requires_grad_(False)
-        if not self.args.gradient_checkpointing:
+        if not self.gradient_checkpointing:
             te.eval()
         self.te_training = False
         self.modules = (self.unet,)

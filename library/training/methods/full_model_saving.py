@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass
@@ -109,10 +108,10 @@ class SourceCheckpoint:
 class FullModelSaver:
     """``save_model(path, event, epoch, global_step)`` for :class:`Checkpointer`: the whole model set."""
 
-    def __init__(self, models: SDModels, args: argparse.Namespace, fmt: SaveFormat, save_dtype: Optional[torch.dtype],
+    def __init__(self, models: SDModels, source: str, fmt: SaveFormat, save_dtype: Optional[torch.dtype],
                  modelspec: Callable[[], dict[str, str]]):
+        """``source``: the base model (``--pretrained_model_name_or_path``): its extra keys, epoch and step."""
         self.models, self.fmt, self.save_dtype, self.modelspec = models, fmt, save_dtype, modelspec
-        source = args.pretrained_model_name_or_path
         self.reference = source if os.path.isdir(source) else None
         self.source = SourceCheckpoint(source, models.family)
 

@@ -5,7 +5,6 @@ a loss (shared diffusion objective), and what is saved (the network file with ss
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Callable, Iterable, Optional
 
@@ -16,6 +15,7 @@ from library.training.loop.checkpointing import TrainState
 from library.training.objective.conditioning import text_conditioning, weighted_captions_tokenizer
 from library.training.objective.diffusion_step import (DiffusionObjective, StepRandom, batch_latents, call_unet,
                                                        diffusion_loss)
+from library.training.settings import TextSettings
 from networks.network_host import NetworkHost
 
 logger = logging.getLogger(__name__)
@@ -26,25 +26,28 @@ class NetworkMethod:
 
     manual_grad_sync = True  # the network is never called through its DDP wrapper
 
-    def __init__(self, host: NetworkHost, models: SDModels, objective: DiffusionObjective, args: argparse.Namespace,
-                 accelerator, weight_dtype: torch.dtype, train_unet: bool, train_text_encoder: bool):
-        self.host, self.models, self.obj, self.args = host, models, objective, args
+    def __init__(self, host: NetworkHost, models: SDModels, objective: DiffusionObjective, text: TextSettings,
+                 accelerator, weight_dtype: torch.dtype, train_unet: bool, train_text_encoder: bool,
+                 scale_weight_norms: Optional[float] = None):
+        self.host, self.models, self.obj, self.text = host, models, objective, text
+        self.scale_weight_norms = scale_weight_norms
         self.acc, self.weight_dtype = accelerator, weight_dtype
         self.train_unet, self.train_text_encoder = train_unet, train_text_encoder
-        self.weighted_tokenizer = weighted_captions_tokenizer(models, args)  # --weighted_captions (SD1/SD2)
+        # --weighted_captions (SD1/SD2)
+        self.weighted_tokenizer = weighted_captions_tokenizer(models, text.weighted_captions)
         self.module: torch.nn.Module = host.network
         self.save_metadata: Optional[Callable[[str, int], dict]] = None  # set by the runner
         self.save_dtype: Optional[torch.dtype] = None
 
     # --- loss ---------------------------------------------------------------------------------
     def loss(self, batch: dict, rand: StepRandom) -> torch.Tensor:
-        m, a, dev = self.models, self.args, self.acc.device
+        m, t, dev = self.models, self.text, self.acc.device
         self._set_batch_multiplier(batch)
         self.host.on_step_start(m.text_encoders if m.is_sdxl else m.text_encoders[0], m.unet)
         grad_te = self.train_text_encoder and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad_te), self.acc.autocast():
-            cond = text_conditioning(m.family, m.text_encoders, batch, clip_skip=a.clip_skip,
-                                     max_token_length=a.max_token_length, device=dev, dtype=self.weight_dtype,
+            cond = text_conditioning(m.family, m.text_encoders, batch, clip_skip=t.clip_skip,
+                                     max_token_length=t.max_token_length, device=dev, dtype=self.weight_dtype,
                                      weighted_tokenizer=self.weighted_tokenizer)
         latents = batch_latents(batch, m.vae, self.obj.latent_scale, dev, self.weight_dtype, rand.generator)
         with self.acc.autocast():
@@ -77,7 +80,7 @@ class NetworkMethod:
         self.host.on_epoch_start(m.text_encoders if m.is_sdxl else m.text_encoders[0], m.unet)
 
     def after_optimizer_step(self, state: TrainState) -> dict:
-        max_norm = getattr(self.args, "scale_weight_norms", None)
+        max_norm = self.scale_weight_norms
         if not max_norm:
             return {}
         result = self.host.apply_max_norm_regularization(max_norm, self.acc.device)

@@ -8,7 +8,6 @@ Saved: the new rows as ``{"emb_params": T[n, d]}`` (spec file-formats §c).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Callable, Iterable, Optional
 
@@ -20,6 +19,7 @@ from library.training.loop.checkpointing import TrainState
 from library.training.objective.conditioning import text_conditioning
 from library.training.objective.diffusion_step import (DiffusionObjective, StepRandom, batch_latents, call_unet,
                                                        diffusion_loss)
+from library.training.settings import TextSettings, TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +29,9 @@ class TextualInversionMethod:
 
     loss_log_keys = ("loss", None)  # T logs `loss`, `lr`, `lr/d*lr` (spec cli-options §13)
 
-    def __init__(self, models: SDModels, objective: DiffusionObjective, args: argparse.Namespace, accelerator,
+    def __init__(self, models: SDModels, objective: DiffusionObjective, text: TextSettings, accelerator,
                  weight_dtype: torch.dtype, token_ids: list[int]):
-        self.models, self.obj, self.args, self.acc = models, objective, args, accelerator
+        self.models, self.obj, self.text, self.acc = models, objective, text, accelerator
         self.weight_dtype = weight_dtype
         self.token_ids = token_ids
         self.module: torch.nn.Module = models.text_encoders[0]
@@ -41,10 +41,10 @@ class TextualInversionMethod:
         self.save_dtype: Optional[torch.dtype] = None
 
     @classmethod
-    def from_args(cls, models: SDModels, args: argparse.Namespace, accelerator, weight_dtype: torch.dtype,
-                  token_ids: list[int]) -> "TextualInversionMethod":
-        objective = DiffusionObjective.from_args(args, "T", models.vae.config.scaling_factor)
-        return cls(models, objective, args, accelerator, weight_dtype, token_ids)
+    def from_settings(cls, models: SDModels, settings: TrainSettings, accelerator, weight_dtype: torch.dtype,
+                      token_ids: list[int]) -> "TextualInversionMethod":
+        objective = DiffusionObjective.from_settings(settings.objective, models.vae.config.scaling_factor)
+        return cls(models, objective, settings.text, accelerator, weight_dtype, token_ids)
 
     def attach(self, text_encoder: torch.nn.Module) -> None:
         """Use the prepared text encoder; remember the old rows to restore them after each step."""
@@ -58,10 +58,10 @@ class TextualInversionMethod:
 
     # --- loss ---------------------------------------------------------------------------------
     def loss(self, batch: dict, rand: StepRandom) -> torch.Tensor:
-        a, m = self.args, self.models
+        t, m = self.text, self.models
         with self.acc.autocast():
-            cond = text_conditioning(m.family, [self.module], batch, clip_skip=a.clip_skip,
-                                     max_token_length=a.max_token_length, device=self.acc.device,
+            cond = text_conditioning(m.family, [self.module], batch, clip_skip=t.clip_skip,
+                                     max_token_length=t.max_token_length, device=self.acc.device,
                                      dtype=self.weight_dtype)
         latents = batch_latents(batch, m.vae, self.obj.latent_scale, self.acc.device, self.weight_dtype, rand.generator)
         with self.acc.autocast():

@@ -79,9 +79,9 @@ def sdxl_time_ids(batch: Mapping[str, Any], device, dtype) -> torch.Tensor:
     return torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1).to(device, dtype)
 
 
-def weighted_captions_tokenizer(models, args) -> Any:
+def weighted_captions_tokenizer(models, weighted_captions: bool) -> Any:
     """The tokenizer for ``encode_sd_weighted`` when ``--weighted_captions`` is on (SD1/SD2), else None."""
-    if not getattr(args, "weighted_captions", False):
+    if not weighted_captions:
         return None
     if models.family == "sdxl":  # the SDXL trainer refuses the option up front (spec cli-options §11)
         raise UserError("--weighted_captions is not supported for SDXL")

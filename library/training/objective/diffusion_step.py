@@ -17,7 +17,8 @@ from library.errors import UserError
 from library.training.loop import nonfinite_guard
 from library.training.objective.losses import LossConfig, conditional_loss, loss_mask_from_batch, reduce_and_weight
 from library.training.objective.noise import NoiseConfig, compute_target, make_noisy_latents
-from library.training.objective.noise_schedule import TrainingSchedule
+from library.training.objective.noise_schedule import TrainingSchedule, build_training_schedule
+from library.training.settings.sections import ObjectiveSettings
 
 
 def step_seed(seed: int, *parts: int) -> int:
@@ -56,12 +57,9 @@ class DiffusionObjective:
     latent_scale: float
 
     @classmethod
-    def from_args(cls, args: Any, method: str, latent_scale: float) -> "DiffusionObjective":
-        from library.training.objective.noise_schedule import build_training_schedule
-
-        sched = build_training_schedule(bool(getattr(args, "zero_terminal_snr", False)),
-                                        bool(getattr(args, "v_parameterization", False)))
-        return cls(sched, NoiseConfig.from_args(args), LossConfig.from_args(args, method), latent_scale)
+    def from_settings(cls, objective: ObjectiveSettings, latent_scale: float) -> "DiffusionObjective":
+        sched = build_training_schedule(objective.zero_terminal_snr, objective.v_parameterization)
+        return cls(sched, objective.noise, objective.loss, latent_scale)
 
 
 def batch_latents(batch: Mapping[str, Any], vae, scale: float, device, dtype, generator: torch.Generator) -> torch.Tensor:

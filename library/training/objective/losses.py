@@ -43,21 +43,6 @@ class LossConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown training method letter {self.method!r}; expected one of {METHODS}")
 
-    @classmethod
-    def from_args(cls, args: Any, method: str = "N") -> "LossConfig":
-        """Read from an args namespace; drop what the method ignores (spec losses §8, pitfall 7)."""
-        defaults = cls()
-        names = [n for n in cls.__dataclass_fields__ if n != "method"]
-        values = {n: getattr(args, n, getattr(defaults, n)) for n in names}
-        for flag in ("scale_v_pred_loss_like_noise_pred", "debiased_estimation_loss", "v_parameterization",
-                     "masked_loss"):
-            values[flag] = bool(values[flag])
-        if method in ("D", "F"):
-            values["v_pred_like_loss"] = None  # accepted by the parser of train_db/fine_tune but unused upstream
-        if method == "F":
-            values["masked_loss"] = False  # fine_tune has no masked-loss option group
-        return cls(method=method, **values)
-
     @property
     def uses_snr(self) -> bool:
         """Whether any SNR-based weighting term is on."""

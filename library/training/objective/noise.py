@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ def check_loss_choices(loss_type: str, huber_schedule: str) -> None:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    """The options that shape noise and timesteps (spec cli-options §4.4), read once from args."""
+    """The options that shape noise and timesteps (spec cli-options §4.4), read once from the options."""
 
     noise_offset: Optional[float] = None
     noise_offset_random_strength: bool = False
@@ -52,15 +52,6 @@ class NoiseConfig:
 
     def __post_init__(self) -> None:
         check_loss_choices(self.loss_type, self.huber_schedule)
-
-    @classmethod
-    def from_args(cls, args: Any) -> "NoiseConfig":
-        """Build from an argparse namespace; missing attributes take the parser defaults."""
-        defaults = cls()
-        values = {name: getattr(args, name, getattr(defaults, name)) for name in cls.__dataclass_fields__}
-        for flag in ("noise_offset_random_strength", "ip_noise_gamma_random_strength", "v_parameterization"):
-            values[flag] = bool(values[flag])
-        return cls(**values)
 
 
 class NoisyLatents(NamedTuple):
@@ -187,14 +178,12 @@ def sample_timesteps(
 
 def make_noisy_latents(
     latents: torch.Tensor,
-    cfg: Union[NoiseConfig, Any],
+    cfg: NoiseConfig,
     sched: TrainingSchedule,
     generator: Optional[torch.Generator] = None,
     rng: Optional[random.Random] = None,
 ) -> NoisyLatents:
-    """ε, x_t, t and huber_c in upstream's fixed order, spec losses §3 (``cfg`` may be an args namespace)."""
-    if not isinstance(cfg, NoiseConfig):
-        cfg = NoiseConfig.from_args(cfg)
+    """ε, x_t, t and huber_c in upstream's fixed order, spec losses §3."""
     # 1. base noise
     noise = _randn(tuple(latents.shape), latents.device, latents.dtype, generator)
     # 2. offset noise (upstream tests truthiness here: 0.0 disables it)

@@ -116,7 +116,6 @@ def _deepspeed_plugin(args: argparse.Namespace):
         plugin.deepspeed_config.setdefault("fp16", {})["initial_scale_power"] = 0
     if args.fp16_master_weights_and_gradients:
         plugin.deepspeed_config["fp16_master_weights_and_gradients"] = True
-    args.max_data_loader_n_workers = 1  # sd-scripts forces one worker with DeepSpeed
     return plugin
 
 

@@ -56,9 +56,6 @@ def verify_training_args(args: argparse.Namespace, script: str) -> None:
         logger.warning("--clip_skip with --v2: SD2's text encoder is loaded without its last layer already")
     if getattr(args, "zero_terminal_snr", False) and not getattr(args, "v_parameterization", False):
         logger.warning("--zero_terminal_snr without --v_parameterization gives a model that cannot denoise pure noise well")
-    if getattr(args, "cache_latents_to_disk", False) and not getattr(args, "cache_latents", False):
-        logger.info("--cache_latents_to_disk implies --cache_latents")
-        args.cache_latents = True
     if getattr(args, "adaptive_noise_scale", None) is not None and getattr(args, "noise_offset", None) is None:
         raise UserError("--adaptive_noise_scale needs --noise_offset")
     if getattr(args, "scale_v_pred_loss_like_noise_pred", False) and not getattr(args, "v_parameterization", False):
@@ -72,11 +69,6 @@ def verify_training_args(args: argparse.Namespace, script: str) -> None:
         raise UserError("--full_bf16 needs --mixed_precision bf16")
     if getattr(args, "fp8_base", False) and mp == "no":
         raise UserError("--fp8_base needs --mixed_precision fp16 or bf16")
-    for name in ("sample_every_n_steps", "sample_every_n_epochs"):
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            logger.warning("--%s %s <= 0: sampling by this schedule is disabled", name, value)
-            setattr(args, name, None)
     if getattr(args, "lr_scheduler", "constant") == "constant" and getattr(args, "lr_warmup_steps", 0):
         raise UserError("--lr_scheduler constant cannot warm up; use --lr_scheduler constant_with_warmup")
     if getattr(args, "max_token_length", None) not in (None, 150, 225):

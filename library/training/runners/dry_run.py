@@ -14,7 +14,7 @@ import os
 
 from library.training.loop import output_names as names
 from library.training.runners.memory_estimate import GIB, estimate
-from library.training.settings import LoopPlan, loop_plan
+from library.training.settings import LoopPlan, LoopSettings, loop_plan
 
 logger = logging.getLogger(__name__)
 
@@ -22,16 +22,17 @@ TRAINER_KIND = {"train_network": "network", "sdxl_train_network": "network", "tr
                 "fine_tune": "full", "train_textual_inversion": "ti"}
 
 
-def report(args: argparse.Namespace, script: str, sdxl: bool = False) -> None:
+def report(args: argparse.Namespace, loop: LoopSettings, script: str, sdxl: bool = False) -> None:
     """Build datasets and plan, print the report (main process only); returns None, loads no model."""
     from library.data.dataset import build_dataset_group, scan_mode
     from library.training.runners.run_common import build_data
 
     group, params = build_data(args, script, sdxl)  # the real run's own step: the same checks, the same answer
     vgroup = build_dataset_group(params, [], part="validation", seed=args.seed, max_train_steps=args.max_train_steps,
-                                 max_token_length=args.max_token_length, scan=scan_mode(args))
+                                 max_token_length=args.max_token_length,
+                                 scan=scan_mode(bool(getattr(args, "verify_images", False))))
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = loop_plan(args, -(-len(group) // processes))
+    plan = loop_plan(loop, -(-len(group) // processes))
     if os.environ.get("RANK", "0") != "0":
         return None
     lines = [f"dry run of {script}.py: nothing was loaded onto a device", ""]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -28,16 +27,19 @@ from library.training.runners.run_common import (attach_tokenizers, build_data, 
                                                  encode_latents_fn, load_base_models, make_sample_hook, tracker_init,
                                                  train_and_save)
 from library.training.runners.run_extras import attach_extras
-from library.training.settings import LoopPlan
+from library.training.settings import LoopPlan, TrainSettings
+from library.training.settings.from_options import build_settings, resolve_options
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RecipeRun:
-    """What the shared steps have built so far, handed to the recipe's hooks."""
+    """What the shared steps have built so far, handed to the recipe's hooks. ``args`` are the resolved options
+    (runner code reads them for loading and data); ``settings`` is what the method objects receive."""
 
     args: argparse.Namespace
+    settings: TrainSettings
     acc: Any  # accelerate.Accelerator
     wdtype: torch.dtype
     models: SDModels
@@ -93,46 +95,46 @@ class Recipe:
         return ""
 
 
-def run_recipe(args: argparse.Namespace, recipe: Recipe) -> Optional[str]:
-    """Train with ``recipe``; returns the final file's path (None after ``--dry_run``)."""
+def run_recipe(parsed: argparse.Namespace, recipe: Recipe) -> Optional[str]:
+    """Train with ``recipe``; returns the final file's path (None after ``--dry_run``).
+
+    The parsed options are resolved once (derived values filled in, the parsed object left unchanged) and
+    turned into the frozen settings before anything else, in the real run and in ``--dry_run`` alike."""
+    args = resolve_options(parsed, recipe.script, recipe.announce_drawn_seed)
     _options(args, recipe)
+    settings = build_settings(args, recipe.script)
     if getattr(args, "dry_run", False):
         from library.training.runners.dry_run import report
 
-        return report(args, recipe.script, sdxl=recipe.sdxl)
+        return report(args, settings.loop, recipe.script, sdxl=recipe.sdxl)
     from accelerate.utils import set_seed
 
-    set_seed(args.seed)
-    run = _load(args, recipe)
+    set_seed(settings.loop.seed)
+    run = _load(args, settings, recipe)
     encode_text = recipe.text_encoder_cache(run)
     training = recipe.prepare(run)
     acc, models, group = run.acc, run.models, run.group
-    state = resume_state(acc, args)
+    state, resumed_from = resume_state(acc, settings.resume, settings.hub)
     recipe.after_resume(training, state.global_step)
-    tracker_init(acc, args, recipe.tracker)
+    tracker_init(acc, settings.options, recipe.tracker)
     hooks = LoopHooks(sample=make_sample_hook(args, models, acc, run.wdtype, prompt_replacer=recipe.prompt_replacer()))
-    hooks = attach_extras(args, acc, recipe.script, models, group, training.method, training.checkpointer, hooks,
-                          encode_latents_fn(models, acc, args), encode_text)  # validation, EMA, receipts
+    hooks = attach_extras(args, settings, acc, models, group, training, hooks, encode_latents_fn(models, acc, args),
+                          encode_text, resumed_from)  # validation, EMA, receipts
     # after all caching (training and validation): the VAE / text encoders leave the device
-    hooks.sample = park_unused_models(args, models, acc, hooks.sample, text_encoders_cached=encode_text is not None)
-    return train_and_save(acc, training.method, group, args, training.optimizer, training.lr_scheduler,
-                          training.plan, training.checkpointer, state, hooks, note=recipe.note())
+    hooks.sample = park_unused_models(models, acc, hooks.sample, latents_cached=bool(args.cache_latents),
+                                      text_encoders_cached=encode_text is not None)
+    return train_and_save(acc, training, group, args, settings.loop, state, hooks, note=recipe.note())
 
 
 def _options(args: argparse.Namespace, recipe: Recipe) -> None:
-    """Every check that needs no model, then the output-name lock and the seed."""
+    """Every check that needs no model, then the output-name lock."""
     verify_training_args(args, recipe.script)
     recipe.check_options(args)
     preflight(args, recipe.script)
     run_lock.hold(args)  # one run per output name; --dry_run only checks
-    if args.seed is None:
-        # sd-scripts leaves D/F/T unseeded; a drawn seed keeps that randomness and makes the run repeatable
-        args.seed = random.randint(0, 2**32 - 1)
-        if recipe.announce_drawn_seed:
-            logger.info("no --seed given: using %d", args.seed)
 
 
-def _load(args: argparse.Namespace, recipe: Recipe) -> RecipeRun:
+def _load(args: argparse.Namespace, settings: TrainSettings, recipe: Recipe) -> RecipeRun:
     """Data (scanned before any model loads), accelerator, models, the recipe's additions, latent cache."""
     group, _ = build_data(args, recipe.script, recipe.sdxl)
     acc = setup.make_accelerator(args)
@@ -140,7 +142,7 @@ def _load(args: argparse.Namespace, recipe: Recipe) -> RecipeRun:
     train_unet, train_te = recipe.trains(args)
     models = load_base_models(args, acc, wdtype, sdxl=recipe.sdxl, train_unet=train_unet,
                               train_text_encoder=train_te)
-    run = RecipeRun(args, acc, wdtype, models, group)
+    run = RecipeRun(args, settings, acc, wdtype, models, group)
     recipe.after_load(run)
     attach_tokenizers(args, group, models)
     cache_latents_if_asked(args, group, models, acc)

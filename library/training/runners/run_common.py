@@ -8,9 +8,11 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from library.config.option_record import OptionRecord
 from library.errors import UserError
 from library.models.bundle import SDModels
 from library.training.runners import accelerate_setup as setup
+from library.training.settings import LoopSettings, loop_plan
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def build_data(args: argparse.Namespace, script: str, sdxl: bool):
     params = dataset_params_from_args(args, script)
     group = build_dataset_group(params, [], seed=args.seed, max_train_steps=args.max_train_steps,
                                 max_token_length=args.max_token_length, debug_dataset=args.debug_dataset,
-                                scan=scan_mode(args),
+                                scan=scan_mode(bool(getattr(args, "verify_images", False))),
                                 te_cache_expected=bool(getattr(args, "cache_text_encoder_outputs", False)),
                                 latents_cache_expected=bool(args.cache_latents))
     if sdxl:
@@ -150,16 +152,16 @@ def cache_latents_if_asked(args: argparse.Namespace, group, models: SDModels, ac
     acc.wait_for_everyone()
 
 
-def optimizer_and_schedule(args: argparse.Namespace, params, group, acc):
-    """Optimizer, step plan and LR scheduler of a run (spec cli-options §4.2, §8): ``(opt, sched, plan, name)``."""
+def optimizer_and_schedule(args: argparse.Namespace, loop: LoopSettings, params, group, acc):
+    """Optimizer, step plan and LR scheduler of a run (spec cli-options §4.2, §8): ``(opt, sched, plan, name)``.
+
+    The plan resolves ``--max_train_epochs`` into steps; it is what everything after reads (never the options)."""
     from library.training.optim.lr_schedules import build_lr_scheduler
     from library.training.optim.optimizers import build_optimizer
-    from library.training.settings import loop_plan
 
     optimizer, opt_name, extra = build_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args,
                                                  args.use_8bit_adam, args.use_lion_optimizer)
-    plan = loop_plan(args, -(-len(group) // acc.num_processes))
-    args.max_train_steps = plan.max_train_steps
+    plan = loop_plan(loop, -(-len(group) // acc.num_processes))
     group.set_max_train_steps(plan.max_train_steps)
     lr_sched = build_lr_scheduler(optimizer, extra.get("lr_scheduler") or args.lr_scheduler, args.lr_warmup_steps,
                                   plan.max_train_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power,
@@ -205,19 +207,19 @@ def make_sample_hook(args: argparse.Namespace, models: SDModels, acc, wdtype: to
     return sample
 
 
-def tracker_init(acc, args: argparse.Namespace, default_name: str) -> None:
+def tracker_init(acc, options: OptionRecord, default_name: str) -> None:
     if not acc.is_main_process or not acc.log_with:
         return
     import toml
 
     init_kwargs = {}
-    if getattr(args, "wandb_run_name", None):
-        init_kwargs["wandb"] = {"name": args.wandb_run_name}
-    if getattr(args, "log_tracker_config", None):
-        init_kwargs = toml.load(args.log_tracker_config)
-    config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
+    if options.get("wandb_run_name"):
+        init_kwargs["wandb"] = {"name": options["wandb_run_name"]}
+    if options.get("log_tracker_config"):
+        init_kwargs = toml.load(options["log_tracker_config"])
+    config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in options.items()
               if k not in ("wandb_api_key", "huggingface_token")}
-    acc.init_trackers(args.log_tracker_name or default_name, config=config, init_kwargs=init_kwargs)
+    acc.init_trackers(options.get("log_tracker_name") or default_name, config=config, init_kwargs=init_kwargs)
 
 
 def training_facts(args, models: SDModels, group, plan, opt_name: str, acc):
@@ -226,7 +228,8 @@ def training_facts(args, models: SDModels, group, plan, opt_name: str, acc):
     return TrainingFacts(family=models.family, num_train_images=group.num_train_images,
                          num_reg_images=group.num_reg_images, num_batches_per_epoch=plan.batches_per_epoch,
                          num_epochs=plan.num_epochs, optimizer_name=opt_name, datasets=dataset_facts(group),
-                         v_parameterization=args.v_parameterization, num_processes=acc.num_processes)
+                         v_parameterization=args.v_parameterization, num_processes=acc.num_processes,
+                         max_train_steps=plan.max_train_steps)
 
 
 def dataset_facts(group) -> list:
@@ -254,17 +257,19 @@ def dataset_facts(group) -> list:
     return out
 
 
-def train_and_save(acc, method, group, args: argparse.Namespace, optimizer, lr_sched, plan, checkpointer, state,
-                   hooks, note: str = "") -> str:
-    """The last step of every runner: the shared loop, then the final save; returns the final file."""
+def train_and_save(acc, training, group, args: argparse.Namespace, loop: LoopSettings, state, hooks,
+                   note: str = "") -> str:
+    """The last step of every runner: the shared loop, then the final save; returns the final file.
+    ``training``: the recipe's ``Training`` (method, optimizer, schedule, plan, checkpointer)."""
     from library.training.loop.train_loop import train
-    from library.training.settings import LoopSettings
 
+    method, optimizer, lr_sched = training.method, training.optimizer, training.lr_scheduler
+    plan, checkpointer = training.plan, training.checkpointer
     logger.info("training: %d steps, %d epochs, %d batches per epoch%s", plan.max_train_steps, plan.num_epochs,
                 plan.batches_per_epoch, note)
     try:
         state = train(acc, method, make_loader_factory(group, args, acc), group.set_current_epoch, optimizer,
-                      lr_sched, plan, checkpointer, LoopSettings.from_args(args), state, hooks)
+                      lr_sched, plan, checkpointer, loop, state, hooks)
         path = checkpointer.at_end(state)
     finally:
         checkpointer.finish()  # pending hub uploads complete (or fail, logged) before the run returns

@@ -22,7 +22,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> str:
     """Train U-Net (+ text encoder) with DreamBooth folders and regularization images; returns the final path."""
-    recipe = FullModelRecipe("train_db", "dreambooth", DreamBoothMethod.from_args,
+    recipe = FullModelRecipe("train_db", "dreambooth", DreamBoothMethod.from_settings,
                              train_text_encoder=lambda a: text_encoder_schedule(a.stop_text_encoder_training)[0],
                              check=_check)
     return run_full_model(args, recipe)

@@ -11,11 +11,11 @@ import argparse
 import logging
 from typing import Callable, Optional
 
-from library.training.extras.ema import EMA, ema_from_args, ema_name
+from library.training.extras.ema import EMA, ema_from_settings, ema_name
 from library.training.extras.receipts import ReceiptWriter, build_receipt, dataset_fingerprint
 from library.training.extras.validation import Validator
-from library.training.loop.checkpointing import Checkpointer
 from library.training.loop.train_loop import LoopHooks
+from library.training.settings import TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +35,22 @@ class EmaSaver:
         return [ema_name(stem) + ext]
 
 
-def attach_extras(args: argparse.Namespace, acc, script: str, models, group, method, checkpointer: Checkpointer,
+def attach_extras(args: argparse.Namespace, settings: TrainSettings, acc, models, group, training,
                   hooks: Optional[LoopHooks] = None, encode_latents: Optional[Callable] = None,
-                  encode_text: Optional[Callable] = None) -> LoopHooks:
-    """Add validation, EMA and receipts to ``hooks`` (a new LoopHooks when None) and to ``checkpointer``.
+                  encode_text: Optional[Callable] = None, resumed_from: Optional[str] = None) -> LoopHooks:
+    """Add validation, EMA and receipts to ``hooks`` (a new LoopHooks when None) and to the checkpointer of
+    ``training`` (the recipe's ``Training``).
 
     ``encode_latents`` / ``encode_text``: the runner's encoders for the latent and (SDXL) text-encoder output
-    caches, so the validation images are cached the way the training images are."""
+    caches, so the validation images are cached the way the training images are. ``resumed_from``: the local
+    state folder of ``--resume`` (the EMA is restored from it)."""
     hooks = hooks if hooks is not None else LoopHooks()
+    method, checkpointer = training.method, training.checkpointer
     # 1. validation set and validator
-    vgroup = build_validation_group(args, script, models, group, acc, encode_latents, encode_text)
+    vgroup = build_validation_group(args, settings.script, models, group, acc, training.plan.max_train_steps,
+                                    encode_latents, encode_text)
     if vgroup is not None:
-        seed = args.validation_seed if getattr(args, "validation_seed", None) is not None else args.seed
-        hooks.validation = Validator(vgroup, acc, args, seed)
+        hooks.validation = Validator(vgroup, acc, settings.validation)
         logger.info("validation: %d images in %d batches", sum(len(d.images) for d in vgroup.datasets), len(vgroup))
     else:
         unused = [f"--{k}" for k in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
@@ -55,26 +58,27 @@ def attach_extras(args: argparse.Namespace, acc, script: str, models, group, met
         if unused:
             logger.warning("%s given but no validation images: set validation_split", ", ".join(unused))
     # 2. EMA: updated after each step, saved beside each model and into each state folder
-    ema = ema_from_args(args, list(method.trainable_parameters()), acc.device)
+    ema = ema_from_settings(settings.ema, list(method.trainable_parameters()), acc.device)
     if ema is not None:
-        if getattr(args, "resume", None):
-            ema.load_from_folder(args.resume)
+        if resumed_from:
+            ema.load_from_folder(resumed_from)
         hooks.after_step.append(ema.after_step)
         checkpointer.companions.append(EmaSaver(ema, checkpointer.save_model))
         checkpointer.state_extras.append(ema)
-        if args.sample_with_ema and hooks.sample is not None:
+        if settings.ema.sample_with_ema and hooks.sample is not None:
             hooks.sample = _with_ema(ema, hooks.sample)
     # 3. receipts beside every saved model
     counts = {"train_images": sum(len(d.images) for d in group.datasets),
               "validation_images": sum(len(d.images) for d in vgroup.datasets) if vgroup is not None else 0}
-    receipt = build_receipt(args, script, dataset_fingerprint([group, vgroup]), counts)
+    receipt = build_receipt(settings.options, settings.script, dataset_fingerprint([group, vgroup]), counts)
+    receipt["steps"] = {"max_train_steps": training.plan.max_train_steps, "epochs": training.plan.num_epochs}
     if ema is not None:
-        receipt["ema"] = {"suffix": "-ema", "decay": args.ema_decay, "power": args.ema_power}
+        receipt["ema"] = {"suffix": "-ema", "decay": settings.ema.decay, "power": settings.ema.power}
     checkpointer.companions.append(ReceiptWriter(receipt))
     return hooks
 
 
-def build_validation_group(args: argparse.Namespace, script: str, models, group, acc,
+def build_validation_group(args: argparse.Namespace, script: str, models, group, acc, max_train_steps: int,
                            encode_latents: Optional[Callable] = None, encode_text: Optional[Callable] = None):
     """The held-out images of ``validation_split`` as a dataset group, or None when nothing is held out.
 
@@ -85,9 +89,9 @@ def build_validation_group(args: argparse.Namespace, script: str, models, group,
 
     params = dataset_params_from_args(args, script)
     cache_te = bool(getattr(args, "cache_text_encoder_outputs", False)) and encode_text is not None
-    vgroup = build_dataset_group(params, models.tokenizers, seed=args.seed, max_train_steps=args.max_train_steps,
+    vgroup = build_dataset_group(params, models.tokenizers, seed=args.seed, max_train_steps=max_train_steps,
                                  max_token_length=args.max_token_length, part="validation", te_cache_expected=cache_te,
-                                 scan=scan_mode(args))
+                                 scan=scan_mode(bool(getattr(args, "verify_images", False))))
     if vgroup is None:
         return None
     vgroup.replacements = dict(group.replacements)  # Textual Inversion's caption replacement

@@ -33,7 +33,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> str:
     """Fine-tune U-Net (+ text encoder with --train_text_encoder) from metadata JSON; returns the final path."""
-    recipe = FullModelRecipe("fine_tune", "finetuning", FineTuneMethod.from_args,
+    recipe = FullModelRecipe("fine_tune", "finetuning", FineTuneMethod.from_settings,
                              train_text_encoder=lambda a: bool(a.train_text_encoder), check=_check,
                              after_load=_diffusers_xformers)
     return run_full_model(args, recipe)

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from library.formats.modelspec import modelspec_from_args, trained_resolution
+from library.formats.modelspec import modelspec_from_options, trained_resolution
 from library.models.bundle import SDModels
 from library.training.loop.checkpointing import Checkpointer
 from library.training.methods.full_model import FullModelMethod
@@ -21,7 +21,7 @@ from library.training.methods.full_model_saving import FullModelSaver, resolve_s
 from library.training.runners import accelerate_setup as setup
 from library.training.runners.recipe import Recipe, RecipeRun, Training, run_recipe
 from library.training.runners.run_common import optimizer_and_schedule
-from library.training.settings import LoopPlan
+from library.training.settings import LoopPlan, TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class FullModelRecipe(Recipe):
     announce_drawn_seed = True
 
     def __init__(self, script: str, tracker: str,
-                 make_method: Callable[[SDModels, argparse.Namespace, object, torch.dtype], FullModelMethod],
+                 make_method: Callable[[SDModels, TrainSettings, object, torch.dtype], FullModelMethod],
                  train_text_encoder: Callable[[argparse.Namespace], bool],
                  check: Optional[Callable[[argparse.Namespace], None]] = None,
                  after_load: Optional[Callable[[SDModels, argparse.Namespace], None]] = None):
@@ -65,14 +65,15 @@ class FullModelRecipe(Recipe):
             if train_te:
                 te.to(run.wdtype)
         groups = param_groups(models, train_te, args.learning_rate, args.learning_rate_te)
-        optimizer, lr_sched, plan, _ = optimizer_and_schedule(args, groups, run.group, acc)
+        optimizer, lr_sched, plan, _ = optimizer_and_schedule(args, run.settings.loop, groups, run.group, acc)
         if train_te:
             unet, te, optimizer, lr_sched = acc.prepare(unet, te, optimizer, lr_sched)
         else:
             unet, optimizer, lr_sched = acc.prepare(unet, optimizer, lr_sched)
-        method = self._make_method(models, args, acc, run.wdtype)
+        method = self._make_method(models, run.settings, acc, run.wdtype)
         method.attach(unet, te if train_te else None)
-        return Training(method, optimizer, lr_sched, plan, _checkpointer(args, acc, models, plan, run.group))
+        return Training(method, optimizer, lr_sched, plan, _checkpointer(args, run.settings, acc, models, plan,
+                                                                               run.group))
 
     def after_resume(self, training: Training, global_step: int) -> None:
         training.method.sync_step(global_step)  # --stop_text_encoder_training 0, or a resume past the stop step
@@ -98,12 +99,13 @@ def param_groups(models: SDModels, train_text_encoder: bool, learning_rate: floa
     return [{"params": unet_params, "lr": learning_rate}, {"params": te_params, "lr": learning_rate_te}]
 
 
-def _checkpointer(args: argparse.Namespace, acc, models: SDModels, plan: LoopPlan, group) -> Checkpointer:
+def _checkpointer(args: argparse.Namespace, settings: TrainSettings, acc, models: SDModels, plan: LoopPlan,
+                  group) -> Checkpointer:
     """Whole-model files in the format of spec cli-options §7, with modelspec for .safetensors (§b.3); the
     modelspec resolution is the one trained (a dataset config's own), as for LoRA files."""
     fmt = resolve_save_format(args.save_model_as, args.use_safetensors,
                               os.path.isfile(args.pretrained_model_name_or_path))
-    saver = FullModelSaver(models, args, fmt, setup.save_dtype(args),
-                           lambda: modelspec_from_args(args, models.family, "checkpoint",
-                                                       resolution=trained_resolution(group)))
-    return Checkpointer(args, acc, saver, fmt.ext, plan.num_epochs)
+    saver = FullModelSaver(models, args.pretrained_model_name_or_path, fmt, setup.save_dtype(args),
+                           lambda: modelspec_from_options(settings.options, models.family, "checkpoint",
+                                                          resolution=trained_resolution(group)))
+    return Checkpointer(settings.saving, acc, saver, fmt.ext, plan.num_epochs, plan.max_train_steps, settings.hub)

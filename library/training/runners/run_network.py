@@ -48,22 +48,24 @@ class NetworkRecipe(Recipe):
 
     def prepare(self, run: RecipeRun) -> Training:
         args, acc, models = run.args, run.acc, run.models
-        host, te_arg, train_unet, train_te = _apply_network(args, models)
+        host, te_arg, train_unet, train_te = _apply_network(args, run.settings.options, models)
         network = host.network
         if args.full_fp16 or args.full_bf16:
             network.to(run.wdtype)
         groups = host.param_groups(args.text_encoder_lr, args.unet_lr, args.learning_rate)
-        optimizer, lr_sched, plan, opt_name = optimizer_and_schedule(args, groups, run.group, acc)
+        optimizer, lr_sched, plan, opt_name = optimizer_and_schedule(args, run.settings.loop, groups, run.group, acc)
         network, optimizer, lr_sched = acc.prepare(network, optimizer, lr_sched)
         host.prepare_grad_etc(te_arg, models.unet)
-        objective = DiffusionObjective.from_args(args, "N", models.vae.config.scaling_factor)
-        method = NetworkMethod(host, models, objective, args, acc, run.wdtype, train_unet, train_te)
+        settings = run.settings
+        objective = DiffusionObjective.from_settings(settings.objective, models.vae.config.scaling_factor)
+        method = NetworkMethod(host, models, objective, settings.text, acc, run.wdtype, train_unet, train_te,
+                               scale_weight_norms=settings.method.scale_weight_norms)
         method.module = network
         method.save_dtype = setup.save_dtype(args)
-        method.save_metadata = _metadata_fn(args, models, run.group, plan, opt_name, acc)
+        method.save_metadata = _metadata_fn(args, settings, models, run.group, plan, opt_name, acc)
         ext = "." + (args.save_model_as or "safetensors")
-        checkpointer = Checkpointer(args, acc, lambda p, ev, ep, st: method.save(p, ev, ep, st), ext,
-                                    plan.num_epochs)
+        checkpointer = Checkpointer(settings.saving, acc, lambda p, ev, ep, st: method.save(p, ev, ep, st), ext,
+                                    plan.num_epochs, plan.max_train_steps, settings.hub)
         return Training(method, optimizer, lr_sched, plan, checkpointer)
 
 
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
     return run_recipe(args, NetworkRecipe(sdxl))
 
 
-def _apply_network(args: argparse.Namespace, models):
+def _apply_network(args: argparse.Namespace, options, models):
     """Create the network (or from --network_weights' dims), wrap the model's layers, load weights, enable
     checkpointing; returns (host, the text-encoder argument of the plug-in API, trains U-Net, trains TE)."""
     host = NetworkHost(args.network_module or "networks.lora")
@@ -86,7 +88,7 @@ def _apply_network(args: argparse.Namespace, models):
         host.create(1.0, args.network_dim, args.network_alpha, models.vae, te_arg, models.unet,
                     network_dropout=args.network_dropout, network_args=net_args)
     train_unet, train_te = not args.network_train_text_encoder_only, not args.network_train_unet_only
-    host.prepare_network(args)
+    host.prepare_network(options)  # the plug-in API: the run's options, read-only
     host.apply_to(te_arg, models.unet, train_te, train_unet)
     if args.network_weights:
         info = host.load_weights(args.network_weights)
@@ -110,22 +112,19 @@ def _verify_sdxl(args: argparse.Namespace) -> None:
         logger.warning("--clip_skip is ignored for SDXL (fixed layers), but recorded in the metadata")
     if getattr(args, "weighted_captions", False):
         raise UserError("--weighted_captions is not supported for SDXL")
-    if args.cache_text_encoder_outputs_to_disk and not args.cache_text_encoder_outputs:
-        logger.info("--cache_text_encoder_outputs_to_disk implies --cache_text_encoder_outputs")
-        args.cache_text_encoder_outputs = True
     if args.cache_text_encoder_outputs and not args.network_train_unet_only:
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only")
 
 
-def _metadata_fn(args, models, group, plan, opt_name: str, acc):
+def _metadata_fn(args, settings, models, group, plan, opt_name: str, acc):
     from library.formats.metadata import build_training_metadata, metadata_for_save, ss_epoch_value
-    from library.formats.modelspec import modelspec_from_args, trained_resolution
+    from library.formats.modelspec import modelspec_from_options, trained_resolution
 
     facts = training_facts(args, models, group, plan, opt_name, acc)
-    base = build_training_metadata(args, facts)
+    base = build_training_metadata(settings.options, facts)
 
     def metadata(event: str, epoch: int, global_step: int) -> dict:
-        spec = modelspec_from_args(args, models.family, "lora", timestamp=facts.training_started_at,
+        spec = modelspec_from_options(settings.options, models.family, "lora", timestamp=facts.training_started_at,
                                    resolution=trained_resolution(group))
         return metadata_for_save(base, global_step=global_step, epoch=ss_epoch_value(event, epoch, plan.num_epochs),
                                  no_metadata=args.no_metadata, modelspec=spec, finished_at=time.time())

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from library.errors import UserError
-from library.formats.modelspec import modelspec_from_args, trained_resolution
+from library.formats.modelspec import modelspec_from_options, trained_resolution
 from library.training.loop.checkpointing import Checkpointer
 from library.training.methods import ti_tokens
 from library.training.methods.textual_inversion import TextualInversionMethod
@@ -44,8 +44,6 @@ class TextualInversionRecipe(Recipe):
             raise UserError(f"--num_vectors_per_token must be at least 1, got {args.num_vectors_per_token}")
         if args.use_object_template and args.use_style_template:
             raise UserError("--use_object_template and --use_style_template exclude each other")
-        if args.output_name is None:
-            args.output_name = args.token_string
         _reject_sdxl(args.pretrained_model_name_or_path)
 
     def trains(self, args: argparse.Namespace) -> tuple[bool, bool]:
@@ -70,16 +68,18 @@ class TextualInversionRecipe(Recipe):
             te.gradient_checkpointing_enable()
         if args.full_fp16 or args.full_bf16:  # T casts without checking --mixed_precision (spec pitfall 12)
             te.to(wdtype)
-        optimizer, lr_sched, plan, _ = optimizer_and_schedule(args, [te.get_input_embeddings().weight], run.group,
-                                                              acc)
+        embeddings = [te.get_input_embeddings().weight]
+        optimizer, lr_sched, plan, _ = optimizer_and_schedule(args, run.settings.loop, embeddings, run.group, acc)
         prepared_te, optimizer, lr_sched = acc.prepare(te, optimizer, lr_sched)
-        method = TextualInversionMethod.from_args(models, args, acc, wdtype, self.token_ids)
+        method = TextualInversionMethod.from_settings(models, run.settings, acc, wdtype, self.token_ids)
         method.attach(prepared_te)
         method.save_dtype = setup.save_dtype(args)
-        method.save_metadata = lambda: modelspec_from_args(args, models.family, "textual-inversion",
-                                                           resolution=trained_resolution(run.group))
+        method.save_metadata = lambda: modelspec_from_options(run.settings.options, models.family, "textual-inversion",
+                                                              resolution=trained_resolution(run.group))
         ext = "." + (args.save_model_as or "pt")
-        return Training(method, optimizer, lr_sched, plan, Checkpointer(args, acc, method.save, ext, plan.num_epochs))
+        checkpointer = Checkpointer(run.settings.saving, acc, method.save, ext, plan.num_epochs, plan.max_train_steps,
+                                    run.settings.hub)
+        return Training(method, optimizer, lr_sched, plan, checkpointer)
 
     def prompt_replacer(self) -> Optional[Callable[[str], str]]:
         replacement = self.prompt_replacement
