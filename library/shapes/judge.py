@@ -43,6 +43,9 @@ FIT_PER_SHAPE = 90
 SPREAD_FLOOR = 0.015  # no feature may become infinitely strict because it hardly varied while fitting
 Z_MAX = 2.8
 MARGIN = 0.1  # in units of Z_MAX
+# A heart whose cleft is deeper than the drawn one is more of a heart, not less: for the heart, the cleft's
+# depth (``notch``) and the outline's radial dip it causes (``dip``) only count against it when shallower.
+DEEPER_IS_FINE = {"heart": ("notch", "dip")}
 WOBBLE = 0.04
 
 
@@ -128,9 +131,17 @@ def fitted() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
 
 def shape_scores(features: np.ndarray, shapes: Sequence[str] = JUDGE_SHAPES) -> dict[str, float]:
     """For each shape, its worst feature's distance from that shape's mean, in that shape's spreads,
-    divided by ``Z_MAX``: at most 1 means every feature is inside the shape's range."""
+    divided by ``Z_MAX``: at most 1 means every feature is inside the shape's range (one-sided for the
+    features named in ``DEEPER_IS_FINE``)."""
     means, spreads = fitted()
-    return {s: float(np.max(np.abs(features - means[s]) / spreads[s])) / Z_MAX for s in shapes}
+    out = {}
+    for s in shapes:
+        dev = features - means[s]
+        for name in DEEPER_IS_FINE.get(s, ()):
+            i = FEATURES.index(name)
+            dev[i] = min(dev[i], 0.0)
+        out[s] = float(np.max(np.abs(dev) / spreads[s])) / Z_MAX
+    return out
 
 
 def decide(features: np.ndarray, shapes: Sequence[str] = JUDGE_SHAPES) -> tuple[str, str | None, float, float, str]:
