@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+import torch
+
 _configured = False
 
 
@@ -41,7 +43,7 @@ def setup_logging(level: str | None = None, log_file: str | None = None, simple:
         simple = True
     elif not simple and sys.stderr.isatty():
         try:
-            from rich.logging import RichHandler
+            from rich.logging import RichHandler  # optional package
 
             handler = RichHandler(show_path=False)
             handler.setFormatter(logging.Formatter("%(message)s"))
@@ -79,7 +81,7 @@ def quiet_known_warnings() -> None:
     for name in ("diffusers.models.modeling_utils", "diffusers"):
         logging.getLogger(name).addFilter(drop)
     try:
-        from diffusers.utils import logging as dlog
+        from diffusers.utils import logging as dlog  # start-up (diffusers: ~2 s)
 
         dlog.get_logger("diffusers.models.modeling_utils").addFilter(drop)
     except ImportError:
@@ -92,7 +94,6 @@ def _quiet_deepspeed_probe() -> None:
     the answer its probe would reach anyway, so it is given up front (only when nobody chose already)."""
     if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
         return
-    import torch
 
     others = (torch.cuda.is_available(), getattr(torch, "xpu", None) is not None and torch.xpu.is_available(),
               torch.backends.mps.is_available(), importlib.util.find_spec("torch_npu") is not None,

@@ -25,6 +25,10 @@ from library.log import add_logging_arguments, setup_logging_from_args  # noqa: 
 from networks.lora_svd import svd_factors  # noqa: E402
 from networks.lora_targets import Target, te_prefixes, text_encoder_targets, unet_targets  # noqa: E402
 from networks.lora_tool_io import check_inputs_exist, check_lora_output, precision_dtype  # noqa: E402
+from library.formats.metadata import base_model_version  # noqa: E402
+from library.formats.modelspec import build_modelspec  # noqa: E402
+from library.models.loading import load_models  # noqa: E402
+from networks.lora import create_network_from_weights  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +119,6 @@ def extraction_metadata(args: argparse.Namespace, family: str) -> dict[str, str]
 
     ``family`` is the loaded models' (an SD2 file is SD2 even without ``--v2``, which loading implies).
     """
-    from library.formats.metadata import base_model_version
-    from library.formats.modelspec import build_modelspec
-
     v2 = family == "sd2"
     v_param = v2 if args.v_parameterization is None else args.v_parameterization
     net_args = {} if args.conv_dim is None else {"conv_dim": str(args.conv_dim),
@@ -143,9 +144,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 def extract(args: argparse.Namespace) -> None:
     """1. load both models  2. differences  3. SVD per module  4. save through the network."""
-    from library.models.loading import load_models
-    from networks.lora import create_network_from_weights
-
     check_args(args)
     load_dtype = precision_dtype(args.load_precision, "--load_precision", torch.float32)
     save_dtype = precision_dtype(args.save_precision, "--save_precision", torch.float32)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from library.models.unet_keys import unet_rules
+
 PREFIX_UNET = "lora_unet"
 PREFIX_TE = "lora_te"
 PREFIX_TE1 = "lora_te1"
@@ -74,8 +76,6 @@ def is_sdxl_unet(unet: nn.Module) -> bool:
 
 def _sdxl_names(unet: nn.Module, paths: list[str]) -> dict[str, str]:
     """Diffusers module path -> LDM path for SDXL LoRA names (pitfall 1), via the models' key table."""
-    from library.models.unet_keys import unet_rules
-
     rules = unet_rules([p + ".weight" for p in paths], unet.config)
     return {rule.model_keys[0][: -len(".weight")]: rule.ldm_key[: -len(".weight")] for rule in rules}
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+from safetensors import safe_open
 
 from library.errors import UserError
-
 from library.formats.lora_io import is_safetensors, load_state_dict_file, save_state_dict_file
 
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,7 +35,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """Header metadata of a ``.safetensors`` file ({} for pickles or a header without metadata)."""
     if not is_safetensors(path):
         return {}
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -29,6 +29,11 @@ from networks.lora_svd import module_delta  # noqa: E402
 from networks.lora_targets import target_layers, target_weight_shapes  # noqa: E402
 from networks.lora_tool_io import (check_inputs_exist, check_lora_output, complete_modules, merged_from,  # noqa: E402
                                    module_alpha, precision_dtype, read_lora, save_lora)
+from library.models.checkpoint_io import CheckpointReader  # noqa: E402
+from library.models.loading import load_models  # noqa: E402
+from library.models.saving import save_ldm_checkpoint  # noqa: E402
+from library.formats.modelspec import build_modelspec  # noqa: E402
+from library.formats.metadata import build_minimum_network_metadata  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +102,6 @@ def merge_into_models(models, paths: list[str], ratios: list[float], dtype: torc
 def merge_into_checkpoint(args: argparse.Namespace, sdxl: bool, merge_dtype: torch.dtype,
                           save_dtype: torch.dtype) -> None:
     """Load the base, check every LoRA fits it, merge, save with the source file's other tensors kept (§7)."""
-    from library.models.checkpoint_io import CheckpointReader
-    from library.models.loading import load_models
-    from library.models.saving import save_ldm_checkpoint
-    from library.formats.modelspec import build_modelspec
-
     files = check_same_family(args.models, "--models")  # unreadable / mixed inputs fail before loading
     v2 = bool(getattr(args, "v2", False))
     models = load_models(args.sd_model, v2=v2, sdxl=sdxl, dtype=merge_dtype)
@@ -192,9 +192,6 @@ def merge_lora_files(paths: list[str], ratios: list[float], dtype: torch.dtype, 
 def merge_loras_to_file(args: argparse.Namespace, sdxl: bool, merge_dtype: torch.dtype,
                         save_dtype: torch.dtype) -> None:
     """LoRA+LoRA with minimum metadata, modelspec (unless --no_metadata) and hashes of the saved bytes."""
-    from library.formats.metadata import build_minimum_network_metadata
-    from library.formats.modelspec import build_modelspec
-
     check_lora_output(args.save_to)
     if sdxl:
         expected, against = SDXL, "sdxl_merge_lora.py merges SDXL LoRAs (use merge_lora.py)"

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from library.errors import UserError
+from networks.lora_family import check_family, check_fits_network, model_family_of, read_tensor_file
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ class NetworkHost:
         A file of another model family, with a tensor of another shape (named with both shapes), or sharing
         no tensor with the network (e.g. only text-encoder modules with ``--network_train_unet_only``) is a
         ``UserError``; the plug-in then loads it as before (a partial match is fine)."""
-        from networks.lora_family import check_fits_network
-
         tf = self._check_family(file)
         if hasattr(self.network, "state_dict"):
             shapes = {k: tuple(v.shape) for k, v in self.network.state_dict().items()}
@@ -108,8 +107,6 @@ class NetworkHost:
 
     def _check_family(self, file: str):
         """The file's tensor names and shapes, after checking it suits the model family (kohya names only)."""
-        from networks.lora_family import check_family, read_tensor_file
-
         tf = read_tensor_file(file, "--network_weights")
         if self.model_family is not None and tf.modules():  # another plug-in's own names: nothing to tell
             check_family(tf, self.model_family, "--network_weights")
@@ -178,8 +175,6 @@ class NetworkHost:
 
 
 def _model_family(text_encoder, unet) -> str:
-    from networks.lora_family import model_family_of
-
     return model_family_of(text_encoder, unet)
 
 

@@ -25,6 +25,8 @@ from networks.lora_family import check_same_family  # noqa: E402
 from networks.lora_svd import module_delta, svd_factors  # noqa: E402
 from networks.lora_tool_io import (check_inputs_exist, check_lora_output, complete_modules, merged_from,  # noqa: E402
                                    module_alpha, precision_dtype, read_lora, save_lora)
+from library.formats.metadata import build_minimum_network_metadata  # noqa: E402
+from library.formats.modelspec import build_modelspec  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +89,6 @@ def refactor(deltas: dict[str, torch.Tensor], new_rank: int, new_conv_rank: int,
 
 def svd_merge(args: argparse.Namespace) -> None:
     """1. check  2. sum the deltas  3. re-factor  4. metadata  5. save (cast, then hash)."""
-    from library.formats.metadata import build_minimum_network_metadata
-    from library.formats.modelspec import build_modelspec
-
     if not args.models or args.ratios is None or len(args.ratios) != len(args.models):
         raise UserError(f"--models/--ratios: give one ratio per model ({len(args.models or [])} models, "
                         f"{len(args.ratios or [])} ratios)")

@@ -117,7 +117,7 @@ class BlipCaptioner:
 
 def load_blip(source: str):
     """`(processor, model)` from a transformers folder or hub id (UserError with a download hint)."""
-    from transformers import BlipForConditionalGeneration, BlipProcessor
+    from transformers import BlipForConditionalGeneration, BlipProcessor  # start-up (transformers: ~1 s)
 
     def load(src: str):
         return BlipProcessor.from_pretrained(src), BlipForConditionalGeneration.from_pretrained(src)

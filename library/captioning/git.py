@@ -78,7 +78,7 @@ class GitCaptioner:
 
 def load_git(source: str):
     """`(processor, model)` from a transformers folder or hub id (UserError with a download hint)."""
-    from transformers import AutoModelForCausalLM, AutoProcessor
+    from transformers import AutoModelForCausalLM, AutoProcessor  # start-up (transformers: ~1 s)
 
     def load(src: str):
         return AutoProcessor.from_pretrained(src), AutoModelForCausalLM.from_pretrained(src)

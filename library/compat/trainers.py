@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from library.config.config_file import drop_foreign_keys
+from library.training import entry
+
 
 def train_script(script: str, args: argparse.Namespace) -> Any:
     """Run ``script`` (e.g. ``"train_network"``) with a namespace built by its parser or by hand."""
-    from library.config.config_file import drop_foreign_keys
-    from library.training import entry
-
     parser = entry.setup_parser(script)
     defaults = vars(parser.parse_args([]))
     given = dict(vars(args))

@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import safetensors.torch  # called through the module: fault-injection tests patch save_file there
 import torch
+from safetensors.torch import load_file
 
 from library.errors import UserError
 from library.fileio import atomic_path
-from library.formats.tensor_file import read_tensor_file
 from library.formats.model_hashes import precalculate_safetensors_hashes
+from library.formats.tensor_file import read_tensor_file
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -24,8 +26,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         read_tensor_file(path, "network weights")  # a text or truncated file: one line naming it
     try:
         if is_safetensors(path):
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors, pickle and zip raise many error types for a corrupt file
@@ -39,11 +39,9 @@ def save_state_dict_file(state_dict: Mapping[str, torch.Tensor], path: str | os.
     state_dict = {k: v.detach().contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         if is_safetensors(path):
-            from safetensors.torch import save_file
-
             meta = dict(metadata or {})
             # hashed after any dtype cast, so they match the file's data region (pitfall 10)
             meta["sshs_model_hash"], meta["sshs_legacy_hash"] = precalculate_safetensors_hashes(state_dict, meta)
-            save_file(state_dict, tmp, meta)
+            safetensors.torch.save_file(state_dict, tmp, meta)
         else:
             torch.save(state_dict, tmp)  # .ckpt/.pt: a plain dict of tensors, no metadata

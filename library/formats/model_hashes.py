@@ -11,6 +11,7 @@ import hashlib
 from typing import Mapping
 
 import torch
+from safetensors.torch import save
 
 _LEGACY_OFFSET = 0x100000
 _LEGACY_LENGTH = 0x10000
@@ -30,8 +31,6 @@ def legacy_hash(buffer: bytes) -> str:
 def precalculate_safetensors_hashes(state_dict: Mapping[str, torch.Tensor],
                                     metadata: Mapping[str, str] | None) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) of ``state_dict`` serialized with its ``ss_*`` metadata only."""
-    from safetensors.torch import save
-
     ss_only = {k: v for k, v in (metadata or {}).items() if k.startswith("ss_")}
     # an empty dict (not None) as sd-scripts passes it: the header, hence the legacy hash, depends on it
     buffer = save(dict(state_dict), ss_only)

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import torch
+
 from library.errors import UserError
 
 Shape = tuple[int, ...]
@@ -74,8 +76,6 @@ def _safetensors_shapes(path: str, where: str) -> TensorFile:
 
 
 def _flatten(data: Mapping, prefix: str = "") -> dict[str, Shape]:
-    import torch
-
     out: dict[str, Shape] = {}
     for key, value in data.items():
         if isinstance(value, torch.Tensor):
@@ -86,8 +86,6 @@ def _flatten(data: Mapping, prefix: str = "") -> dict[str, Shape]:
 
 
 def _pickle_shapes(path: str, where: str) -> TensorFile:
-    import torch
-
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch raise many types for a file that is not a tensor pickle

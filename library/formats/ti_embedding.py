@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional
 
+import safetensors.torch  # called through the module: fault-injection tests patch save_file there
 import torch
+from safetensors.torch import load_file
 
 from library.errors import UserError
 from library.fileio import atomic_path
@@ -41,9 +43,7 @@ def save_embedding_file(
     out = {k: _to_save(v, dtype) for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         if str(path).endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file(out, tmp, metadata=dict(metadata) if metadata else None)
+            safetensors.torch.save_file(out, tmp, metadata=dict(metadata) if metadata else None)
         else:
             # no metadata here: upstream's .pt/.ckpt is the bare dict (modelspec is safetensors-only)
             torch.save(out, tmp)
@@ -66,8 +66,6 @@ def read_embedding_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"embedding file not found: {path}")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             data = load_file(path)
         else:
             # weights_only: an embedding file must never run code; A1111 .pt files load fine this way

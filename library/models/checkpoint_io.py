@@ -10,7 +10,9 @@ import pickle
 from pathlib import Path
 from typing import Iterator, Mapping
 
+import safetensors.torch  # called through the module: fault-injection tests patch save_file there
 import torch
+from safetensors import safe_open
 
 from library.errors import UserError
 from library.fileio import atomic_path
@@ -41,8 +43,6 @@ class CheckpointReader:
         self._visible = [k for k in self._keys if k not in hidden] + list(self._alias)
 
     def _open_safetensors(self) -> None:
-        from safetensors import safe_open
-
         try:
             self._st = safe_open(self.path, framework="pt", device="cpu")
             self._keys = list(self._st.keys())
@@ -131,9 +131,7 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
     path = str(path)
     with atomic_path(path) as tmp:
         if path.lower().endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=dict(metadata or {}))
+            safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=dict(metadata or {}))
         else:
             obj = {"state_dict": dict(sd), **ckpt_extra} if ckpt_extra is not None else dict(sd)
             torch.save(obj, tmp)

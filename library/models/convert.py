@@ -10,6 +10,9 @@ import torch
 
 from library.errors import UserError
 
+from .loading import load_models
+from .saving import save_diffusers, save_ldm_checkpoint
+
 logger = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
@@ -69,9 +72,6 @@ def parse_metadata(text: str | None) -> dict[str, str] | None:
 
 def convert(args: argparse.Namespace) -> None:
     """Load ``model_to_load``, save as ``model_to_save`` (numbered steps as sd-scripts' converter)."""
-    from .loading import load_models
-    from .saving import save_diffusers, save_ldm_checkpoint
-
     # 1. what to write, and in which precision
     dtype = save_dtype(args)
     metadata = parse_metadata(args.metadata)
@@ -101,7 +101,7 @@ def convert(args: argparse.Namespace) -> None:
 
 def use_linear_projection(unet):
     """Rebuild a U-Net whose proj_in/proj_out are 1x1 convs with Linear ones (same weights, squeezed)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # start-up (diffusers: ~2 s)
 
     if unet.config.use_linear_projection:
         return unet

@@ -13,7 +13,7 @@ VOCAB = 49408  # the real CLIP vocabulary, so the real tokenizer works
 
 
 def _text_config(width: int, layers: int, act: str, proj: int | None = None):
-    from transformers import CLIPTextConfig
+    from transformers import CLIPTextConfig  # start-up (transformers: ~1 s)
 
     return CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
                           num_attention_heads=max(1, width // 64), max_position_embeddings=77, hidden_act=act,
@@ -47,10 +47,10 @@ def tiny_vae_config(family: str) -> dict:
 
 def build_tiny_models(family: str, seed: int = 0, v_parameterization: bool = False) -> SDModels:
     """Random-weight tiny models of ``family`` with tokenizers (no files written)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # start-up (diffusers: ~2 s)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection  # start-up (transformers: ~1 s)
 
-    from .tokenizers import load_tokenizers
+    from .tokenizers import load_tokenizers  # start-up (imports transformers: ~1 s)
 
     if family not in ("sd1", "sd2", "sdxl"):
         raise ValueError(f"unknown family {family!r}")

@@ -85,7 +85,7 @@ def clean_text(text: str) -> str:
 
     Cached: captions repeat every epoch and ftfy is the slow part of tokenizing.
     """
-    import ftfy  # a core requirement; imported here so importing this module stays cheap
+    import ftfy  # start-up: a core requirement, but slow to import and only needed to tokenize
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).lower()

@@ -28,6 +28,7 @@ from PIL import Image
 from library.errors import UserError
 from library.models.checkpoint_io import CheckpointReader
 from library.sampling.controlnet import hint_model_settings, make_hint, pick
+from networks.lora_targets import unet_targets
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ def resolve_lllites(args: argparse.Namespace) -> list[LLLiteOption]:
 
 def lllite_targets(unet: torch.nn.Module) -> dict[str, tuple[torch.nn.Linear, int]]:
     """LLLite module name -> (targeted Linear, downscale of its token grid vs. the image), in U-Net order."""
-    from networks.lora_targets import unet_targets
-
     paths = {id(m): name for name, m in unet.named_modules()}
     levels = len(unet.config["block_out_channels"])
     out = {}

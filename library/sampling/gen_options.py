@@ -12,14 +12,14 @@ import logging
 from typing import Any
 
 from library.config.options_common import section
-from library.config.ranges import (FRACTION, SEED, Range, above, at_least, between, check_ranges, ranged,
-                                   ranges_of)
+from library.config.ranges import FRACTION, SEED, Range, above, at_least, between, check_ranges, ranged, ranges_of
 from library.errors import UserError
+from library.formats.prompt_weighting import EMB_NORMALIZE_MODES
 from library.log import add_logging_arguments
 from library.sampling.controlnet import resolve_control_nets
 from library.sampling.controlnet_lllite import resolve_lllites
 from library.sampling.gradual_latent import check_usable, resolve_gradual_latent
-from library.formats.prompt_weighting import EMB_NORMALIZE_MODES
+from library.sampling.prompt_file import line_option_key
 from library.sampling.samplers import SAMPLERS
 from library.sampling.upscaler import check_upscaler_options
 
@@ -266,8 +266,6 @@ _LINE_FIELD_OPTION = {"width": "W", "height": "H", "seeds": "seed", "network_mul
 def check_line_ranges(options: Any, line: str) -> None:
     """A prompt line's own options (``--w 0``, ``--t 1.5``, ``--glr 2``) obey the ranges of the command-line
     options they override; one ``UserError`` naming the line option, the value, the range and the line."""
-    from library.sampling.prompt_file import line_option_key
-
     ranges = _gen_ranges()
     for field, value in options.overrides().items():
         allowed = ranges.get(_LINE_FIELD_OPTION.get(field, field))

@@ -11,9 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from library.errors import UserError
 from library.models.bundle import SDModels
+from library.models.loading import load_models
+from library.sampling.textual_inversion import load_textual_inversion
+from networks.lora_family import check_fits_layers, embedding_family, family_of, read_tensor_file
+from networks.lora_targets import target_weight_shapes
+from networks.network_host import import_network_module, parse_network_args
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +44,6 @@ def model_dtype(args: argparse.Namespace) -> torch.dtype:
 
 def load_gen_models(args: argparse.Namespace, device: torch.device) -> SDModels:
     """Load `--ckpt` (+ `--vae`) with the family flags; models in `--fp16/--bf16`, VAE fp32 with --no_half_vae."""
-    from library.models.loading import load_models
-
     path = resolve_ckpt(args.ckpt)
     sdxl = True if args.sdxl else False if (args.v1 or args.v2) else None
     models = load_models(path, v2=args.v2, sdxl=sdxl, v_parameterization=args.v_parameterization, vae=args.vae,
@@ -65,7 +69,7 @@ def set_attention(args: argparse.Namespace, models: SDModels) -> None:
         models.unet.enable_xformers_memory_efficient_attention()
         models.vae.enable_xformers_memory_efficient_attention()
     else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
+        from diffusers.models.attention_processor import AttnProcessor2_0  # start-up (diffusers: ~2 s)
 
         models.unet.set_attn_processor(AttnProcessor2_0())
     if args.opt_channels_last:
@@ -93,8 +97,6 @@ class LoadedNetworks:
 
 def _network_kwargs(args_list: list[str] | None, index: int) -> dict[str, str]:
     """Network `index`'s `--network_args` string `k=v;k=v` -> kwargs (values stay strings for the plug-in)."""
-    from networks.network_host import parse_network_args
-
     text = args_list[index] if args_list and index < len(args_list) else ""
     return parse_network_args([item for item in text.split(";") if item.strip()])
 
@@ -104,7 +106,6 @@ def show_network_metadata(path: str) -> None:
     if not path.endswith(".safetensors"):
         logger.info("%s: no metadata (not a .safetensors file)", path)
         return
-    from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
@@ -128,8 +129,6 @@ def _kohya_named(module_name: str, tf) -> bool:
 
 def check_input_files(args: argparse.Namespace) -> None:
     """Before any model loads: every network and embedding file is readable and of one known family."""
-    from networks.lora_family import embedding_family, family_of, read_tensor_file
-
     for name, path in _network_pairs(args):
         tf = read_tensor_file(path, "--network_weights")
         if _kohya_named(name, tf):
@@ -143,9 +142,6 @@ def check_networks_fit(args: argparse.Namespace, models: SDModels) -> None:
 
     A LoRA for another model would otherwise be ignored (no key matches) and the image written anyway.
     """
-    from networks.lora_family import check_fits_layers, read_tensor_file
-    from networks.lora_targets import target_weight_shapes
-
     shapes = None
     for name, path in _network_pairs(args):
         tf = read_tensor_file(path, "--network_weights")
@@ -160,8 +156,6 @@ def load_networks(args: argparse.Namespace, models: SDModels, device: torch.devi
 
     Returns the applied networks and their default multipliers (`--am` indexes these, merged ones excluded).
     """
-    from networks.network_host import import_network_module
-
     pairs = _network_pairs(args)
     check_networks_fit(args, models)
     muls = list(args.network_mul or [])
@@ -200,7 +194,6 @@ def load_ti(args: argparse.Namespace, models: SDModels) -> list[Any] | None:
     """`--textual_inversion_embeddings`: tokens added, rows set; returns the token replacers (or None)."""
     if not args.textual_inversion_embeddings:
         return None
-    from library.sampling.textual_inversion import load_textual_inversion
 
     return load_textual_inversion(models.family, models.text_encoders, models.tokenizers,
                                   args.textual_inversion_embeddings)

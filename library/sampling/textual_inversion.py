@@ -14,6 +14,7 @@ import torch
 
 from library.errors import UserError
 from library.formats.ti_embedding import load_embedding, load_sdxl_embedding
+from networks.lora_family import check_embedding_matches
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ def token_strings(stem: str, n_vectors: int) -> list[str]:
 
 def _vectors_per_encoder(family: str, path: str) -> list[torch.Tensor]:
     """The vectors for each text encoder: SD1/2 the first tensor, SDXL `clip_l` and `clip_g`."""
-    from networks.lora_family import check_embedding_matches
-
     check_embedding_matches(path, family)  # an SDXL file's clip_l would otherwise load into SD1 unnoticed
     if family != "sdxl":
         vectors = [load_embedding(path, for_trainer=True)]

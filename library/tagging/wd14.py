@@ -60,7 +60,7 @@ def _download(location: Path, repo_id: str) -> None:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off"):
         raise UserError(_missing_files_message(location, repo_id, "HF_HUB_OFFLINE is set, no download"))
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # optional package
     except ImportError as e:
         raise UserError(_missing_files_message(location, repo_id, "huggingface_hub is not installed")) from e
     logger.info(f"downloading wd14 tagger model from hf_hub. id: {repo_id}")
@@ -100,7 +100,7 @@ class Wd14Tagger:
     """An ONNX Runtime session plus what the caller needs to feed it: input size and batch size."""
 
     def __init__(self, onnx_path: Path, batch_size: int):
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional package
 
         providers, options = _select_providers(ort.get_available_providers())
         logger.info(f"loading onnx model: {onnx_path} ({providers[0]})")

@@ -9,6 +9,7 @@ from library.config.config_file import parse_args_with_config
 from library.config.options import build_parser
 from library.errors import exit_on_user_error
 from library.log import setup_logging_from_args
+from library.training.runners.run_lock import releasing
 
 # script -> (runner module, keyword arguments of its run())
 RUNNERS = {
@@ -36,7 +37,6 @@ def run_script(script: str, args: argparse.Namespace):
     (the final file's path, or None after ``--dry_run``). ``UserError`` propagates."""
     setup_logging_from_args(args)
     module, kwargs = RUNNERS[script]
-    from library.training.runners.run_lock import releasing
 
     with releasing():  # the runner takes the output-name lock once its options are checked
         return importlib.import_module(module).run(args, **kwargs)  # imported late: --help stays fast

@@ -16,7 +16,9 @@ import logging
 import os
 from typing import Iterator, Optional, Sequence
 
+import safetensors.torch  # called through the module: fault-injection tests patch save_file there
 import torch
+from safetensors import safe_open
 
 from library.errors import UserError
 from library.training.settings import EmaSettings
@@ -83,18 +85,14 @@ class EMA:
 
     # --- state folder (resume) -------------------------------------------------------------------
     def save_to_folder(self, folder: str) -> None:
-        from safetensors.torch import save_file
-
         tensors = {f"shadow.{i}": s.detach().cpu().contiguous() for i, s in enumerate(self.shadow)}
         meta = {"last_step": str(self.last_step), "config": json.dumps(
             {"decay": self.decay, "update_after_step": self.update_after_step, "power": self.power,
              "every_n_steps": self.every_n_steps})}
-        save_file(tensors, os.path.join(folder, STATE_FILE), metadata=meta)
+        safetensors.torch.save_file(tensors, os.path.join(folder, STATE_FILE), metadata=meta)
 
     def load_from_folder(self, folder: str) -> bool:
         """Restore the shadow of a ``--resume`` folder; False (and a warning) when it has none."""
-        from safetensors import safe_open
-
         path = os.path.join(folder, STATE_FILE)
         if not os.path.exists(path):
             logger.warning("%s has no EMA (%s): the EMA starts from the resumed weights", folder, STATE_FILE)

@@ -17,6 +17,8 @@ import sys
 from importlib import metadata as importlib_metadata
 from typing import Any, Iterable, Mapping, Optional
 
+import torch
+
 from library.fileio import write_text_atomic
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "Pillow", "tokenizers",
@@ -56,8 +58,6 @@ def project_version() -> dict[str, Any]:
 
 def environment_facts() -> dict[str, Any]:
     """Python, OS, accelerators and library versions: what a bug report or a receipt needs."""
-    import torch
-
     facts: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
                              "machine": platform.machine(), "torch_cuda": torch.version.cuda,
                              "cuda_available": torch.cuda.is_available(), "devices": []}

@@ -17,9 +17,12 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Optional, Protocol, Sequence
 
+from PIL import Image
+
 from library.errors import SaveError, UserError
 from library.fileio import STAGING_SUFFIX, remove_path, replace_folder, save_errors
 from library.interrupts import Interrupted
+from library.training.extras.hub_upload import HubUploader, download_state
 from library.training.loop import output_names as names
 from library.training.loop.state_checks import (TRAIN_STATE_FILE, check_model_shapes, check_rng_file,
                                                 describe_load_failure, read_train_state)
@@ -113,8 +116,6 @@ def resume_state(accelerator, resume: ResumeSettings, hub: HubSettings) -> tuple
         return TrainState(), None
     folder = resume.resume
     if resume.from_huggingface:
-        from library.training.extras.hub_upload import download_state
-
         folder = download_state(resume.resume, hub.token)
         logger.info("resuming from hub state %s (downloaded to %s)", resume.resume, folder)
     return load_state(accelerator, folder, inexact=resume.inexact), folder
@@ -151,7 +152,6 @@ class Checkpointer:
         self.last_saved: Optional[str] = None  # the newer of the two
         self._state_step: Optional[int] = None  # the step of last_state
         if accelerator.is_main_process and hub is not None and hub.repo_id:  # no hub import otherwise
-            from library.training.extras.hub_upload import HubUploader
 
             self.hub = HubUploader.from_settings(hub)
 
@@ -312,8 +312,6 @@ def _newest_saved(folder: str, output_name: Optional[str], ext: str) -> Optional
 
 def _remove_broken_images(folder: str, before: set[str]) -> list[str]:
     """Images that appeared in ``folder`` since ``before`` and do not decode (cut short by a failed write)."""
-    from PIL import Image
-
     broken = []
     for name in sorted(set(os.listdir(folder)) - before) if os.path.isdir(folder) else []:
         path = os.path.join(folder, name)

@@ -11,6 +11,8 @@ import logging
 import os
 from typing import Optional
 
+from safetensors import safe_open
+
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -43,8 +45,6 @@ def read_train_state(folder: str) -> Optional[dict]:
 
 def check_model_shapes(accelerator, folder: str) -> None:
     """Every saved tensor of every prepared model exists in the model with the same shape (and back)."""
-    from safetensors import safe_open
-
     for i, model in enumerate(getattr(accelerator, "_models", [])):
         path = os.path.join(folder, _MODEL_FILE.format(f"_{i}" if i else ""))
         if not os.path.exists(path):

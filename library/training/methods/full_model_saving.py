@@ -20,6 +20,8 @@ import torch
 
 from library.models.architectures import TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX
 from library.models.bundle import SDModels
+from library.models.checkpoint_io import CheckpointReader
+from library.models.saving import save_diffusers, save_ldm_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,6 @@ class SourceCheckpoint:
         self.epoch = self.global_step = 0
         if self.path is None:
             return
-        from library.models.checkpoint_io import CheckpointReader
 
         reader = CheckpointReader(self.path)
         try:
@@ -96,7 +97,6 @@ class SourceCheckpoint:
         """The extra tensors, read now (only for the duration of one save)."""
         if not self.extra_keys:
             return {}
-        from library.models.checkpoint_io import CheckpointReader
 
         reader = CheckpointReader(self.path)
         try:
@@ -116,8 +116,6 @@ class FullModelSaver:
         self.source = SourceCheckpoint(source, models.family)
 
     def __call__(self, path: str, event: str, epoch: int, global_step: int) -> None:
-        from library.models.saving import save_diffusers, save_ldm_checkpoint
-
         if self.fmt.diffusers:
             save_diffusers(self.models, path, self.save_dtype, reference_model=self.reference,
                            use_safetensors=self.fmt.use_safetensors)

@@ -46,7 +46,7 @@ def _custom_scheduler(optimizer: torch.optim.Optimizer, scheduler_type: str, kwa
 
 def _adafactor_scheduler(optimizer: torch.optim.Optimizer, name: str) -> Any:
     """transformers' AdafactorSchedule, initial lr from ``adafactor:<lr>`` (set by the AdaFactor builder)."""
-    from transformers.optimization import Adafactor, AdafactorSchedule
+    from transformers.optimization import Adafactor, AdafactorSchedule  # start-up (transformers: ~1 s)
 
     if not isinstance(optimizer, Adafactor):
         raise UserError("--lr_scheduler adafactor needs --optimizer_type AdaFactor")

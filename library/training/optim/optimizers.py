@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from library.config.config_rules import closest_option
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -165,8 +166,6 @@ def _custom_class(optimizer_type: str) -> type:
         module = importlib.import_module(module_name) if module_name else torch.optim
         return getattr(module, class_name)
     except (ImportError, AttributeError) as e:
-        from library.config.config_rules import closest_option
-
         close = closest_option(optimizer_type, OPTIMIZERS)
         hint = f"did you mean {close}? Otherwise use" if close else "use"
         raise UserError(f"--optimizer_type {optimizer_type}: unknown optimizer; {hint} one of "

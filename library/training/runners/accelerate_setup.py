@@ -8,6 +8,8 @@ import os
 import time
 
 import torch
+from accelerate import Accelerator, DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState, GradientState
 
 from library.errors import UserError
 
@@ -34,8 +36,6 @@ def logging_dir(args: argparse.Namespace) -> str | None:
 
 def make_accelerator(args: argparse.Namespace):
     """accelerate.Accelerator configured from sd-scripts' options."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
-
     _reset_accelerate_state()
     log_with = getattr(args, "log_with", None)
     log_dir = logging_dir(args)
@@ -45,7 +45,7 @@ def make_accelerator(args: argparse.Namespace):
         raise UserError(f"--log_with {log_with} needs --logging_dir")
     if log_with in ("wandb", "all"):
         try:
-            import wandb
+            import wandb  # optional package
         except ImportError:
             raise UserError("--log_with wandb needs wandb: pip install wandb") from None
         if getattr(args, "wandb_api_key", None):
@@ -89,7 +89,6 @@ def _reset_accelerate_state() -> None:
     notebooks, the demo) with another precision must start from a clean state."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -98,10 +97,9 @@ def _reset_accelerate_state() -> None:
 def _deepspeed_plugin(args: argparse.Namespace):
     """accelerate's DeepSpeed plugin as sd-scripts configures it (spec cli-options §6)."""
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed  # optional package noqa: F401
     except ImportError:
         raise UserError("--deepspeed needs deepspeed: pip install deepspeed") from None
-    from accelerate import DeepSpeedPlugin
 
     plugin = DeepSpeedPlugin(zero_stage=args.zero_stage, gradient_accumulation_steps=args.gradient_accumulation_steps,
                              gradient_clipping=args.max_grad_norm, offload_optimizer_device=args.offload_optimizer_device,
@@ -123,13 +121,13 @@ def set_attention(unet, args: argparse.Namespace) -> None:
     """SDPA by default (diffusers' AttnProcessor2_0); --xformers only where installed."""
     if getattr(args, "xformers", False):
         try:
-            import xformers  # noqa: F401
+            import xformers  # optional package noqa: F401
         except ImportError:
             raise UserError("--xformers needs the xformers package (GPU only): pip install xformers, or use --sdpa") from None
         unet.enable_xformers_memory_efficient_attention()
         return
     # --sdpa and --mem_eff_attn both map to torch's scaled_dot_product_attention, which picks a
     # memory-efficient or flash kernel itself; diffusers uses it by default.
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0  # start-up (diffusers: ~2 s)
 
     unet.set_attn_processor(AttnProcessor2_0())

@@ -12,8 +12,10 @@ import logging
 import math
 import os
 
+from library.data.dataset import build_dataset_group, scan_mode
 from library.training.loop import output_names as names
 from library.training.runners.memory_estimate import GIB, estimate
+from library.training.runners.run_common import build_data
 from library.training.settings import LoopPlan, LoopSettings, loop_plan
 
 logger = logging.getLogger(__name__)
@@ -24,9 +26,6 @@ TRAINER_KIND = {"train_network": "network", "sdxl_train_network": "network", "tr
 
 def report(args: argparse.Namespace, loop: LoopSettings, script: str, sdxl: bool = False) -> None:
     """Build datasets and plan, print the report (main process only); returns None, loads no model."""
-    from library.data.dataset import build_dataset_group, scan_mode
-    from library.training.runners.run_common import build_data
-
     group, params = build_data(args, script, sdxl)  # the real run's own step: the same checks, the same answer
     vgroup = build_dataset_group(params, [], part="validation", seed=args.seed, max_train_steps=args.max_train_steps,
                                  max_token_length=args.max_token_length,

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from safetensors import safe_open
+
 GIB = 2**30
 MIB = 2**20
 # parameters of the real models (millions): used when a checkpoint's header cannot be read cheaply
@@ -73,8 +75,6 @@ def read_shapes(path: Optional[str], family: str) -> ModelShapes:
 
 
 def _header_shapes(path: str) -> dict[str, tuple]:
-    from safetensors import safe_open
-
     with safe_open(path, "pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 

@@ -17,7 +17,16 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from library.config.options import build_parser
+from library.config.ranges import check_ranges
 from library.errors import UserError
+from library.models.checkpoint_io import CheckpointReader
+from library.models.loading import check_family_flags, peek_family
+from library.training.loop.state_checks import check_rng_file, read_train_state
+from library.training.optim.lr_schedules import check_scheduler
+from library.training.optim.optimizers import check_optimizer, parse_kwargs
+from networks.lora_family import check_file_for_family, read_tensor_file
+from networks.network_host import import_network_module, parse_network_args
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +43,6 @@ _PIP_NAMES = {"xformers": "xformers", "deepspeed": "deepspeed", "wandb": "wandb"
 
 def preflight(args: argparse.Namespace, script: str) -> None:
     """Run every check of this module for ``script`` (e.g. "train_network")."""
-    from library.config.options import build_parser
-    from library.config.ranges import check_ranges
-
     check_ranges(args, build_parser(script))
     if not getattr(args, "max_train_steps", 1) and not getattr(args, "max_train_epochs", None):
         raise UserError("--max_train_steps 0 trains nothing: give a number of steps, or --max_train_epochs")
@@ -51,8 +57,6 @@ def preflight(args: argparse.Namespace, script: str) -> None:
 def check_model_inputs(args: argparse.Namespace, script: str) -> Optional[str]:
     """The base model exists, its header reads, and its family fits the script and --v2; returns the family
     (None for a hub id or a legacy pickle, which only loading can tell)."""
-    from library.models.loading import check_family_flags, peek_family
-
     path = getattr(args, "pretrained_model_name_or_path", None)
     if not path:
         raise UserError("--pretrained_model_name_or_path is required: the base model file or Diffusers folder")
@@ -79,8 +83,6 @@ def check_model_inputs(args: argparse.Namespace, script: str) -> Optional[str]:
 def _check_vae(path: str) -> None:
     """``--vae`` is a VAE: a Diffusers VAE folder (or a model folder with ``vae/``), or a file whose header
     holds VAE tensors (a VAE alone, or a whole model)."""
-    from library.models.checkpoint_io import CheckpointReader
-
     if os.path.isdir(path):
         if not (os.path.isfile(os.path.join(path, "config.json"))
                 or os.path.isfile(os.path.join(path, "vae", "config.json"))):
@@ -116,7 +118,6 @@ def check_other_inputs(args: argparse.Namespace, script: str, family: Optional[s
     resume = getattr(args, "resume", None)
     if resume and not getattr(args, "resume_from_huggingface", False):
         _must_exist(resume, "--resume", want="folder")
-        from library.training.loop.state_checks import check_rng_file, read_train_state
 
         read_train_state(resume)  # a damaged train_state.json: one line now, not after loading
         check_rng_file(int(os.environ.get("RANK", "0")), resume, bool(getattr(args, "resume_inexact", False)),
@@ -132,8 +133,6 @@ def check_other_inputs(args: argparse.Namespace, script: str, family: Optional[s
 def _check_network_file(path: str, option: str, family: Optional[str]) -> None:
     """Readable, and a LoRA for another model family is refused, before any model loads
     (networks/lora_family.py reads the header only)."""
-    from networks.lora_family import check_file_for_family, read_tensor_file
-
     if family is None:
         read_tensor_file(path, option)
     else:
@@ -173,17 +172,12 @@ def _looks_like_hub_id(path: str) -> bool:
 
 def check_packages(args: argparse.Namespace, script: str) -> None:
     """Optimizer, scheduler, network module, trackers, attention and DeepSpeed resolve or import."""
-    from library.training.optim.lr_schedules import check_scheduler
-    from library.training.optim.optimizers import check_optimizer, parse_kwargs
-
     check_optimizer(args.optimizer_type, getattr(args, "use_8bit_adam", False),
                     getattr(args, "use_lion_optimizer", False))
     parse_kwargs(getattr(args, "optimizer_args", None))
     check_scheduler(args.lr_scheduler, getattr(args, "lr_scheduler_type", ""),
                     getattr(args, "lr_scheduler_args", None), args.optimizer_type)
     if script in NETWORK_SCRIPTS:
-        from networks.network_host import import_network_module, parse_network_args
-
         import_network_module(args.network_module or "networks.lora")
         parse_network_args(getattr(args, "network_args", None))
     log_with = getattr(args, "log_with", None)

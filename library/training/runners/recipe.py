@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from accelerate.utils import set_seed
 
 from library.models.bundle import SDModels
 from library.training.loop.checkpointing import Checkpointer, resume_state
@@ -22,6 +23,7 @@ from library.training.memory.device_memory import park_unused_models
 from library.training.runners import accelerate_setup as setup
 from library.training.runners import run_lock
 from library.training.runners.checks import verify_training_args
+from library.training.runners.dry_run import report
 from library.training.runners.preflight import preflight
 from library.training.runners.run_common import (attach_tokenizers, build_data, cache_latents_if_asked,
                                                  encode_latents_fn, load_base_models, make_sample_hook, tracker_init,
@@ -104,10 +106,7 @@ def run_recipe(parsed: argparse.Namespace, recipe: Recipe) -> Optional[str]:
     _options(args, recipe)
     settings = build_settings(args, recipe.script)
     if getattr(args, "dry_run", False):
-        from library.training.runners.dry_run import report
-
         return report(args, settings.loop, recipe.script, sdxl=recipe.sdxl)
-    from accelerate.utils import set_seed
 
     set_seed(settings.loop.seed)
     run = _load(args, settings, recipe)

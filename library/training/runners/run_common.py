@@ -6,13 +6,28 @@ import logging
 import sys
 from typing import Callable, Iterable, Optional
 
+import toml
 import torch
 
+from library.config.dataset_blueprint import dataset_params_from_args
 from library.config.option_record import OptionRecord
+from library.data.batch import get_input_ids
+from library.data.dataset import build_dataset_group, make_dataloader, scan_mode
+from library.data.latent_cache import cache_latents
 from library.errors import UserError
+from library.formats.metadata import DatasetFacts, SubsetFacts, TrainingFacts
 from library.models.bundle import SDModels
+from library.models.loading import load_models
+from library.sampling.prompt_file import load_sample_prompts
+from library.sampling.training_samples import sample_images_for_training
+from library.training.loop.train_loop import train
+from library.training.memory.fp8_storage import store_in_fp8
+from library.training.objective import conditioning
+from library.training.optim.lr_schedules import build_lr_scheduler
+from library.training.optim.optimizers import build_optimizer
 from library.training.runners import accelerate_setup as setup
 from library.training.settings import LoopSettings, loop_plan
+from networks.network_host import NetworkHost
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +35,6 @@ logger = logging.getLogger(__name__)
 def load_base_models(args: argparse.Namespace, acc, wdtype: torch.dtype, sdxl: bool,
                      train_unet: bool = False, train_text_encoder: bool = False) -> SDModels:
     """Load, merge --base_weights, freeze what does not train, cast to the training dtype, move to the device."""
-    from library.models.loading import load_models
-
     if not args.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required")
     models = load_models(args.pretrained_model_name_or_path, v2=args.v2, sdxl=sdxl,
@@ -41,8 +54,6 @@ def load_base_models(args: argparse.Namespace, acc, wdtype: torch.dtype, sdxl: b
             te.to(acc.device, wdtype)
     setup.set_attention(models.unet, args)
     if getattr(args, "fp8_base", False):
-        from library.training.memory.fp8_storage import store_in_fp8
-
         store_in_fp8(models.unet, wdtype)  # frozen weights in fp8, computed in the training dtype
     return models
 
@@ -53,7 +64,6 @@ def _merge_base_weights(args: argparse.Namespace, models: SDModels) -> None:
     mults = list(getattr(args, "base_weights_multiplier", None) or [])
     if len(mults) > len(files):
         raise UserError("--base_weights_multiplier has more values than --base_weights files")
-    from networks.network_host import NetworkHost
 
     te_arg = models.text_encoders if models.is_sdxl else models.text_encoders[0]
     for i, path in enumerate(files):
@@ -67,9 +77,6 @@ def _merge_base_weights(args: argparse.Namespace, models: SDModels) -> None:
 def build_data(args: argparse.Namespace, script: str, sdxl: bool):
     """Dataset group of the run, built and scanned before any model loads (bad images, captions or dataset
     settings fail first); the tokenizers are attached once the models are loaded (``attach_tokenizers``)."""
-    from library.config.dataset_blueprint import dataset_params_from_args
-    from library.data.dataset import build_dataset_group, scan_mode
-
     params = dataset_params_from_args(args, script)
     group = build_dataset_group(params, [], seed=args.seed, max_train_steps=args.max_train_steps,
                                 max_token_length=args.max_token_length, debug_dataset=args.debug_dataset,
@@ -122,9 +129,6 @@ def encode_latents_fn(models: SDModels, acc, args: argparse.Namespace) -> Callab
 
 def encode_text_fn(models: SDModels, acc, args: argparse.Namespace, wdtype: torch.dtype):
     """SDXL: raw captions -> {hidden_state1, hidden_state2, pool2} for the TE-output cache (spec §10.1)."""
-    from library.data.batch import get_input_ids
-    from library.training.objective.conditioning import encode_sdxl
-
     te1, te2 = models.text_encoders
     tok1, tok2 = models.tokenizers
 
@@ -132,7 +136,7 @@ def encode_text_fn(models: SDModels, acc, args: argparse.Namespace, wdtype: torc
         ids1 = torch.stack([get_input_ids(c, tok1, args.max_token_length) for c in captions])
         ids2 = torch.stack([get_input_ids(c, tok2, args.max_token_length) for c in captions])
         with torch.no_grad(), acc.autocast():
-            ctx, pool = encode_sdxl(te1, te2, ids1, ids2, args.max_token_length)
+            ctx, pool = conditioning.encode_sdxl(te1, te2, ids1, ids2, args.max_token_length)
         d1 = te1.config.hidden_size
         return {"hidden_state1": ctx[..., :d1].float().cpu(), "hidden_state2": ctx[..., d1:].float().cpu(),
                 "pool2": pool.float().cpu()}
@@ -144,7 +148,6 @@ def cache_latents_if_asked(args: argparse.Namespace, group, models: SDModels, ac
     """--cache_latents / --cache_latents_to_disk: encode every image once before training."""
     if not args.cache_latents:
         return
-    from library.data.latent_cache import cache_latents
 
     with torch.no_grad():
         cache_latents(group, encode_latents_fn(models, acc, args), args.vae_batch_size, args.cache_latents_to_disk,
@@ -156,9 +159,6 @@ def optimizer_and_schedule(args: argparse.Namespace, loop: LoopSettings, params,
     """Optimizer, step plan and LR scheduler of a run (spec cli-options §4.2, §8): ``(opt, sched, plan, name)``.
 
     The plan resolves ``--max_train_epochs`` into steps; it is what everything after reads (never the options)."""
-    from library.training.optim.lr_schedules import build_lr_scheduler
-    from library.training.optim.optimizers import build_optimizer
-
     optimizer, opt_name, extra = build_optimizer(params, args.optimizer_type, args.learning_rate, args.optimizer_args,
                                                  args.use_8bit_adam, args.use_lion_optimizer)
     plan = loop_plan(loop, -(-len(group) // acc.num_processes))
@@ -171,8 +171,6 @@ def optimizer_and_schedule(args: argparse.Namespace, loop: LoopSettings, params,
 
 def make_loader_factory(group, args: argparse.Namespace, acc) -> Callable[[int, int], Iterable]:
     """``(epoch, skip) -> batches`` for this process, moved to the device."""
-    from library.data.dataset import make_dataloader
-
     workers = min(args.max_data_loader_n_workers, max(1, (__import__("os").cpu_count() or 1)))
 
     def loader(epoch: int, skip: int):
@@ -191,13 +189,10 @@ def make_sample_hook(args: argparse.Namespace, models: SDModels, acc, wdtype: to
         if args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first:
             raise UserError("--sample_every_n_* / --sample_at_first need --sample_prompts")
         return None
-    from library.sampling.prompt_file import load_sample_prompts
 
     prompts = load_sample_prompts(args.sample_prompts, args.sample_sampler)
 
     def sample(epoch: Optional[int], steps: int) -> None:
-        from library.sampling.training_samples import sample_images_for_training
-
         mine = prompts[acc.process_index::acc.num_processes]
         sample_images_for_training(models, mine, output_dir=args.output_dir or ".", output_name=args.output_name,
                                    epoch=epoch, steps=steps, default_sampler=args.sample_sampler,
@@ -210,7 +205,6 @@ def make_sample_hook(args: argparse.Namespace, models: SDModels, acc, wdtype: to
 def tracker_init(acc, options: OptionRecord, default_name: str) -> None:
     if not acc.is_main_process or not acc.log_with:
         return
-    import toml
 
     init_kwargs = {}
     if options.get("wandb_run_name"):
@@ -223,8 +217,6 @@ def tracker_init(acc, options: OptionRecord, default_name: str) -> None:
 
 
 def training_facts(args, models: SDModels, group, plan, opt_name: str, acc):
-    from library.formats.metadata import TrainingFacts
-
     return TrainingFacts(family=models.family, num_train_images=group.num_train_images,
                          num_reg_images=group.num_reg_images, num_batches_per_epoch=plan.batches_per_epoch,
                          num_epochs=plan.num_epochs, optimizer_name=opt_name, datasets=dataset_facts(group),
@@ -234,8 +226,6 @@ def training_facts(args, models: SDModels, group, plan, opt_name: str, acc):
 
 def dataset_facts(group) -> list:
     """The dataset group as the metadata module describes it (spec file-formats §b.1)."""
-    from library.formats.metadata import DatasetFacts, SubsetFacts
-
     out = []
     for d in group.datasets:
         p = d.params
@@ -261,8 +251,6 @@ def train_and_save(acc, training, group, args: argparse.Namespace, loop: LoopSet
                    note: str = "") -> str:
     """The last step of every runner: the shared loop, then the final save; returns the final file.
     ``training``: the recipe's ``Training`` (method, optimizer, schedule, plan, checkpointer)."""
-    from library.training.loop.train_loop import train
-
     method, optimizer, lr_sched = training.method, training.optimizer, training.lr_scheduler
     plan, checkpointer = training.plan, training.checkpointer
     logger.info("training: %d steps, %d epochs, %d batches per epoch%s", plan.max_train_steps, plan.num_epochs,

@@ -11,6 +11,12 @@ import argparse
 import logging
 from typing import Callable, Optional
 
+import torch
+
+from library.config.dataset_blueprint import dataset_params_from_args
+from library.data.dataset import build_dataset_group, scan_mode
+from library.data.latent_cache import cache_latents
+from library.data.te_cache import cache_text_encoder_outputs
 from library.training.extras.ema import EMA, ema_from_settings, ema_name
 from library.training.extras.receipts import ReceiptWriter, build_receipt, dataset_fingerprint
 from library.training.extras.validation import Validator
@@ -84,9 +90,6 @@ def build_validation_group(args: argparse.Namespace, script: str, models, group,
 
     With ``--cache_latents`` / ``--cache_text_encoder_outputs`` (and the encoder for it) the validation
     images are cached like the training ones: validation then needs neither the VAE nor the text encoders."""
-    from library.config.dataset_blueprint import dataset_params_from_args
-    from library.data.dataset import build_dataset_group, scan_mode
-
     params = dataset_params_from_args(args, script)
     cache_te = bool(getattr(args, "cache_text_encoder_outputs", False)) and encode_text is not None
     vgroup = build_dataset_group(params, models.tokenizers, seed=args.seed, max_train_steps=max_train_steps,
@@ -97,16 +100,10 @@ def build_validation_group(args: argparse.Namespace, script: str, models, group,
     vgroup.replacements = dict(group.replacements)  # Textual Inversion's caption replacement
     vgroup.latent_factor = group.latent_factor
     if getattr(args, "cache_latents", False) and encode_latents is not None:
-        import torch
-
-        from library.data.latent_cache import cache_latents
-
         with torch.no_grad():
             cache_latents(vgroup, encode_latents, args.vae_batch_size, args.cache_latents_to_disk, acc.is_main_process)
         acc.wait_for_everyone()
     if cache_te:
-        from library.data.te_cache import cache_text_encoder_outputs
-
         cache_text_encoder_outputs(vgroup, encode_text, args.cache_text_encoder_outputs_to_disk, acc.is_main_process)
         acc.wait_for_everyone()
     return vgroup

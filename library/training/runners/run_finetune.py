@@ -24,7 +24,7 @@ def _diffusers_xformers(models: SDModels, args: argparse.Namespace) -> None:
 def _check(args: argparse.Namespace) -> None:
     if args.diffusers_xformers:
         try:  # checked before loading anything: the switch needs the package (GPU only)
-            import xformers  # noqa: F401
+            import xformers  # optional package noqa: F401
         except ImportError:
             raise UserError("--diffusers_xformers needs the xformers package (GPU only): pip install xformers") from None
     if args.learning_rate_te is not None and not args.train_text_encoder:

@@ -7,7 +7,10 @@ import logging
 import time
 from typing import Callable, Optional
 
+from library.data.te_cache import cache_text_encoder_outputs
 from library.errors import UserError
+from library.formats.metadata import build_training_metadata, metadata_for_save, ss_epoch_value
+from library.formats.modelspec import modelspec_from_options, trained_resolution
 from library.training.loop.checkpointing import Checkpointer
 from library.training.methods.network import NetworkMethod
 from library.training.objective.diffusion_step import DiffusionObjective
@@ -38,7 +41,6 @@ class NetworkRecipe(Recipe):
         """SDXL --cache_text_encoder_outputs: every caption encoded once (U-Net-only training)."""
         if not (self.sdxl and run.args.cache_text_encoder_outputs):
             return None
-        from library.data.te_cache import cache_text_encoder_outputs
 
         encode = encode_text_fn(run.models, run.acc, run.args, run.wdtype)
         cache_text_encoder_outputs(run.group, encode, run.args.cache_text_encoder_outputs_to_disk,
@@ -117,9 +119,6 @@ def _verify_sdxl(args: argparse.Namespace) -> None:
 
 
 def _metadata_fn(args, settings, models, group, plan, opt_name: str, acc):
-    from library.formats.metadata import build_training_metadata, metadata_for_save, ss_epoch_value
-    from library.formats.modelspec import modelspec_from_options, trained_resolution
-
     facts = training_facts(args, models, group, plan, opt_name, acc)
     base = build_training_metadata(settings.options, facts)
 

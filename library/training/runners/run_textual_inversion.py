@@ -14,6 +14,9 @@ import torch
 
 from library.errors import UserError
 from library.formats.modelspec import modelspec_from_options, trained_resolution
+from library.formats.ti_embedding import load_embedding
+from library.models.architectures import detect_family
+from library.models.checkpoint_io import CheckpointReader
 from library.training.loop.checkpointing import Checkpointer
 from library.training.methods import ti_tokens
 from library.training.methods.textual_inversion import TextualInversionMethod
@@ -106,7 +109,6 @@ def _initial_weights(args: argparse.Namespace) -> Optional[torch.Tensor]:
     """--weights: the first tensor of an embedding file, 1-D as (1, d) (spec file-formats §c)."""
     if args.weights is None:
         return None
-    from library.formats.ti_embedding import load_embedding
 
     logger.info("initial embedding from %s", args.weights)
     return load_embedding(args.weights, for_trainer=True)
@@ -119,9 +121,6 @@ def _reject_sdxl(path: Optional[str]) -> None:
     if os.path.isdir(path):
         sdxl = os.path.isdir(os.path.join(path, "text_encoder_2"))
     elif os.path.isfile(path):
-        from library.models.architectures import detect_family
-        from library.models.checkpoint_io import CheckpointReader
-
         reader = CheckpointReader(path)
         try:
             sdxl = detect_family(reader.keys(), path) == "sdxl"
