@@ -32,10 +32,12 @@ DEFAULT_BASE = Path(__file__).resolve().parents[2] / "models" / "shapes-sd1.safe
 @dataclass
 class DemoSettings:
     base_model: str = str(DEFAULT_BASE)
-    steps: int = 600
-    images: int = 100  # concept images (hearts); as many regularisation images of the old world
-    network_dim: int = 8
+    steps: int = 2000
+    images: int = 200  # concept images (hearts); as many regularisation images of the old world
+    network_dim: int = 16
+    conv_dim: int = 16  # LoRA on the 3x3 convolutions too (network_args conv_dim/conv_alpha): a new shape
     learning_rate: float = 5e-4
+    prior_loss_weight: float = 1.0  # weight of the regularisation images (the old world) in the loss
     batch_size: int = 8
     prompts_per_color: int = 5  # new-concept prompts per colour (8 colours)
     heldout_prompts_per_pair: int = 8  # old world, the 5 pairs the base model never saw
@@ -100,10 +102,12 @@ def write_train_config(out: Path, dataset_toml: Path, s: DemoSettings) -> Path:
         "network_dim": s.network_dim,
         "network_alpha": s.network_dim,
         "network_train_unet_only": True,
+        **({"network_args": [f"conv_dim={s.conv_dim}", f"conv_alpha={s.conv_dim}"]} if s.conv_dim else {}),
         "learning_rate": s.learning_rate,
         "optimizer_type": "AdamW",
-        "lr_scheduler": "constant_with_warmup",
+        "lr_scheduler": "cosine",
         "lr_warmup_steps": min(50, s.steps // 10),
+        "prior_loss_weight": s.prior_loss_weight,
         "max_train_steps": s.steps,
         "cache_latents": True,
         "mixed_precision": "no",

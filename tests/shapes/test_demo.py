@@ -116,7 +116,7 @@ def test_committed_base_model_composes_colour_and_shape_pairs_it_never_saw(tmp_p
 
 
 def test_demo_report_judges_strictly_and_cross_checks(tmp_path):
-    """The demo, shortened (fewer prompts; same 600 training steps): every image gets a strict verdict and a
+    """The demo, shortened (fewer prompts; same training): every image gets a strict verdict and a
     cross-check reading; the report lists the agreement and the disagreements; grid.png carries a green or
     red verdict bar under every image; the loss falls."""
     s = demo.DemoSettings(prompts_per_color=2, heldout_prompts_per_pair=2, train_prompts_per_pair=1)
@@ -134,7 +134,7 @@ def test_demo_report_judges_strictly_and_cross_checks(tmp_path):
     for name in ("report.md", "report.json", "grid.png", "loss.png", "train_network.toml", "dataset.toml"):
         assert (tmp_path / name).is_file(), name
     report = (tmp_path / "report.md").read_text()
-    assert "**" in report and "agree on" in report and json.loads((tmp_path / "report.json").read_text())["steps"] == 600
+    assert "**" in report and "agree on" in report and json.loads((tmp_path / "report.json").read_text())["steps"] == s.steps
     grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB")).astype(int)
     assert grid.shape[1] > 8 * 96 and grid.shape[0] > 2 * 96  # 8 new-concept colours + 5 held-out pairs, 2 rows
     bars = sum(int((np.abs(grid - c).sum(-1) == 0).sum()) for c in (plots.VERDICT_OK, plots.VERDICT_BAD))
