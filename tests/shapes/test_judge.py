@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from library.shapes import crosscheck, distractors, judge, world
+from library.shapes import crosscheck, distractors, evaluate, judge, world
 
 CAL_SEED = 77
 PER_SHAPE = 40
@@ -72,8 +72,7 @@ def test_verdict_explains_a_rejection():
 
 def test_heart_needs_its_notch():
     """A shield (no cleft) and a heart drawn in the same box: only the heart is a heart."""
-    from library.shapes.evaluate import segment
-
+    segment = evaluate.segment
     box = (8.0, 8.0, 56.0, 54.0)
     heart = world.shape_alpha("heart", 64, 64, box)
     shield = world.polygon_alpha(distractors.shield_polygon(np.random.default_rng(1)), 64, 64, box)
@@ -92,3 +91,18 @@ def test_crosscheck_shares_no_code_with_the_judge():
         elif isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
     assert not names & {"judge", "evaluate", "library.shapes.judge", "library.shapes.evaluate"}, names
+
+
+def test_a_heart_with_a_deeper_cleft_is_still_a_heart():
+    """The one-sided rule (judge.DEEPER_IS_FINE): deepen the drawn heart's cleft, it stays a heart."""
+    poly = world.SHAPE_POLYGONS["heart"].copy()
+    near = np.abs(poly[:, 0]) < 0.35
+    poly[near, 1] += 0.3 * (1 - np.abs(poly[near, 0]) / 0.35) * (poly[near, 1] < 0)
+    rng = np.random.default_rng(5)
+    bg, _ = world.background(rng, 64, 64)
+    img = world.paint(bg, world.polygon_alpha(poly, 64, 64, (10, 10, 54, 52)), "red", rng)
+    i = judge.FEATURES.index("notch")
+    notch = judge.judge_features(*evaluate.segment(img))[i]
+    means, spreads = judge.fitted()
+    assert notch > means["heart"][i] + judge.Z_MAX * spreads["heart"][i]  # far deeper than the drawn heart's
+    assert judge.judge(img).shape == "heart"
