@@ -32,12 +32,12 @@ DEFAULT_BASE = Path(__file__).resolve().parents[2] / "models" / "shapes-sd1.safe
 @dataclass
 class DemoSettings:
     base_model: str = str(DEFAULT_BASE)
-    steps: int = 2000
+    steps: int = 3000
     images: int = 200  # concept images (hearts); as many regularisation images of the old world
     network_dim: int = 16
     conv_dim: int = 16  # LoRA on the 3x3 convolutions too (network_args conv_dim/conv_alpha): a new shape
     learning_rate: float = 5e-4
-    prior_loss_weight: float = 1.0  # weight of the regularisation images (the old world) in the loss
+    prior_loss_weight: float = 2.0  # weight of the regularisation images (the old world) in the loss
     batch_size: int = 8
     prompts_per_color: int = 5  # new-concept prompts per colour (8 colours)
     heldout_prompts_per_pair: int = 8  # old world, the 5 pairs the base model never saw
