@@ -9,6 +9,7 @@ from library.config.config_file import parse_args_with_config
 from library.config.options import build_parser
 from library.errors import exit_on_user_error
 from library.log import setup_logging_from_args
+from library.training.memory.host_allocator import keep_freed_memory
 from library.training.runners.run_lock import releasing
 
 # script -> (runner module, keyword arguments of its run())
@@ -36,6 +37,7 @@ def run_script(script: str, args: argparse.Namespace):
     """Set up logging and run ``script``'s runner on parsed options; returns what the runner returns
     (the final file's path, or None after ``--dry_run``). ``UserError`` propagates."""
     setup_logging_from_args(args)
+    keep_freed_memory()  # before any model loads: every step reuses the memory the last one freed
     module, kwargs = RUNNERS[script]
 
     with releasing():  # the runner takes the output-name lock once its options are checked
