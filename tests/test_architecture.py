@@ -249,15 +249,9 @@ def test_the_namespace_check_catches_what_it_should(tmp_path):
 LAZY_REASONS = ("start-up", "optional package")
 
 
-# library/shapes is being rewritten for issue 19 in the same session; its imports move to the top with that work
-IN_FLIGHT = ("library/shapes/",)
-
-
 def test_imports_inside_functions_say_why():
     bad = []
     for path in _sources():
-        if str(path.relative_to(ROOT)).startswith(IN_FLIGHT):
-            continue
         lines = path.read_text(encoding="utf-8").splitlines()
         for node in ast.walk(ast.parse("\n".join(lines))):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -21,7 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import toml
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from library.errors import UserError
+from library.log import setup_logging_from_args
+from library.sampling.gen_options import build_gen_parser
+from library.sampling.gen_runner import run
+from library.shapes import crosscheck
+from library.shapes import judge as strict
 from library.shapes import world
+from library.shapes.evaluate import parse_prompt, prompt_of
+from library.shapes.plots import image_grid, line_chart
+from library.training import entry
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +63,6 @@ class DemoSettings:
 
 
 def write_toml(path: Path, values: dict) -> Path:
-    import toml
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(toml.dumps(values), encoding="utf-8")
     return path
@@ -143,10 +154,6 @@ def write_prompts(out: Path, s: DemoSettings) -> tuple[Path, dict[str, str]]:
 
 
 def generate(out_dir: Path, prompts: Path, s: DemoSettings, lora: Path | None = None) -> list[str]:
-    from library.sampling.gen_options import build_gen_parser
-    from library.log import setup_logging_from_args
-    from library.sampling.gen_runner import run
-
     argv = ["--ckpt", s.base_model, "--from_file", str(prompts), "--outdir", str(out_dir), "--steps",
             str(s.sample_steps), "--sampler", "euler_a", "--scale", str(s.guidance_scale), "--seed", str(s.seed),
             "--batch_size", "8", "--console_log_simple"]
@@ -159,12 +166,6 @@ def generate(out_dir: Path, prompts: Path, s: DemoSettings, lora: Path | None = 
 
 def judge_image(path: str, prompt: str) -> dict:
     """The strict judge's verdict on one image, the independent cross-check's, and what the prompt wanted."""
-    from PIL import Image
-
-    from library.shapes import crosscheck
-    from library.shapes import judge as strict
-    from library.shapes.evaluate import parse_prompt
-
     want_color, want_shape = parse_prompt(prompt, aliases={TRIGGER: world.NEW_SHAPE})
     with Image.open(path) as im:
         # the judge may answer any colour the model knows, so a drift to a neighbouring hue counts as wrong
@@ -199,8 +200,6 @@ def agreement(records: Sequence[dict]) -> dict:
 def judge(paths: Sequence[str], groups: dict[str, str]) -> dict:
     """Strict-judge summaries per prompt group (new concept, held-out pairs, training pairs) and overall,
     the agreement with the cross-check, and every image's verdict (``images``)."""
-    from library.shapes.evaluate import prompt_of
-
     records = [judge_image(p, prompt_of(p) or "") for p in paths]
     group_of = {line.split(" --")[0]: g for line, g in groups.items()}
     by_group: dict[str, list] = {}
@@ -212,7 +211,6 @@ def judge(paths: Sequence[str], groups: dict[str, str]) -> dict:
 
 def read_losses(log_dir: Path, tag: str = "loss/current") -> tuple[list[int], list[float]]:
     """Per-step training loss from the tensorboard event files of a run."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     steps, values = [], []
     for events in sorted(log_dir.rglob("events.out.tfevents.*")):
@@ -237,8 +235,6 @@ def _moving_average(values: Sequence[float], k: int = 50) -> list[float]:
 
 def _grid_columns(before: Sequence[str], groups: dict[str, str]) -> list[int]:
     """Columns of the grid: the first image of each new-concept prompt, then of each held-out pair."""
-    from library.shapes.evaluate import prompt_of
-
     prompts = [(prompt_of(p) or "").split(" --")[0] for p in before]
     group_of = {line.split(" --")[0]: g for line, g in groups.items()}
     picked, seen = [], set()
@@ -254,10 +250,6 @@ def write_figures(out: Path, before: Sequence[str], after: Sequence[str], groups
                   losses: tuple[list[int], list[float]], verdicts: tuple[Sequence[dict], Sequence[dict]]) -> dict:
     """grid.png (before / after, the judge's verdict under every image: green = matches the prompt) and
     loss.png. ``verdicts`` are the ``images`` records of ``judge`` for before and after, in path order."""
-    from PIL import Image
-
-    from library.shapes.plots import image_grid, line_chart
-
     picked = _grid_columns(before, groups)
     rows, captions = [], []
     for paths, records in zip((before, after), verdicts):
@@ -324,13 +316,9 @@ def report_markdown(result: dict) -> str:
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     """Run the whole job into ``out`` and return the report (also written as report.json / report.md)."""
-    from library.training import entry
-
     s = settings or DemoSettings()
     out = Path(out)
     if not Path(s.base_model).is_file():
-        from library.errors import UserError
-
         raise UserError(f"--base_model {s.base_model}: file not found (the repository ships models/shapes-sd1.safetensors)")
     out.mkdir(parents=True, exist_ok=True)
     # a rerun into the same folder starts clean: old images would be judged again and old tensorboard events

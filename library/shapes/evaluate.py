@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -333,8 +334,6 @@ def parse_prompt(prompt: str, colors: Sequence[str] = tuple(world.PALETTE), shap
 def prompt_of(path: str) -> str | None:
     """The prompt stored with an image: PNG text ``prompt`` (gen_img), else the first line of A1111
     ``parameters``, else a caption file beside it (``.caption`` / ``.txt``)."""
-    import os
-
     with Image.open(path) as im:
         text = getattr(im, "text", None) or {}
         if text.get("prompt"):

@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from library.models.tiny import tiny_vae_config
+
 from . import evaluate, world
 
 logger = logging.getLogger(__name__)
@@ -61,8 +63,6 @@ class VAETrainConfig:
 
 def vae_config(cfg: VAETrainConfig) -> dict:
     """The Diffusers config: the tiny SD1 VAE of ``library.models.tiny`` with the chosen channels."""
-    from library.models.tiny import tiny_vae_config
-
     return dict(tiny_vae_config("sd1"), block_out_channels=tuple(cfg.block_out_channels),
                 layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
                 scaling_factor=SD1_SCALING)
@@ -125,7 +125,7 @@ def _lr_at(step: int, cfg: VAETrainConfig) -> float:
 
 def train_vae(cfg: VAETrainConfig, progress: Callable[[int, float], None] | None = None):
     """Train a fresh tiny VAE; returns ``(vae, history)`` where history holds the per-step L1."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # start-up (diffusers: ~2 s)
 
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(**vae_config(cfg))

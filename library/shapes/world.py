@@ -11,12 +11,16 @@ bounding box exactly, which is what lets the evaluator compare shapes of any siz
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from library.fileio import atomic_path, write_text_atomic
 
 # Colours far apart in hue so a tiny, blurry model can still be judged on them.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -260,11 +264,6 @@ def write_dataset(samples: Iterable[Sample], out: str, fmt: str = "both", repeat
     Both are written through temporary names, so an interrupted run leaves no half dataset.
     ``aliases`` renames shapes in captions (``{"heart": "sks"}`` -> ``a red sks``: a trigger word).
     """
-    import json
-    import os
-
-    from library.fileio import atomic_path, write_text_atomic
-
     if fmt not in ("dreambooth", "finetune", "both"):
         raise ValueError(f"unknown format {fmt!r} (dreambooth, finetune, both)")
     image_dir = os.path.join(out, f"{repeats}_{name}")
