@@ -289,6 +289,7 @@ _TRAINER_FLAGS = {
     "train_db": (True, False, None, True),
     "fine_tune": (False, True, False, True),
     "train_textual_inversion": (True, True, None, False),
+    "sdxl_train_textual_inversion": (True, True, None, False),
     "cache_latents": (True, True, False, True),
 }
 

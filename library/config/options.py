@@ -25,6 +25,10 @@ from library.config.ranges import Range, at_least, ranged, ranges_of
 from library.log import add_logging_arguments
 
 SCRIPTS = ("train_network", "sdxl_train_network", "train_db", "fine_tune", "train_textual_inversion")
+# scripts whose parser is another script's, unchanged (upstream's setup_parser() returns that parser)
+SAME_PARSER = {"sdxl_train_textual_inversion": "train_textual_inversion"}
+SCRIPTS += tuple(SAME_PARSER)
+TEXTUAL_INVERSION_SCRIPTS = ("train_textual_inversion", "sdxl_train_textual_inversion")
 
 _DESCRIPTIONS = {
     "train_network": "Train a LoRA (or any --network_module) for Stable Diffusion 1.x/2.x.",
@@ -32,6 +36,8 @@ _DESCRIPTIONS = {
     "train_db": "DreamBooth: train the U-Net (and text encoder) with optional regularization images.",
     "fine_tune": "Fine-tune a Stable Diffusion model from metadata JSON or a dataset config.",
     "train_textual_inversion": "Train a Textual Inversion embedding.",
+    "sdxl_train_textual_inversion": "Train a Textual Inversion embedding for Stable Diffusion XL (both text "
+                                    "encoders; clip_l / clip_g file).",
 }
 
 
@@ -143,6 +149,7 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     if script not in SCRIPTS:
         raise ValueError(f"unknown script {script!r}; expected one of {', '.join(SCRIPTS)}")
     parser = argparse.ArgumentParser(prog=f"{script}.py", description=_DESCRIPTIONS[script])
+    script = SAME_PARSER.get(script, script)  # from here on: which groups the parser has
     dreambooth = script != "fine_tune"
     add_logging_arguments(section(parser, "console log"))
     add_sd_models_arguments(parser)

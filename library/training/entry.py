@@ -19,6 +19,7 @@ RUNNERS = {
     "train_db": ("library.training.runners.run_dreambooth", {}),
     "fine_tune": ("library.training.runners.run_finetune", {}),
     "train_textual_inversion": ("library.training.runners.run_textual_inversion", {}),
+    "sdxl_train_textual_inversion": ("library.training.runners.run_textual_inversion", {"sdxl": True}),
 }
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from library.config.options import SCRIPTS, build_parser
+from library.config.options import SAME_PARSER, SCRIPTS, build_parser
 from library.config.options_beyond import BEYOND_SD_SCRIPTS_OPTIONS
 
 LETTER = {"N": "train_network", "X": "sdxl_train_network", "D": "train_db", "F": "fine_tune",
@@ -264,7 +264,7 @@ def test_choices_match_spec(letter, option, choices):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_option_is_in_the_spec_table(script):
     """No option beyond the spec's (plus argparse's own --help and docs/beyond-sd-scripts.md's)."""
-    letter = next(k for k, v in LETTER.items() if v == script)
+    letter = next(k for k, v in LETTER.items() if v == SAME_PARSER.get(script, script))
     expected = {o for o, _, _, letters in SPEC_OPTIONS if letter in letters} | set(BEYOND_SD_SCRIPTS_OPTIONS)
     actual = {a.dest for a in _PARSERS[script]._actions if not isinstance(a, argparse._HelpAction)}
     assert actual == expected

@@ -1,8 +1,8 @@
 """Textual Inversion tokens: new token strings, their ids and initial vectors, caption templates.
 
 spec cli-options §12 (train_textual_inversion.py): tokens ``tok, tok1, … tok{n-1}`` are added to the
-tokenizer, must be new and contiguous at the end of the vocabulary; the text encoder's embedding
-matrix grows to match; new rows start from ``--init_word``'s ids cycled, or from ``--weights``.
+tokenizer (SDXL: to each of the two), must be new and contiguous at the end of the vocabulary; the text
+encoder's embedding matrix grows to match; new rows start from ``--init_word``'s ids cycled, or from ``--weights``.
 """
 from __future__ import annotations
 
@@ -41,12 +41,17 @@ def token_strings(token: str, num_vectors: int) -> list[str]:
     return [token] + [f"{token}{i}" for i in range(1, num_vectors)]
 
 
-def add_tokens(tokenizer, strings: list[str]) -> list[int]:
-    """Add the new tokens; they must not exist yet and must get contiguous ids at the end of the vocabulary."""
+def check_new(tokenizer, strings: list[str]) -> None:
+    """The new tokens must not exist yet (SDXL checks both tokenizers before changing either)."""
     vocab = tokenizer.get_vocab()
     existing = [s for s in strings if s in vocab]
     if existing:
         raise UserError(f"--token_string: {', '.join(existing)} already exists in the tokenizer; choose another word")
+
+
+def add_tokens(tokenizer, strings: list[str]) -> list[int]:
+    """Add the new tokens; they must not exist yet and must get contiguous ids at the end of the vocabulary."""
+    check_new(tokenizer, strings)
     added = tokenizer.add_tokens(strings)
     if added != len(strings):
         raise UserError(f"--token_string: only {added} of the tokens {strings} could be added to the tokenizer")

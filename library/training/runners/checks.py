@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from library.config.options import TEXTUAL_INVERSION_SCRIPTS
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def verify_training_args(args: argparse.Namespace, script: str) -> None:
     if getattr(args, "v_pred_like_loss", None) and getattr(args, "v_parameterization", False):
         raise UserError("--v_pred_like_loss cannot be used with --v_parameterization")
     mp = getattr(args, "mixed_precision", "no")
-    if getattr(args, "full_fp16", False) and mp != "fp16" and script != "train_textual_inversion":
+    if getattr(args, "full_fp16", False) and mp != "fp16" and script not in TEXTUAL_INVERSION_SCRIPTS:
         raise UserError("--full_fp16 needs --mixed_precision fp16")
     if getattr(args, "full_bf16", False) and mp != "bf16" and script in ("train_network", "sdxl_train_network"):
         raise UserError("--full_bf16 needs --mixed_precision bf16")

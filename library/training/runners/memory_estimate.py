@@ -122,7 +122,7 @@ def estimate(args, family: str, trainer: str, max_latent_pixels: int, batch_size
             b = 1
         elif trainer == "full" and (part == "unet" or (part == "text_encoder" and _trains_te(args, trainer))):
             b = wbytes if full16 else 4
-        elif trainer == "ti" and part == "text_encoder":
+        elif trainer == "ti" and part.startswith("text_encoder"):  # SDXL: both encoders' tables train
             b = wbytes if full16 else 4
         rows.append((f"weights {part} ({n / 1e6:.1f}M x {b} B)", int(n * b)))
     if trainer == "network":
@@ -157,7 +157,8 @@ def _trained_params(args, family: str, trainer: str, shapes: ModelShapes) -> flo
         n = shapes.params.get("unet", 0.0)
         return n + (shapes.params.get("text_encoder", 0.0) if _trains_te(args, trainer) else 0.0)
     if trainer == "ti":
-        return 49408.0 * (768 if family == "sd1" else 1024)  # the whole input-embedding matrix trains
+        # the whole input-embedding matrix of every text encoder trains
+        return 49408.0 * {"sd1": 768, "sdxl": 768 + 1280}.get(family, 1024)
     rank = getattr(args, "network_dim", None) or 4
     parts = ["unet"] if getattr(args, "network_train_unet_only", False) else \
         [p for p in shapes.params if p != "vae"]

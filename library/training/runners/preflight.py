@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from library.config.options import build_parser
+from library.config.options import TEXTUAL_INVERSION_SCRIPTS, build_parser
 from library.config.ranges import check_ranges
 from library.errors import UserError
 from library.models.checkpoint_io import CheckpointReader
@@ -30,13 +30,13 @@ from networks.network_host import import_network_module, parse_network_args
 
 logger = logging.getLogger(__name__)
 
-SDXL_SCRIPTS = ("sdxl_train_network",)
+SDXL_SCRIPTS = ("sdxl_train_network", "sdxl_train_textual_inversion",)
 NETWORK_SCRIPTS = ("train_network", "sdxl_train_network")
 # the sd-scripts script that trains the same thing on SDXL
 SDXL_COUNTERPART = {"train_network": "sdxl_train_network.py",
                     "train_db": "sdxl_train.py (not provided here yet)",
                     "fine_tune": "sdxl_train.py (not provided here yet)",
-                    "train_textual_inversion": "sdxl_train_textual_inversion.py (not provided here yet)"}
+                    "train_textual_inversion": "sdxl_train_textual_inversion.py"}
 # package to import -> pip name, for options that need an optional package
 _PIP_NAMES = {"xformers": "xformers", "deepspeed": "deepspeed", "wandb": "wandb", "tensorboard": "tensorboard"}
 
@@ -253,7 +253,7 @@ def estimate_output_bytes(args: argparse.Namespace, script: str) -> int:
     if script in NETWORK_SCRIPTS:
         dim = getattr(args, "network_dim", None) or 4
         one = max(model_bytes // 2 * dim // 320, 1 << 20)  # LoRA ~ dim/320 of the fp16 model (SD1.5: dim 32 ~ 37 MB)
-    elif script == "train_textual_inversion":
+    elif script in TEXTUAL_INVERSION_SCRIPTS:
         one = 1 << 20
     else:
         one = model_bytes

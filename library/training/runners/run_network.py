@@ -104,8 +104,8 @@ def _apply_network(args: argparse.Namespace, options, models):
     return host, te_arg, train_unet, train_te
 
 
-def _verify_sdxl(args: argparse.Namespace) -> None:
-    """spec cli-options §11."""
+def verify_sdxl_base(args: argparse.Namespace) -> None:
+    """The checks every SDXL trainer makes (upstream's ``verify_sdxl_training_args``), spec cli-options §11."""
     if args.v2:
         raise UserError("--v2 cannot be used with SDXL")
     if args.v_parameterization:
@@ -114,6 +114,11 @@ def _verify_sdxl(args: argparse.Namespace) -> None:
         logger.warning("--clip_skip is ignored for SDXL (fixed layers), but recorded in the metadata")
     if getattr(args, "weighted_captions", False):
         raise UserError("--weighted_captions is not supported for SDXL")
+
+
+def _verify_sdxl(args: argparse.Namespace) -> None:
+    """spec cli-options §11."""
+    verify_sdxl_base(args)
     if args.cache_text_encoder_outputs and not args.network_train_unet_only:
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only")
 

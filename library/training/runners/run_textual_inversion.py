@@ -1,7 +1,8 @@
-"""train_textual_inversion.py as a recipe of the shared runner (recipe.py): an embedding (SD 1.x / 2.x).
+"""train_textual_inversion.py (SD 1.x / 2.x) and sdxl_train_textual_inversion.py (SDXL) as one recipe of the
+shared runner (recipe.py): an embedding, trained in every text encoder of the model.
 
-spec cli-options §12 T, losses-and-noise §10, file-formats §c. SDXL embeddings belong to
-sdxl_train_textual_inversion.py, which this project does not provide.
+spec cli-options §12 T, losses-and-noise §10, file-formats §c. SDXL: the same tokens are added to both
+tokenizers, both encoders' new rows train, and the file holds ``clip_l`` (TE1) and ``clip_g`` (TE2).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from library.errors import UserError
 from library.formats.modelspec import modelspec_from_options, trained_resolution
-from library.formats.ti_embedding import load_embedding
+from library.formats.ti_embedding import load_embedding, load_sdxl_embedding
 from library.models.architectures import detect_family
 from library.models.checkpoint_io import CheckpointReader
 from library.training.loop.checkpointing import Checkpointer
@@ -23,20 +24,21 @@ from library.training.methods.textual_inversion import TextualInversionMethod
 from library.training.runners import accelerate_setup as setup
 from library.training.runners.recipe import Recipe, RecipeRun, Training, run_recipe
 from library.training.runners.run_common import optimizer_and_schedule
+from library.training.runners.run_network import verify_sdxl_base
 
 logger = logging.getLogger(__name__)
 
-SCRIPT = "train_textual_inversion"
 
 
 class TextualInversionRecipe(Recipe):
-    """New token rows of the text encoder's input embeddings train; everything else is frozen."""
+    """New token rows of the text encoders' input embeddings train; everything else is frozen."""
 
-    script = SCRIPT
     tracker = "textual_inversion"
 
-    def __init__(self):
-        self.token_ids: list[int] = []
+    def __init__(self, sdxl: bool = False):
+        self.sdxl = sdxl
+        self.script = "sdxl_train_textual_inversion" if sdxl else "train_textual_inversion"
+        self.token_ids: list[list[int]] = []  # per text encoder
         self.prompt_replacement: Optional[tuple[str, str]] = None
 
     def check_options(self, args: argparse.Namespace) -> None:
@@ -47,14 +49,17 @@ class TextualInversionRecipe(Recipe):
             raise UserError(f"--num_vectors_per_token must be at least 1, got {args.num_vectors_per_token}")
         if args.use_object_template and args.use_style_template:
             raise UserError("--use_object_template and --use_style_template exclude each other")
-        _reject_sdxl(args.pretrained_model_name_or_path)
+        if self.sdxl:
+            verify_sdxl_base(args)  # the model's family is checked by preflight (an SDXL model is required)
+        else:
+            _reject_sdxl(args.pretrained_model_name_or_path)
 
     def trains(self, args: argparse.Namespace) -> tuple[bool, bool]:
         return False, True
 
     def after_load(self, run: RecipeRun) -> None:
         """The new tokens, before the captions are tokenized; their caption and prompt replacements."""
-        strings, self.token_ids = _add_new_tokens(run.args, run.models.text_encoders[0], run.models.tokenizers[0])
+        strings, self.token_ids = _add_new_tokens(run.args, run.models.text_encoders, run.models.tokenizers)
         data_replacement, self.prompt_replacement = ti_tokens.caption_replacement(
             strings, run.args.use_object_template, run.args.use_style_template)
         if data_replacement:
@@ -62,20 +67,23 @@ class TextualInversionRecipe(Recipe):
 
     def prepare(self, run: RecipeRun) -> Training:
         args, acc, models, wdtype = run.args, run.acc, run.models, run.wdtype
-        te = models.text_encoders[0]
-        te.requires_grad_(False)  # only the input embeddings train (old rows restored after each step)
-        te.get_input_embeddings().requires_grad_(True)
+        tes = list(models.text_encoders)
+        for te in tes:
+            te.requires_grad_(False)  # only the input embeddings train (old rows restored after each step)
+            te.get_input_embeddings().requires_grad_(True)
+            if args.gradient_checkpointing:
+                te.gradient_checkpointing_enable()
+            if args.full_fp16 or args.full_bf16:  # T casts without checking --mixed_precision (spec pitfall 12)
+                te.to(wdtype)
         if args.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
             models.unet.train()  # diffusers only checkpoints in training mode
-            te.gradient_checkpointing_enable()
-        if args.full_fp16 or args.full_bf16:  # T casts without checking --mixed_precision (spec pitfall 12)
-            te.to(wdtype)
-        embeddings = [te.get_input_embeddings().weight]
+        # one parameter group holding every encoder's table, as upstream: one learning rate for both
+        embeddings = [te.get_input_embeddings().weight for te in tes]
         optimizer, lr_sched, plan, _ = optimizer_and_schedule(args, run.settings.loop, embeddings, run.group, acc)
-        prepared_te, optimizer, lr_sched = acc.prepare(te, optimizer, lr_sched)
+        *prepared_tes, optimizer, lr_sched = acc.prepare(*tes, optimizer, lr_sched)
         method = TextualInversionMethod.from_settings(models, run.settings, acc, wdtype, self.token_ids)
-        method.attach(prepared_te)
+        method.attach(prepared_tes)
         method.save_dtype = setup.save_dtype(args)
         method.save_metadata = lambda: modelspec_from_options(run.settings.options, models.family, "textual-inversion",
                                                               resolution=trained_resolution(run.group))
@@ -89,33 +97,47 @@ class TextualInversionRecipe(Recipe):
         return (lambda s: s.replace(*replacement)) if replacement else None
 
 
-def run(args: argparse.Namespace) -> str:
-    """Train a Textual Inversion embedding; returns the path of the final file."""
-    return run_recipe(args, TextualInversionRecipe())
+def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
+    """Train a Textual Inversion embedding; returns the path of the final file (None after ``--dry_run``)."""
+    return run_recipe(args, TextualInversionRecipe(sdxl))
 
 
-def _add_new_tokens(args: argparse.Namespace, te, tokenizer) -> tuple[list[str], list[int]]:
-    """Tokens ``tok, tok1, …`` into the tokenizer, new embedding rows from --init_word / --weights (spec §12 T)."""
+def _add_new_tokens(args: argparse.Namespace, tes: list, tokenizers: list) -> tuple[list[str], list[list[int]]]:
+    """Tokens ``tok, tok1, …`` into every tokenizer, new embedding rows of every text encoder from --init_word
+    (each tokenizer's own ids) / --weights (spec §12 T); returns the strings and each encoder's new ids."""
     strings = ti_tokens.token_strings(args.token_string, args.num_vectors_per_token)
-    init_ids = ti_tokens.init_word_ids(tokenizer, args.init_word, args.num_vectors_per_token)
-    weights = _initial_weights(args)  # read before touching the tokenizer: a bad file changes nothing
-    token_ids = ti_tokens.add_tokens(tokenizer, strings)
-    ti_tokens.grow_embeddings(te, tokenizer, token_ids, init_ids, weights)
-    logger.info("tokens %s -> ids %s", strings, token_ids)
+    init_ids = [ti_tokens.init_word_ids(tok, args.init_word, args.num_vectors_per_token) for tok in tokenizers]
+    weights = _initial_weights(args, len(tes))  # read before touching a tokenizer: a bad file changes nothing
+    for tok in tokenizers:  # every token must be new in every tokenizer before any is changed
+        ti_tokens.check_new(tok, strings)
+    token_ids = []
+    for i, (te, tok) in enumerate(zip(tes, tokenizers)):
+        ids = ti_tokens.add_tokens(tok, strings)
+        ti_tokens.grow_embeddings(te, tok, ids, init_ids[i], weights[i])
+        logger.info("tokens %s -> ids %s (text encoder %d)", strings, ids, i + 1)
+        token_ids.append(ids)
     return strings, token_ids
 
 
-def _initial_weights(args: argparse.Namespace) -> Optional[torch.Tensor]:
-    """--weights: the first tensor of an embedding file, 1-D as (1, d) (spec file-formats §c)."""
+def _initial_weights(args: argparse.Namespace, n_encoders: int) -> list[Optional[torch.Tensor]]:
+    """--weights per text encoder: SD the first tensor of an embedding file, 1-D as (1, d); SDXL its ``clip_l``
+    and ``clip_g``, both needed (spec file-formats §c)."""
     if args.weights is None:
-        return None
+        return [None] * n_encoders
 
     logger.info("initial embedding from %s", args.weights)
-    return load_embedding(args.weights, for_trainer=True)
+    if n_encoders == 1:
+        return [load_embedding(args.weights, for_trainer=True)]
+    clip_l, clip_g = load_sdxl_embedding(args.weights, for_trainer=True)
+    if clip_l is None or clip_g is None:
+        missing = "clip_l" if clip_l is None else "clip_g"
+        raise UserError(f"--weights {args.weights}: an SDXL embedding needs both clip_l and clip_g; {missing} "
+                        "is missing")
+    return [clip_l, clip_g]
 
 
 def _reject_sdxl(path: Optional[str]) -> None:
-    """SDXL models need sdxl_train_textual_inversion.py (two text encoders), which is not provided here."""
+    """SDXL models need sdxl_train_textual_inversion.py (two text encoders)."""
     if not path:
         raise UserError("--pretrained_model_name_or_path is required")
     if os.path.isdir(path):
@@ -129,5 +151,5 @@ def _reject_sdxl(path: Optional[str]) -> None:
     else:
         return  # load_base_models names the missing path
     if sdxl:
-        raise UserError(f"{path} is an SDXL model: SDXL embeddings need sdxl_train_textual_inversion.py, "
-                        "which this project does not provide; train_textual_inversion.py takes SD 1.x / 2.x")
+        raise UserError(f"{path} is an SDXL model: SDXL embeddings are trained by sdxl_train_textual_inversion.py "
+                        "(same options); train_textual_inversion.py takes SD 1.x / 2.x")

@@ -13,6 +13,7 @@ import random
 from typing import Any
 
 from library.config.option_record import OptionRecord
+from library.config.options import TEXTUAL_INVERSION_SCRIPTS
 from library.training.loop.nonfinite_guard import remedies_for
 from library.training.objective.losses import LossConfig
 from library.training.objective.noise import NoiseConfig
@@ -24,7 +25,7 @@ from library.training.settings.train_settings import TrainSettings
 logger = logging.getLogger(__name__)
 
 LOSS_LETTERS = {"train_network": "N", "sdxl_train_network": "N", "train_db": "D", "fine_tune": "F",
-                "train_textual_inversion": "T"}
+                "train_textual_inversion": "T", "sdxl_train_textual_inversion": "T"}
 
 
 def _opt(options: Any, name: str, default: Any = None) -> Any:
@@ -47,7 +48,7 @@ def derived_values(options: Any, script: str, announce_seed: bool = False) -> di
         if value is not None and value <= 0:
             logger.warning("--%s %s <= 0: sampling by this schedule is disabled", name, value)
             out[name] = None
-    if script == "train_textual_inversion" and _opt(options, "output_name") is None:
+    if script in TEXTUAL_INVERSION_SCRIPTS and _opt(options, "output_name") is None:
         out["output_name"] = _opt(options, "token_string")  # the file is named after the new word
     if _opt(options, "deepspeed", False):
         out["max_data_loader_n_workers"] = 1  # sd-scripts forces one worker with DeepSpeed
