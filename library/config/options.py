@@ -14,17 +14,14 @@ from typing import Optional
 from library.config.options_beyond import add_beyond_arguments
 from library.config.options_common import Container, section
 from library.config.options_dataset import add_config_arguments, add_dataset_arguments, add_masked_loss_arguments
-from library.config.options_scripts import (
-    add_dreambooth_arguments,
-    add_finetune_arguments,
-    add_network_trainer_arguments,
-    add_textual_inversion_arguments,
-)
+from library.config.options_scripts import (add_dreambooth_arguments, add_finetune_arguments,
+                                            add_network_trainer_arguments, add_sdxl_train_arguments,
+                                            add_textual_inversion_arguments)
 from library.config.options_training import add_training_arguments
 from library.config.ranges import Range, at_least, ranged, ranges_of
 from library.log import add_logging_arguments
 
-SCRIPTS = ("train_network", "sdxl_train_network", "train_db", "fine_tune", "train_textual_inversion")
+SCRIPTS = ("train_network", "sdxl_train_network", "train_db", "fine_tune", "train_textual_inversion", "sdxl_train")
 # scripts whose parser is another script's, unchanged (upstream's setup_parser() returns that parser)
 SAME_PARSER = {"sdxl_train_textual_inversion": "train_textual_inversion"}
 SCRIPTS += tuple(SAME_PARSER)
@@ -38,6 +35,8 @@ _DESCRIPTIONS = {
     "train_textual_inversion": "Train a Textual Inversion embedding.",
     "sdxl_train_textual_inversion": "Train a Textual Inversion embedding for Stable Diffusion XL (both text "
                                     "encoders; clip_l / clip_g file).",
+    "sdxl_train": "Fine-tune Stable Diffusion XL in full (U-Net, optionally both text encoders) from metadata "
+                  "JSON, DreamBooth folders or a dataset config.",
 }
 
 
@@ -134,11 +133,12 @@ def add_custom_train_arguments(parser: Container, support_weighted_captions: boo
 
 
 def add_sdxl_training_arguments(parser: Container) -> None:
-    """SDXL options of sdxl_train_network.py (spec cli-options §11)."""
+    """SDXL options of sdxl_train_network.py and sdxl_train.py (spec cli-options §11)."""
     g = section(parser, "SDXL")
     g.add_argument("--cache_text_encoder_outputs", action="store_true",
-                   help="compute both text encoders' outputs once (needs --network_train_unet_only and "
-                        "no caption shuffling/dropout/warmup)")
+                   help="compute both text encoders' outputs once, while they are frozen (sdxl_train_network: "
+                        "--network_train_unet_only; sdxl_train: no --train_text_encoder); no caption "
+                        "shuffling/dropout/warmup")
     g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
                    help="cache text encoder outputs to <image>_te_outputs.npz; implies "
                         "--cache_text_encoder_outputs")
@@ -155,11 +155,12 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     add_sd_models_arguments(parser)
     add_dataset_arguments(parser, support_dreambooth=dreambooth, support_caption=script != "train_db",
                           support_caption_dropout=script != "train_textual_inversion")
-    add_training_arguments(parser, support_dreambooth=dreambooth)
+    # sdxl_train.py reads DreamBooth folders but has no --prior_loss_weight (sd-scripts v0.8.7)
+    add_training_arguments(parser, support_dreambooth=dreambooth and script != "sdxl_train")
     if script != "fine_tune":  # fine_tune.py has no masked loss (spec cli-options pitfall 5)
         add_masked_loss_arguments(parser)
     add_deepspeed_arguments(parser)
-    if script in ("train_db", "fine_tune"):
+    if script in ("train_db", "fine_tune", "sdxl_train"):
         add_sd_saving_arguments(parser)
     add_optimizer_arguments(parser)
     add_config_arguments(parser)
@@ -170,9 +171,10 @@ def build_parser(script: str) -> argparse.ArgumentParser:
         "train_db": add_dreambooth_arguments,
         "fine_tune": add_finetune_arguments,
         "train_textual_inversion": add_textual_inversion_arguments,
+        "sdxl_train": add_sdxl_train_arguments,
     }
     own[script](parser)
-    if script == "sdxl_train_network":
+    if script in ("sdxl_train_network", "sdxl_train"):
         add_sdxl_training_arguments(parser)
     add_beyond_arguments(parser)
     return parser
@@ -183,7 +185,7 @@ __all__ = [
     "add_training_arguments", "add_masked_loss_arguments", "add_deepspeed_arguments", "add_sd_saving_arguments",
     "add_optimizer_arguments", "add_config_arguments", "add_custom_train_arguments", "add_sdxl_training_arguments",
     "add_network_trainer_arguments", "add_dreambooth_arguments", "add_finetune_arguments",
-    "add_textual_inversion_arguments", "add_beyond_arguments",
+    "add_textual_inversion_arguments", "add_sdxl_train_arguments", "add_beyond_arguments",
 ]
 
 

@@ -91,3 +91,29 @@ def add_textual_inversion_arguments(parser: Container) -> None:
     g.add_argument("--use_style_template", action="store_true",
                    help="ignore captions and use random style templates ('a painting in the style of {}' ...)")
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 even with mixed precision")
+
+
+def add_sdxl_train_arguments(parser: Container) -> None:
+    """sdxl_train.py options (sd-scripts v0.8.7's own, plus the fused optimizer step of v0.9)."""
+    g = section(parser, "SDXL fine-tuning", "sdxl_train.py options")
+    ranged(g.add_argument("--learning_rate_te1", type=float, default=None,
+                          help="learning rate of text encoder 1 (ViT-L) with --train_text_encoder (default: "
+                               "--learning_rate; 0 keeps it frozen)"), at_least(0))
+    ranged(g.add_argument("--learning_rate_te2", type=float, default=None,
+                          help="learning rate of text encoder 2 (OpenCLIP bigG) with --train_text_encoder (default: "
+                               "--learning_rate; 0 keeps it frozen)"), at_least(0))
+    g.add_argument("--diffusers_xformers", action="store_true",
+                   help="enable xformers through Diffusers' own switch (U-Net and VAE) instead of the attention "
+                        "replacement")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="also train the text encoders (default: U-Net only)")
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 even with mixed precision")
+    g.add_argument("--block_lr", type=str, default=None,
+                   help="learning rates of the 23 U-Net blocks, comma-separated: time/label embedding, "
+                        "input_blocks 0-8, middle_block 0-2, output_blocks 0-8, out (0 freezes a block)")
+    g.add_argument("--fused_backward_pass", action="store_true",
+                   help="(sd-scripts v0.9) step AdaFactor on each parameter inside the backward pass and free its "
+                        "gradient at once: a full set of gradients never exists (needs --optimizer_type AdaFactor)")
+    ranged(g.add_argument("--fused_optimizer_groups", type=int, default=None,
+                          help="(sd-scripts v0.9) split the parameters into N optimizers, each stepped inside the "
+                               "backward pass as soon as its gradients are complete (any optimizer)"), at_least(1))

@@ -36,7 +36,9 @@ class KeyRule:
         if self.kind == "transpose":
             return [ldm.t().contiguous()]
         if self.kind == "qkv":
-            return [t.contiguous() for t in ldm.chunk(3, dim=0)]
+            # own storage for each: views of one packed tensor are "shared tensors" to safetensors, and
+            # accelerate's save_state keeps only one of them (a state folder would lack q and v)
+            return [t.clone() for t in ldm.chunk(3, dim=0)]
         raise ValueError(self.kind)
 
     def to_ldm(self, tensors: list[torch.Tensor]) -> torch.Tensor:

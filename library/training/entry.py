@@ -20,6 +20,7 @@ RUNNERS = {
     "fine_tune": ("library.training.runners.run_finetune", {}),
     "train_textual_inversion": ("library.training.runners.run_textual_inversion", {}),
     "sdxl_train_textual_inversion": ("library.training.runners.run_textual_inversion", {"sdxl": True}),
+    "sdxl_train": ("library.training.runners.run_sdxl_train", {}),
 }
 
 

@@ -261,7 +261,9 @@ def test_choices_match_spec(letter, option, choices):
     assert list(_action(LETTER[letter], option).choices) == choices
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+# sdxl_train has no column in the spec's table: tests/config/test_sdxl_train_options.py checks it against the
+# option list of sd-scripts v0.8.7's own sdxl_train.py
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if SAME_PARSER.get(s, s) in LETTER.values()])
 def test_every_option_is_in_the_spec_table(script):
     """No option beyond the spec's (plus argparse's own --help and docs/beyond-sd-scripts.md's)."""
     letter = next(k for k, v in LETTER.items() if v == SAME_PARSER.get(script, script))

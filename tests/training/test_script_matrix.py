@@ -8,6 +8,7 @@ import torch
 
 import fine_tune
 import sdxl_train_network
+import sdxl_train_textual_inversion
 import train_db
 import train_network
 import train_textual_inversion
@@ -45,19 +46,21 @@ def _run(script, model, data, tmp_path, options):
         args += ["--train_data_dir", str(data)]
     if script in (train_network, sdxl_train_network):
         args += ["--network_module", "networks.lora", "--output_name", "net"]
-    if script is train_textual_inversion:
+    if script in (train_textual_inversion, sdxl_train_textual_inversion):
         args += ["--token_string", "zqx", "--init_word", "shape", "--use_object_template"]
     script.main(args)
     return out, logs
 
 
 @pytest.mark.parametrize("options", sorted(OPTION_SETS))
-@pytest.mark.parametrize("script", [train_network, sdxl_train_network, train_db, fine_tune, train_textual_inversion],
+@pytest.mark.parametrize("script", [train_network, sdxl_train_network, train_db, fine_tune, train_textual_inversion,
+                                    sdxl_train_textual_inversion],
                          ids=lambda m: m.__name__)
 def test_script_with_options(script, options, tiny_sd, tiny_xl, shapes_data, tmp_path):
     opts = list(OPTION_SETS[options])
-    model = tiny_xl["safetensors"] if script is sdxl_train_network else tiny_sd["sd1"]["safetensors"]
-    if "--v_parameterization" in opts and script is sdxl_train_network:
+    sdxl = script in (sdxl_train_network, sdxl_train_textual_inversion)
+    model = tiny_xl["safetensors"] if sdxl else tiny_sd["sd1"]["safetensors"]
+    if "--v_parameterization" in opts and sdxl:
         pytest.skip("SDXL base is not a v-prediction model (warned, not rejected); covered by SD1")
     out, logs = _run(script, model, shapes_data, tmp_path, opts)
     losses = next(v for k, v in _scalars(logs).items() if k in ("loss/current", "loss"))

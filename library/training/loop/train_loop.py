@@ -130,7 +130,8 @@ def _train(accelerator, method: TrainingMethod, make_loader: Callable[[int, int]
                 current, grad_logs = _forward_backward(accelerator, method, optimizer, batch, rand, guard,
                                                        state.global_step + 1, sync)
             if sync:
-                if settings.max_grad_norm:
+                # fused optimizer steps (optim/fused_backward.py) clipped and stepped inside backward already
+                if settings.max_grad_norm and not getattr(optimizer, "steps_in_backward", False):
                     accelerator.clip_grad_norm_(list(method.trainable_parameters()), settings.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
@@ -233,6 +234,11 @@ def _forward_backward(accelerator, method: TrainingMethod, optimizer, batch: dic
     before the optimizer may step (raises :class:`~library.errors.NonFiniteError`)."""
     with guard.recording():
         loss = method.loss(batch, rand)
+    if getattr(optimizer, "steps_in_backward", False):
+        # the weights change during backward: a non-finite loss must stop the run before it, not after
+        checked = guard.check(loss, step)
+        accelerator.backward(loss)
+        return checked
     accelerator.backward(loss)  # divided by gradient_accumulation_steps, as sd-scripts' accumulation does
     norms, names = [], []
     if sync:

@@ -16,8 +16,7 @@ from library.models.bundle import SDModels
 from library.training.loop.checkpointing import TrainState
 from library.training.objective.conditioning import (TextConditioning, encode_sd, text_conditioning,
                                                      weighted_captions_tokenizer)
-from library.training.objective.diffusion_step import (DiffusionObjective, StepRandom, batch_latents, call_unet,
-                                                       diffusion_loss)
+from library.training.objective.diffusion_step import DiffusionObjective, StepRandom, unet_batch_loss
 from library.training.settings import TextSettings
 
 logger = logging.getLogger(__name__)
@@ -57,10 +56,7 @@ class FullModelMethod:
     def loss(self, batch: dict, rand: StepRandom) -> torch.Tensor:
         with torch.set_grad_enabled(self.te_training and torch.is_grad_enabled()), self.acc.autocast():
             cond = self._conditioning(batch)
-        latents = batch_latents(batch, self.models.vae, self.obj.latent_scale, self.acc.device, self.weight_dtype,
-                                rand.generator)
-        with self.acc.autocast():
-            return diffusion_loss(lambda x, t, c: call_unet(self.unet, x, t, c), latents, cond, batch, self.obj, rand)
+        return unet_batch_loss(self.unet, self.models.vae, cond, batch, self.obj, rand, self.acc, self.weight_dtype)
 
     def _conditioning(self, batch: dict) -> TextConditioning:
         t = self.text

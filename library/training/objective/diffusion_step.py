@@ -98,6 +98,15 @@ def diffusion_loss(unet_fn: Callable, latents: torch.Tensor, cond, batch: Mappin
     return reduce_and_weight(elem, noisy.timesteps, weights, obj.sched, obj.loss_cfg, mask)
 
 
+def unet_batch_loss(unet, vae, cond, batch: Mapping[str, Any], obj: DiffusionObjective, rand: StepRandom,
+                    accelerator, dtype: torch.dtype) -> torch.Tensor:
+    """The batch's latents, then :func:`diffusion_loss` through ``unet`` under the accelerator's autocast (the
+    whole-model trainers' loss once their text conditioning is known)."""
+    latents = batch_latents(batch, vae, obj.latent_scale, accelerator.device, dtype, rand.generator)
+    with accelerator.autocast():
+        return diffusion_loss(lambda x, t, c: call_unet(unet, x, t, c), latents, cond, batch, obj, rand)
+
+
 def call_unet(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
     """Diffusers U-Net forward with our conditioning object.
 

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 TRAINER_KIND = {"train_network": "network", "sdxl_train_network": "network", "train_db": "full",
                 "fine_tune": "full", "train_textual_inversion": "ti",
-                "sdxl_train_textual_inversion": "ti"}
+                "sdxl_train_textual_inversion": "ti", "sdxl_train": "full"}
 
 
 def report(args: argparse.Namespace, loop: LoopSettings, script: str, sdxl: bool = False) -> None:

@@ -30,12 +30,12 @@ from networks.network_host import import_network_module, parse_network_args
 
 logger = logging.getLogger(__name__)
 
-SDXL_SCRIPTS = ("sdxl_train_network", "sdxl_train_textual_inversion",)
+SDXL_SCRIPTS = ("sdxl_train_network", "sdxl_train_textual_inversion", "sdxl_train")
 NETWORK_SCRIPTS = ("train_network", "sdxl_train_network")
 # the sd-scripts script that trains the same thing on SDXL
 SDXL_COUNTERPART = {"train_network": "sdxl_train_network.py",
-                    "train_db": "sdxl_train.py (not provided here yet)",
-                    "fine_tune": "sdxl_train.py (not provided here yet)",
+                    "train_db": "sdxl_train.py",
+                    "fine_tune": "sdxl_train.py",
                     "train_textual_inversion": "sdxl_train_textual_inversion.py"}
 # package to import -> pip name, for options that need an optional package
 _PIP_NAMES = {"xformers": "xformers", "deepspeed": "deepspeed", "wandb": "wandb", "tensorboard": "tensorboard"}

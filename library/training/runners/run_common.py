@@ -14,6 +14,7 @@ from library.config.option_record import OptionRecord
 from library.data.batch import get_input_ids
 from library.data.dataset import build_dataset_group, make_dataloader, scan_mode
 from library.data.latent_cache import cache_latents
+from library.data.te_cache import cache_text_encoder_outputs
 from library.errors import UserError
 from library.formats.metadata import DatasetFacts, SubsetFacts, TrainingFacts
 from library.models.bundle import SDModels
@@ -141,6 +142,19 @@ def encode_text_fn(models: SDModels, acc, args: argparse.Namespace, wdtype: torc
         return {"hidden_state1": ctx[..., :d1].float().cpu(), "hidden_state2": ctx[..., d1:].float().cpu(),
                 "pool2": pool.float().cpu()}
 
+    return encode
+
+
+def cache_sdxl_text_outputs_if_asked(args: argparse.Namespace, group, models: SDModels, acc,
+                                     wdtype: torch.dtype) -> Optional[Callable]:
+    """SDXL --cache_text_encoder_outputs (frozen text encoders only): every caption encoded once, in memory or
+    next to the images; returns the encoder used (validation captions are cached with it), or None."""
+    if not args.cache_text_encoder_outputs:
+        return None
+
+    encode = encode_text_fn(models, acc, args, wdtype)
+    cache_text_encoder_outputs(group, encode, args.cache_text_encoder_outputs_to_disk, acc.is_main_process)
+    acc.wait_for_everyone()
     return encode
 
 

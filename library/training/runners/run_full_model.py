@@ -72,8 +72,8 @@ class FullModelRecipe(Recipe):
             unet, optimizer, lr_sched = acc.prepare(unet, optimizer, lr_sched)
         method = self._make_method(models, run.settings, acc, run.wdtype)
         method.attach(unet, te if train_te else None)
-        return Training(method, optimizer, lr_sched, plan, _checkpointer(args, run.settings, acc, models, plan,
-                                                                               run.group))
+        return Training(method, optimizer, lr_sched, plan, whole_model_checkpointer(args, run.settings, acc, models,
+                                                                                           plan, run.group))
 
     def after_resume(self, training: Training, global_step: int) -> None:
         training.method.sync_step(global_step)  # --stop_text_encoder_training 0, or a resume past the stop step
@@ -99,8 +99,8 @@ def param_groups(models: SDModels, train_text_encoder: bool, learning_rate: floa
     return [{"params": unet_params, "lr": learning_rate}, {"params": te_params, "lr": learning_rate_te}]
 
 
-def _checkpointer(args: argparse.Namespace, settings: TrainSettings, acc, models: SDModels, plan: LoopPlan,
-                  group) -> Checkpointer:
+def whole_model_checkpointer(args: argparse.Namespace, settings: TrainSettings, acc, models: SDModels,
+                             plan: LoopPlan, group) -> Checkpointer:
     """Whole-model files in the format of spec cli-options §7, with modelspec for .safetensors (§b.3); the
     modelspec resolution is the one trained (a dataset config's own), as for LoRA files."""
     fmt = resolve_save_format(args.save_model_as, args.use_safetensors,

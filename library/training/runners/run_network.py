@@ -7,7 +7,6 @@ import logging
 import time
 from typing import Callable, Optional
 
-from library.data.te_cache import cache_text_encoder_outputs
 from library.errors import UserError
 from library.formats.metadata import build_training_metadata, metadata_for_save, ss_epoch_value
 from library.formats.modelspec import modelspec_from_options, trained_resolution
@@ -16,7 +15,7 @@ from library.training.methods.network import NetworkMethod
 from library.training.objective.diffusion_step import DiffusionObjective
 from library.training.runners import accelerate_setup as setup
 from library.training.runners.recipe import Recipe, RecipeRun, Training, run_recipe
-from library.training.runners.run_common import encode_text_fn, optimizer_and_schedule, training_facts
+from library.training.runners.run_common import cache_sdxl_text_outputs_if_asked, optimizer_and_schedule, training_facts
 from networks.network_host import NetworkHost, parse_network_args
 
 logger = logging.getLogger(__name__)
@@ -39,14 +38,9 @@ class NetworkRecipe(Recipe):
 
     def text_encoder_cache(self, run: RecipeRun) -> Optional[Callable]:
         """SDXL --cache_text_encoder_outputs: every caption encoded once (U-Net-only training)."""
-        if not (self.sdxl and run.args.cache_text_encoder_outputs):
+        if not self.sdxl:
             return None
-
-        encode = encode_text_fn(run.models, run.acc, run.args, run.wdtype)
-        cache_text_encoder_outputs(run.group, encode, run.args.cache_text_encoder_outputs_to_disk,
-                                   run.acc.is_main_process)
-        run.acc.wait_for_everyone()
-        return encode
+        return cache_sdxl_text_outputs_if_asked(run.args, run.group, run.models, run.acc, run.wdtype)
 
     def prepare(self, run: RecipeRun) -> Training:
         args, acc, models = run.args, run.acc, run.models

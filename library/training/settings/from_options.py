@@ -24,8 +24,10 @@ from library.training.settings.train_settings import TrainSettings
 
 logger = logging.getLogger(__name__)
 
+# sdxl_train: masked loss and --v_pred_like_loss like N; it has no --prior_loss_weight, so every sample weighs 1
 LOSS_LETTERS = {"train_network": "N", "sdxl_train_network": "N", "train_db": "D", "fine_tune": "F",
-                "train_textual_inversion": "T", "sdxl_train_textual_inversion": "T"}
+                "train_textual_inversion": "T", "sdxl_train_textual_inversion": "T", "sdxl_train": "X"}
+SDXL_TE_CACHE_SCRIPTS = ("sdxl_train_network", "sdxl_train")
 
 
 def _opt(options: Any, name: str, default: Any = None) -> Any:
@@ -39,7 +41,7 @@ def derived_values(options: Any, script: str, announce_seed: bool = False) -> di
     if _opt(options, "cache_latents_to_disk", False) and not _opt(options, "cache_latents", False):
         logger.info("--cache_latents_to_disk implies --cache_latents")
         out["cache_latents"] = True
-    if script == "sdxl_train_network" and _opt(options, "cache_text_encoder_outputs_to_disk", False) \
+    if script in SDXL_TE_CACHE_SCRIPTS and _opt(options, "cache_text_encoder_outputs_to_disk", False) \
             and not _opt(options, "cache_text_encoder_outputs", False):
         logger.info("--cache_text_encoder_outputs_to_disk implies --cache_text_encoder_outputs")
         out["cache_text_encoder_outputs"] = True
