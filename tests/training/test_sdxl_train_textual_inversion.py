@@ -125,6 +125,24 @@ def test_gen_img_uses_the_embedding(tiny_xl, tmp_path):
     assert np.abs(pixels[0] - pixels[1]).max() > 0
 
 
+def test_sample_images_use_the_trained_vectors(tiny_xl, shapes_data, tmp_path):
+    """Sample images during training: only the embedding trains, so the same prompt and seed giving other pixels
+    after training than before means the sampler saw the new vectors (both encoders, "sks" -> "sks sks1")."""
+    import numpy as np
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks --w 64 --h 64 --s 2 --d 5\n", encoding="utf-8")
+    out = tmp_path / "out"
+    sdxl_train_textual_inversion.main(ti_args(tiny_xl["safetensors"], shapes_data, out, 2, "--num_vectors_per_token",
+                                              "2", "--learning_rate", "0.5", "--sample_prompts", str(prompts),
+                                              "--sample_at_first", "--sample_every_n_steps", "2"))
+    images = sorted((out / "sample").glob("*.png"))
+    assert len(images) == 2, images
+    before, after = (np.asarray(Image.open(p), dtype=np.int16) for p in images)
+    assert np.abs(before - after).max() > 0
+
+
 def test_resume_continues_bit_identically(tiny_xl, shapes_data, tmp_path):
     common = ["--save_every_n_steps", "2", "--save_state", "--num_vectors_per_token", "2"]
     straight, resumed = tmp_path / "a", tmp_path / "b"
