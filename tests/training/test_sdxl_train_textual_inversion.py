@@ -227,13 +227,16 @@ def test_bad_files_exit_2_before_training(tiny_xl, tiny_sd, shapes_data, tmp_pat
     # --weights: an SD 1.x file (no clip_l / clip_g), one half only, a wrong vector count
     cases = {"sd.safetensors": ({"emb_params": torch.zeros(1, 32)}, "neither 'clip_l' nor 'clip_g'"),
              "half.safetensors": ({"clip_l": torch.zeros(1, 32)}, "clip_g is missing"),
-             "three.safetensors": ({"clip_l": torch.zeros(3, 32), "clip_g": torch.zeros(3, 64)}, "--weights")}
+             "three.safetensors": ({"clip_l": torch.zeros(3, 32), "clip_g": torch.zeros(3, 64)},
+                                   "clip_l holds 3 vectors, but --num_vectors_per_token is 1")}
     for name, (tensors, msg) in cases.items():
         save_file(tensors, str(tmp_path / name))
         with pytest.raises(SystemExit) as e:
             sdxl_train_textual_inversion.main(ti_args(tiny_xl["safetensors"], shapes_data, tmp_path / "o", 1,
                                                       "--weights", str(tmp_path / name)))
-        assert e.value.code == 2 and msg in capsys.readouterr().err, name
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err, name
+        assert "loading SDXL checkpoint" not in err, name  # refused before any model loads
         assert not (tmp_path / "o").exists()
 
 

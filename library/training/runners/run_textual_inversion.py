@@ -39,6 +39,7 @@ class TextualInversionRecipe(Recipe):
         self.sdxl = sdxl
         self.script = "sdxl_train_textual_inversion" if sdxl else "train_textual_inversion"
         self.token_ids: list[list[int]] = []  # per text encoder
+        self.weights: list[Optional[torch.Tensor]] = []  # --weights per text encoder, read before any model loads
         self.prompt_replacement: Optional[tuple[str, str]] = None
 
     def check_options(self, args: argparse.Namespace) -> None:
@@ -53,13 +54,15 @@ class TextualInversionRecipe(Recipe):
             verify_sdxl_base(args)  # the model's family is checked by preflight (an SDXL model is required)
         else:
             _reject_sdxl(args.pretrained_model_name_or_path)
+        self.weights = _initial_weights(args, 2 if self.sdxl else 1)
 
     def trains(self, args: argparse.Namespace) -> tuple[bool, bool]:
         return False, True
 
     def after_load(self, run: RecipeRun) -> None:
         """The new tokens, before the captions are tokenized; their caption and prompt replacements."""
-        strings, self.token_ids = _add_new_tokens(run.args, run.models.text_encoders, run.models.tokenizers)
+        strings, self.token_ids = _add_new_tokens(run.args, run.models.text_encoders, run.models.tokenizers,
+                                                  self.weights)
         data_replacement, self.prompt_replacement = ti_tokens.caption_replacement(
             strings, run.args.use_object_template, run.args.use_style_template)
         if data_replacement:
@@ -102,12 +105,12 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
     return run_recipe(args, TextualInversionRecipe(sdxl))
 
 
-def _add_new_tokens(args: argparse.Namespace, tes: list, tokenizers: list) -> tuple[list[str], list[list[int]]]:
+def _add_new_tokens(args: argparse.Namespace, tes: list, tokenizers: list,
+                    weights: list[Optional[torch.Tensor]]) -> tuple[list[str], list[list[int]]]:
     """Tokens ``tok, tok1, …`` into every tokenizer, new embedding rows of every text encoder from --init_word
-    (each tokenizer's own ids) / --weights (spec §12 T); returns the strings and each encoder's new ids."""
+    (each tokenizer's own ids) / ``weights`` (spec §12 T); returns the strings and each encoder's new ids."""
     strings = ti_tokens.token_strings(args.token_string, args.num_vectors_per_token)
     init_ids = [ti_tokens.init_word_ids(tok, args.init_word, args.num_vectors_per_token) for tok in tokenizers]
-    weights = _initial_weights(args, len(tes))  # read before touching a tokenizer: a bad file changes nothing
     for tok in tokenizers:  # every token must be new in every tokenizer before any is changed
         ti_tokens.check_new(tok, strings)
     token_ids = []
@@ -121,19 +124,26 @@ def _add_new_tokens(args: argparse.Namespace, tes: list, tokenizers: list) -> tu
 
 def _initial_weights(args: argparse.Namespace, n_encoders: int) -> list[Optional[torch.Tensor]]:
     """--weights per text encoder: SD the first tensor of an embedding file, 1-D as (1, d); SDXL its ``clip_l``
-    and ``clip_g``, both needed (spec file-formats §c)."""
-    if args.weights is None:
-        return [None] * n_encoders
+    and ``clip_g``, both needed (spec file-formats §c). Read before any model loads, so a wrong file or vector
+    count stops the run at once (the width is checked against the encoder once it is loaded)."""
+    if args.weights is None or not os.path.isfile(args.weights):
+        return [None] * n_encoders  # a missing file: preflight names it
 
     logger.info("initial embedding from %s", args.weights)
     if n_encoders == 1:
-        return [load_embedding(args.weights, for_trainer=True)]
-    clip_l, clip_g = load_sdxl_embedding(args.weights, for_trainer=True)
-    if clip_l is None or clip_g is None:
-        missing = "clip_l" if clip_l is None else "clip_g"
-        raise UserError(f"--weights {args.weights}: an SDXL embedding needs both clip_l and clip_g; {missing} "
-                        "is missing")
-    return [clip_l, clip_g]
+        named = [("its first tensor", load_embedding(args.weights, for_trainer=True))]
+    else:
+        clip_l, clip_g = load_sdxl_embedding(args.weights, for_trainer=True)
+        if clip_l is None or clip_g is None:
+            missing = "clip_l" if clip_l is None else "clip_g"
+            raise UserError(f"--weights {args.weights}: an SDXL embedding needs both clip_l and clip_g; {missing} "
+                            "is missing")
+        named = [("clip_l", clip_l), ("clip_g", clip_g)]
+    for name, t in named:
+        if t.shape[0] != args.num_vectors_per_token:
+            raise UserError(f"--weights {args.weights}: {name} holds {t.shape[0]} vectors, but "
+                            f"--num_vectors_per_token is {args.num_vectors_per_token}")
+    return [t for _, t in named]
 
 
 def _reject_sdxl(path: Optional[str]) -> None:
