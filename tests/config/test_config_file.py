@@ -37,6 +37,8 @@ ROUND_TRIP_ARGV = {
                   "--face_crop_aug_range", "2.0,4.0"],
     "train_textual_inversion": ["--token_string", "mychar", "--init_word", "girl", "--num_vectors_per_token", "4",
                                 "--use_object_template", "--save_model_as", "safetensors"],
+    "sdxl_train_textual_inversion": ["--token_string", "mychar", "--num_vectors_per_token", "2", "--weights",
+                                     "start.safetensors", "--mixed_precision", "bf16", "--no_half_vae"],
 }
 
 
