@@ -120,10 +120,13 @@ def dataset_params_from_args(args: argparse.Namespace, script: str, **runtime: A
 def user_config_from_args(args: argparse.Namespace, sanitizer: ConfigSanitizer) -> tuple[dict, str]:
     """The raw user config and a name for messages: the ``--dataset_config`` file or one generated (§1)."""
     if getattr(args, "dataset_config", None) is not None:
-        ignored = [f"--{k}" for k in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, k, None) is not None]
+        ignored = [f"--{k}" for k in ("train_data_dir", "reg_data_dir", "in_json", "conditioning_data_dir")
+                   if getattr(args, k, None) is not None]
         if ignored:
             logger.warning("%s ignored because --dataset_config is given", ", ".join(ignored))
         return load_dataset_config(args.dataset_config), str(args.dataset_config)
+    if sanitizer.dataset_styles == ("controlnet",):  # train_controlnet / sdxl_train_control_net_lllite
+        return controlnet_config_from_args(args), "command line (--train_data_dir, --conditioning_data_dir)"
     in_json = getattr(args, "in_json", None)
     if in_json is not None or not sanitizer.support_dreambooth:  # fine_tune.py: always (§1)
         if in_json is None:
@@ -137,6 +140,18 @@ def user_config_from_args(args: argparse.Namespace, sanitizer: ConfigSanitizer) 
     subsets = subsets_from_folders(args.train_data_dir, is_reg=False, option="--train_data_dir")
     subsets += subsets_from_folders(getattr(args, "reg_data_dir", None), is_reg=True, option="--reg_data_dir")
     return {"datasets": [{"subsets": subsets}]}, "command line (--train_data_dir)"
+
+
+def controlnet_config_from_args(args: argparse.Namespace) -> dict:
+    """One ControlNet subset: ``--train_data_dir`` itself (not its sub-folders) paired with ``--conditioning_data_dir``,
+    repeated once (upstream's ``generate_controlnet_subsets_config_by_subdirs``)."""
+    missing = [f"--{k}" for k in ("train_data_dir", "conditioning_data_dir") if getattr(args, k, None) is None]
+    if missing:
+        raise UserError(f"no dataset: give {' and '.join(missing)} (image and conditioning-image folders) or "
+                        "--dataset_config")
+    # caption_extension comes through the command-line layer of the fallback chain
+    subset = {"image_dir": args.train_data_dir, "conditioning_data_dir": args.conditioning_data_dir, "num_repeats": 1}
+    return {"datasets": [{"subsets": [subset]}]}
 
 
 def parse_folder_name(name: str) -> tuple[int, str] | None:

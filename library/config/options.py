@@ -13,6 +13,8 @@ from typing import Optional
 
 from library.config.options_beyond import add_beyond_arguments
 from library.config.options_common import Container, section
+from library.config.options_controlnet import (CONTROLNET_SCRIPTS, DESCRIPTIONS, LLLITE_SCRIPT,
+                                               add_controlnet_arguments, add_lllite_arguments)
 from library.config.options_dataset import add_config_arguments, add_dataset_arguments, add_masked_loss_arguments
 from library.config.options_scripts import (add_dreambooth_arguments, add_finetune_arguments,
                                             add_network_trainer_arguments, add_sdxl_train_arguments,
@@ -24,7 +26,7 @@ from library.log import add_logging_arguments
 SCRIPTS = ("train_network", "sdxl_train_network", "train_db", "fine_tune", "train_textual_inversion", "sdxl_train")
 # scripts whose parser is another script's, unchanged (upstream's setup_parser() returns that parser)
 SAME_PARSER = {"sdxl_train_textual_inversion": "train_textual_inversion"}
-SCRIPTS += tuple(SAME_PARSER)
+SCRIPTS += tuple(SAME_PARSER) + CONTROLNET_SCRIPTS
 TEXTUAL_INVERSION_SCRIPTS = ("train_textual_inversion", "sdxl_train_textual_inversion")
 
 _DESCRIPTIONS = {
@@ -37,6 +39,7 @@ _DESCRIPTIONS = {
                                     "encoders; clip_l / clip_g file).",
     "sdxl_train": "Fine-tune Stable Diffusion XL in full (U-Net, optionally both text encoders) from metadata "
                   "JSON, DreamBooth folders or a dataset config.",
+    **DESCRIPTIONS,
 }
 
 
@@ -150,14 +153,14 @@ def build_parser(script: str) -> argparse.ArgumentParser:
         raise ValueError(f"unknown script {script!r}; expected one of {', '.join(SCRIPTS)}")
     parser = argparse.ArgumentParser(prog=f"{script}.py", description=_DESCRIPTIONS[script])
     script = SAME_PARSER.get(script, script)  # from here on: which groups the parser has
-    dreambooth = script != "fine_tune"
+    dreambooth = script not in ("fine_tune",) + CONTROLNET_SCRIPTS
     add_logging_arguments(section(parser, "console log"))
     add_sd_models_arguments(parser)
     add_dataset_arguments(parser, support_dreambooth=dreambooth, support_caption=script != "train_db",
                           support_caption_dropout=script != "train_textual_inversion")
     # sdxl_train.py reads DreamBooth folders but has no --prior_loss_weight (sd-scripts v0.8.7)
     add_training_arguments(parser, support_dreambooth=dreambooth and script != "sdxl_train")
-    if script != "fine_tune":  # fine_tune.py has no masked loss (spec cli-options pitfall 5)
+    if dreambooth:  # fine_tune.py has no masked loss (spec cli-options pitfall 5), nor have the ControlNet trainers
         add_masked_loss_arguments(parser)
     add_deepspeed_arguments(parser)
     if script in ("train_db", "fine_tune", "sdxl_train"):
@@ -172,9 +175,11 @@ def build_parser(script: str) -> argparse.ArgumentParser:
         "fine_tune": add_finetune_arguments,
         "train_textual_inversion": add_textual_inversion_arguments,
         "sdxl_train": add_sdxl_train_arguments,
+        "train_controlnet": add_controlnet_arguments,
+        LLLITE_SCRIPT: add_lllite_arguments,
     }
     own[script](parser)
-    if script in ("sdxl_train_network", "sdxl_train"):
+    if script in ("sdxl_train_network", "sdxl_train", LLLITE_SCRIPT):
         add_sdxl_training_arguments(parser)
     add_beyond_arguments(parser)
     return parser

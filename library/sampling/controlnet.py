@@ -35,6 +35,7 @@ from library.models.unet_keys import unet_rules
 logger = logging.getLogger(__name__)
 
 LDM_PREFIX = "control_model."
+UNPREFIXED_LDM = ("input_hint_block.", "zero_convs.")  # an LDM ControlNet without `control_model.`
 CANNY_DEFAULT = (63, 191)  # upstream's `canny` thresholds
 CV2_MISSING = ("--control_net_preps canny needs OpenCV: pip install opencv-python, or pass ready-made hint "
                "images with --control_net_preps none")
@@ -227,11 +228,11 @@ def infer_config(shapes: Mapping[str, tuple], unet_config: Mapping) -> dict:
     }
 
 
-def _ldm_to_diffusers(ldm: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+def _ldm_to_diffusers(ldm: dict[str, torch.Tensor], path: str, option: str) -> dict[str, torch.Tensor]:
     """LDM ControlNet tensors (prefix removed) -> Diffusers `ControlNetModel` keys, by the rule table."""
     levels, lpb, attn = ldm_levels(list(ldm))
     if levels < 2 or lpb < 1:
-        raise UserError(f"--control_net_models {path}: no ControlNet encoder (input_blocks) found")
+        raise UserError(f"{option} {path}: no ControlNet encoder (input_blocks) found")
     n_hint = len({k.split(".")[1] for k in ldm if k.startswith("input_hint_block.") and k.endswith(".weight")})
     proj = next((k for k in ldm if k.endswith("proj_in.weight")), None)
     linear = proj is not None and ldm[proj].ndim == 2
@@ -262,8 +263,11 @@ def _model_keys(levels: int, lpb: int, attn: Sequence[bool], n_hint: int, ldm: M
 
 
 def load_control_net(path: str, unet: torch.nn.Module, device: torch.device | str = "cpu",
-                     dtype: torch.dtype | None = None):
-    """One ControlNet (LDM file, Diffusers folder or Diffusers-keyed file) as Diffusers' `ControlNetModel`."""
+                     dtype: torch.dtype | None = None, option: str = "--control_net_models"):
+    """One ControlNet (LDM file, Diffusers folder or Diffusers-keyed file) as Diffusers' `ControlNetModel`.
+
+    LDM files come with the `control_model.` prefix (released ControlNets) or without it (what sd-scripts'
+    train_controlnet.py writes). `option` names the file in messages."""
     from diffusers import ControlNetModel  # start-up (diffusers: ~2 s)
 
     dtype = dtype or next(unet.parameters()).dtype
@@ -271,18 +275,20 @@ def load_control_net(path: str, unet: torch.nn.Module, device: torch.device | st
         try:
             model = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
         except (OSError, ValueError) as e:
-            raise UserError(f"--control_net_models {path}: not a Diffusers ControlNet folder ({e})") from None
+            raise UserError(f"{option} {path}: not a Diffusers ControlNet folder ({e})") from None
         return model.to(device).eval().requires_grad_(False)
     tensors = dict(CheckpointReader(path).items())
     difference = "difference" in tensors
     tensors.pop("difference", None)
     if any(k.startswith(LDM_PREFIX) for k in tensors):
         ldm = {k[len(LDM_PREFIX):]: v for k, v in tensors.items() if k.startswith(LDM_PREFIX)}
-        sd = _ldm_to_diffusers(ldm, path)
+        sd = _ldm_to_diffusers(ldm, path, option)
+    elif any(k.startswith(UNPREFIXED_LDM) for k in tensors):
+        sd = _ldm_to_diffusers(tensors, path, option)
     elif any(k.startswith("controlnet_cond_embedding.") for k in tensors):
         sd = tensors
     else:
-        raise UserError(f"--control_net_models {path}: not a ControlNet file (no control_model.* or "
+        raise UserError(f"{option} {path}: not a ControlNet file (no control_model.*, input_hint_block.* or "
                         f"controlnet_cond_embedding.* tensors)")
     if difference:  # Transfer Control: the file holds control - base for the encoder
         base = unet.state_dict()
@@ -292,12 +298,12 @@ def load_control_net(path: str, unet: torch.nn.Module, device: torch.device | st
     try:
         config = infer_config({k: tuple(v.shape) for k, v in sd.items()}, unet.config)
     except (KeyError, StopIteration, ValueError) as e:
-        raise UserError(f"--control_net_models {path}: unexpected ControlNet layout ({e!r})") from None
+        raise UserError(f"{option} {path}: unexpected ControlNet layout ({e!r})") from None
     model = ControlNetModel(**config)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise UserError(f"--control_net_models {path}: tensors do not fit the inferred ControlNet "
+        raise UserError(f"{option} {path}: tensors do not fit the inferred ControlNet "
                         f"({' '.join(str(e).split())[:400]})") from None
     return model.to(device, dtype).eval().requires_grad_(False)
 

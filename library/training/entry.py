@@ -21,6 +21,7 @@ RUNNERS = {
     "train_textual_inversion": ("library.training.runners.run_textual_inversion", {}),
     "sdxl_train_textual_inversion": ("library.training.runners.run_textual_inversion", {"sdxl": True}),
     "sdxl_train": ("library.training.runners.run_sdxl_train", {}),
+    "train_controlnet": ("library.training.runners.run_controlnet", {}),
 }
 
 

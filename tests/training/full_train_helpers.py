@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from library.training.objective import diffusion_step
 
 
 def common_args(model: Path, out: Path, steps: int, *extra: str) -> list[str]:
@@ -55,3 +58,33 @@ def part(sd: dict, prefix: str) -> dict:
 
 UNET = "model.diffusion_model."
 TE = "cond_stage_model."
+
+
+def doc_example(doc: Path, swaps: dict, dest: Path, toml_start: str = "") -> tuple[Path, str]:
+    """A docs page's worked example: its first ```toml block (the one starting with ``toml_start``) written to
+    ``dest`` with the keys in ``swaps`` replaced (None drops the key), and its ``accelerate launch`` command."""
+    text = doc.read_text(encoding="utf-8")
+    toml_text = re.search(r"```toml\n(" + re.escape(toml_start) + r".*?)```", text, re.S).group(1)
+    command = re.search(r"```bash\n(accelerate launch .*?)```", text, re.S).group(1)
+    lines = []
+    for line in toml_text.splitlines():
+        key = line.split("=")[0].strip()
+        if key in swaps:
+            if swaps[key] is not None:
+                lines.append(f"{key} = {json.dumps(swaps[key])}")
+            continue
+        lines.append(line)
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dest, command
+
+
+def nan_loss_from_call(monkeypatch, first_bad: int) -> None:
+    """Make the loss NaN from the ``first_bad``-th loss computation on (the non-finite guard's tests)."""
+    original, calls = diffusion_step.reduce_and_weight, {"n": 0}
+
+    def nan_from(*args):
+        calls["n"] += 1
+        loss = original(*args)
+        return loss * float("nan") if calls["n"] >= first_bad else loss
+
+    monkeypatch.setattr(diffusion_step, "reduce_and_weight", nan_from)

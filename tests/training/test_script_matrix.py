@@ -7,11 +7,14 @@ import pytest
 import torch
 
 import fine_tune
+import sdxl_train
 import sdxl_train_network
 import sdxl_train_textual_inversion
+import train_controlnet
 import train_db
 import train_network
 import train_textual_inversion
+from tests.training.controlnet_helpers import make_pairs
 from tests.training.full_train_helpers import common_args, weights
 from tests.training.test_train_matrix import _scalars
 from tools.make_tiny_model import write_tiny_model
@@ -42,6 +45,9 @@ def _run(script, model, data, tmp_path, options):
     args = common_args(model, out, 2, "--logging_dir", str(logs), "--learning_rate", "1e-4", *options)
     if script is fine_tune:
         args += ["--in_json", str(_metadata_json(data, tmp_path)), "--train_data_dir", str(data / "2_sks shape")]
+    elif script is train_controlnet:
+        images, cond = make_pairs(tmp_path / "pairs")
+        args += ["--train_data_dir", str(images), "--conditioning_data_dir", str(cond)]
     else:
         args += ["--train_data_dir", str(data)]
     if script in (train_network, sdxl_train_network):
@@ -54,11 +60,11 @@ def _run(script, model, data, tmp_path, options):
 
 @pytest.mark.parametrize("options", sorted(OPTION_SETS))
 @pytest.mark.parametrize("script", [train_network, sdxl_train_network, train_db, fine_tune, train_textual_inversion,
-                                    sdxl_train_textual_inversion],
+                                    sdxl_train_textual_inversion, sdxl_train, train_controlnet],
                          ids=lambda m: m.__name__)
 def test_script_with_options(script, options, tiny_sd, tiny_xl, shapes_data, tmp_path):
     opts = list(OPTION_SETS[options])
-    sdxl = script in (sdxl_train_network, sdxl_train_textual_inversion)
+    sdxl = script in (sdxl_train_network, sdxl_train_textual_inversion, sdxl_train)
     model = tiny_xl["safetensors"] if sdxl else tiny_sd["sd1"]["safetensors"]
     if "--v_parameterization" in opts and sdxl:
         pytest.skip("SDXL base is not a v-prediction model (warned, not rejected); covered by SD1")

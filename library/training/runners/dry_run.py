@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 TRAINER_KIND = {"train_network": "network", "sdxl_train_network": "network", "train_db": "full",
                 "fine_tune": "full", "train_textual_inversion": "ti",
                 "sdxl_train_textual_inversion": "ti", "sdxl_train": "full"}
+TRAINER_KIND.update(train_controlnet="full", sdxl_train_control_net_lllite="network")  # ControlNet < a U-Net: bound
 
 
 def report(args: argparse.Namespace, loop: LoopSettings, script: str, sdxl: bool = False) -> None:

@@ -37,6 +37,7 @@ SDXL_COUNTERPART = {"train_network": "sdxl_train_network.py",
                     "train_db": "sdxl_train.py",
                     "fine_tune": "sdxl_train.py",
                     "train_textual_inversion": "sdxl_train_textual_inversion.py"}
+SDXL_COUNTERPART["train_controlnet"] = "sdxl_train_control_net_lllite.py (ControlNet-LLLite)"
 # package to import -> pip name, for options that need an optional package
 _PIP_NAMES = {"xformers": "xformers", "deepspeed": "deepspeed", "wandb": "wandb", "tensorboard": "tensorboard"}
 

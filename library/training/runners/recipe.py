@@ -88,6 +88,10 @@ class Recipe:
     def after_resume(self, training: Training, global_step: int) -> None:
         """After the resume state is known (a step-dependent switch, e.g. stopping text-encoder training)."""
 
+    def sample_hook(self, run: RecipeRun) -> Optional[Callable[[Optional[int], int], None]]:
+        """Sample images during training, or None when not asked for (the ControlNet trainers add their model)."""
+        return make_sample_hook(run.args, run.models, run.acc, run.wdtype, prompt_replacer=self.prompt_replacer())
+
     def prompt_replacer(self) -> Optional[Callable[[str], str]]:
         """Rewrites sample prompts (Textual Inversion's token strings), or None."""
         return None
@@ -116,7 +120,7 @@ def run_recipe(parsed: argparse.Namespace, recipe: Recipe) -> Optional[str]:
     state, resumed_from = resume_state(acc, settings.resume, settings.hub)
     recipe.after_resume(training, state.global_step)
     tracker_init(acc, settings.options, recipe.tracker)
-    hooks = LoopHooks(sample=make_sample_hook(args, models, acc, run.wdtype, prompt_replacer=recipe.prompt_replacer()))
+    hooks = LoopHooks(sample=recipe.sample_hook(run))
     hooks = attach_extras(args, settings, acc, models, group, training, hooks, encode_latents_fn(models, acc, args),
                           encode_text, resumed_from)  # validation, EMA, receipts
     # after all caching (training and validation): the VAE / text encoders leave the device

@@ -197,8 +197,9 @@ def make_loader_factory(group, args: argparse.Namespace, acc) -> Callable[[int, 
 
 
 def make_sample_hook(args: argparse.Namespace, models: SDModels, acc, wdtype: torch.dtype,
-                     prompt_replacer: Optional[Callable[[str], str]] = None):
-    """Sample images during training (spec generation §4), or None when not asked for."""
+                     prompt_replacer: Optional[Callable[[str], str]] = None, **control):
+    """Sample images during training (spec generation §4), or None when not asked for. ``control``:
+    ``control_nets`` / ``lllites`` of the ControlNet trainers (``sample_images_for_training``)."""
     if not args.sample_prompts:
         if args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first:
             raise UserError("--sample_every_n_* / --sample_at_first need --sample_prompts")
@@ -211,7 +212,7 @@ def make_sample_hook(args: argparse.Namespace, models: SDModels, acc, wdtype: to
         sample_images_for_training(models, mine, output_dir=args.output_dir or ".", output_name=args.output_name,
                                    epoch=epoch, steps=steps, default_sampler=args.sample_sampler,
                                    v_parameterization=args.v_parameterization, clip_skip=args.clip_skip,
-                                   device=acc.device, dtype=wdtype, ti_replacer=prompt_replacer)
+                                   device=acc.device, dtype=wdtype, ti_replacer=prompt_replacer, **control)
 
     return sample
 
