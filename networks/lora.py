@@ -33,8 +33,12 @@ def _opt_float(kwargs: Mapping[str, Any], key: str) -> float | None:
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
-                   unet, neuron_dropout: float | None = None, **kwargs: str) -> "LoRANetwork":
-    """A new LoRA network from ``--network_dim/alpha/dropout`` and string ``--network_args`` (spec cli §12)."""
+                   unet, neuron_dropout: float | None = None, *, network_class: type | None = None,
+                   **kwargs: str) -> "LoRANetwork":
+    """A new LoRA network from ``--network_dim/alpha/dropout`` and string ``--network_args`` (spec cli §12).
+
+    ``network_class``: a variant with the same options and file layout (``networks.lora_fa``)."""
+    network_class = _network_class(network_class)
     network_dim = 4 if network_dim is None else int(network_dim)
     network_alpha = 1.0 if network_alpha is None else float(network_alpha)
     conv_dim = _opt_float(kwargs, "conv_dim")
@@ -49,16 +53,24 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     if kwargs.get("block_dims") is not None or lr_weights is not None:
         block_dims = parse_block_dims(kwargs, network_dim, network_alpha, conv_dim, conv_alpha, lr_weights)
 
-    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
-                          dropout=neuron_dropout, rank_dropout=_opt_float(kwargs, "rank_dropout"),
-                          module_dropout=_opt_float(kwargs, "module_dropout"), conv_lora_dim=conv_dim,
-                          conv_alpha=conv_alpha, block_dims=block_dims)
+    network = network_class(text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
+                            dropout=neuron_dropout, rank_dropout=_opt_float(kwargs, "rank_dropout"),
+                            module_dropout=_opt_float(kwargs, "module_dropout"), conv_lora_dim=conv_dim,
+                            conv_alpha=conv_alpha, block_dims=block_dims)
     if lr_weights is not None:
         network.set_block_lr_weight(lr_weights)
     return network
 
 
-def _dims_from_weights(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
+def _network_class(network_class: Any) -> type:
+    if network_class is None:
+        return LoRANetwork
+    if not (isinstance(network_class, type) and issubclass(network_class, LoRANetwork)):
+        raise UserError(f"--network_args network_class={network_class!r}: not an option of this network module")
+    return network_class
+
+
+def dims_from_weights(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
     """Per-module rank from ``lora_down`` and alpha (missing -> rank) from a LoRA state dict (spec §a.2)."""
     dims: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -73,13 +85,15 @@ def _dims_from_weights(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str
 
 def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet,
                                 weights_sd: Mapping[str, torch.Tensor] | None = None, for_inference: bool = False,
+                                *, network_class: type | None = None,
                                 **kwargs: str) -> tuple["LoRANetwork", Mapping[str, torch.Tensor]]:
     """A network shaped like a saved file: only its modules, their ranks and alphas (spec §a.1 last row)."""
+    network_class = _network_class(network_class)
     if weights_sd is None:
         weights_sd = load_state_dict_file(file)
-    modules_dim, modules_alpha = _dims_from_weights(weights_sd)
-    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim,
-                          modules_alpha=modules_alpha)
+    modules_dim, modules_alpha = dims_from_weights(weights_sd)
+    network = network_class(text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim,
+                            modules_alpha=modules_alpha)
     lr_weights = parse_block_lr_weights(kwargs)
     if lr_weights is not None:
         network.set_block_lr_weight(lr_weights)
@@ -87,7 +101,12 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
 
 
 class LoRANetwork(nn.Module):
-    """All LoRA modules of one model: text encoder modules first, then U-Net (spec §a.2 order)."""
+    """All LoRA modules of one model: text encoder modules first, then U-Net (spec §a.2 order).
+
+    Variants with the same file layout (LoRA-FA, DyLoRA) swap ``module_class``; the network asks each module
+    which of its parameters train, so a variant that freezes or re-arranges factors needs no other change."""
+
+    module_class: type[LoRAModule] = LoRAModule
 
     def __init__(self, text_encoder, unet: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
                  alpha: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
@@ -137,8 +156,8 @@ class LoRANetwork(nn.Module):
             dim, alpha = self._dim_alpha(target)
             if not dim:
                 continue  # no rank for this layer (LierLa conv, zero-LR block, or absent from the file)
-            loras.append(LoRAModule(target.lora_name, target.module, self.multiplier, dim, alpha, self.dropout,
-                                    self.rank_dropout, self.module_dropout))
+            loras.append(self.module_class(target.lora_name, target.module, self.multiplier, dim, alpha,
+                                           self.dropout, self.rank_dropout, self.module_dropout))
         return loras
 
     # --- plug-in interface (spec §a.3) --------------------------------------------------------
@@ -192,18 +211,24 @@ class LoRANetwork(nn.Module):
                 lora.merge_to(sd, dtype, device)
         logger.info("LoRA weights merged: %d modules", len(loras))
 
+    def requires_grad_(self, requires_grad: bool = True) -> "LoRANetwork":
+        """Each module decides (a LoRA-FA module keeps its down projection frozen)."""
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.requires_grad_(requires_grad)
+        return self
+
     def prepare_optimizer_params(self, text_encoder_lr: float | None, unet_lr: float | None,
                                  default_lr: float | None = None) -> list[dict]:
         """Param groups: TE, then U-Net (one group per block with block LR weights; LR-0 groups dropped)."""
         self.requires_grad_(True)
         groups = []
         if self.text_encoder_loras:
-            group = {"params": [p for lora in self.text_encoder_loras for p in lora.parameters()]}
+            group = {"params": [p for lora in self.text_encoder_loras for p in lora.trainable_parameters()]}
             if text_encoder_lr is not None:
                 group["lr"] = text_encoder_lr
             groups.append(group)
         if self.unet_loras and self.block_lr_weights is None:
-            group = {"params": [p for lora in self.unet_loras for p in lora.parameters()]}
+            group = {"params": [p for lora in self.unet_loras for p in lora.trainable_parameters()]}
             if unet_lr is not None:
                 group["lr"] = unet_lr
             groups.append(group)
@@ -217,7 +242,7 @@ class LoRANetwork(nn.Module):
             by_block.setdefault(block_index(lora.lora_name), []).append(lora)
         groups = []
         for loras in by_block.values():
-            group = {"params": [p for lora in loras for p in lora.parameters()]}
+            group = {"params": [p for lora in loras for p in lora.trainable_parameters()]}
             base = unet_lr if unet_lr is not None else default_lr
             if base is not None:
                 group["lr"] = base * self.block_lr_weights.weight_of(loras[0].lora_name)
@@ -236,7 +261,7 @@ class LoRANetwork(nn.Module):
         self.train()  # dropouts act only in training mode
 
     def get_trainable_params(self):
-        return self.parameters()
+        return [p for lora in self.text_encoder_loras + self.unet_loras for p in lora.trainable_parameters()]
 
     def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
         """Write the state dict (cast to ``dtype`` if given); safetensors get metadata and ``sshs_*`` hashes."""
@@ -251,15 +276,14 @@ class LoRANetwork(nn.Module):
         """Scale up and down by sqrt(ratio) where ‖up·down·alpha/dim‖ > max; (keys_scaled, mean, max norm)."""
         keys_scaled, norms = 0, []
         for lora in self.text_encoder_loras + self.unet_loras:
-            up, down = lora.lora_up.weight, lora.lora_down.weight
+            up, down = lora.factors()
             scale = lora.alpha.to(device).float() / down.shape[0]
             norm_raw = (compose_delta(up.to(device), down.to(device)) * scale).norm()
             norm = norm_raw.clamp(min=max_norm_value / 2)
             ratio = (norm.clamp(max=max_norm_value) / norm).cpu()
             if ratio != 1:
                 keys_scaled += 1
-                up.mul_(ratio.sqrt().to(up))
-                down.mul_(ratio.sqrt().to(down))
+                lora.scale_factors(ratio)
             norms.append(float(norm_raw.cpu() * ratio))
         if not norms:
             return 0, 0.0, 0.0

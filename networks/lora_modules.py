@@ -33,7 +33,33 @@ def fit_to_shape(delta: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return delta
 
 
-class LoRAModule(nn.Module):
+class LayerAdapter(nn.Module):
+    """What every adapter of one layer shares: the layer (kept out of the state dict) and its forward hook.
+
+    Subclasses set ``org_module_ref = (layer,)`` and ``_hook_handle = None`` and define ``_hook``."""
+
+    org_module_ref: tuple[nn.Module]
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self.org_module_ref[0]
+
+    def apply_to(self) -> None:
+        """Start changing the original layer's output (the layer's own ``forward`` is untouched)."""
+        if self._hook_handle is None:
+            self._hook_handle = self.org_module.register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        """Detach from the original layer."""
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoRAModule(LayerAdapter):
     """Low-rank adapter for one layer; state dict ``alpha``, ``lora_down.weight``, ``lora_up.weight``."""
 
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
@@ -68,22 +94,6 @@ class LoRAModule(nn.Module):
         # a tuple keeps the original layer out of this module's children and state dict
         self.org_module_ref: tuple[nn.Module] = (org_module,)
         self._hook_handle = None
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self.org_module_ref[0]
-
-    # --- attaching ---------------------------------------------------------------------------
-    def apply_to(self) -> None:
-        """Start adding this adapter's output to the original layer's output."""
-        if self._hook_handle is None:
-            self._hook_handle = self.org_module.register_forward_hook(self._hook)
-
-    def remove(self) -> None:
-        """Detach from the original layer (its forward is untouched)."""
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -127,6 +137,21 @@ class LoRAModule(nn.Module):
                 size = (round(h / factor), round(w / factor))
                 return F.interpolate(mask[None, None].to(delta), size=size, mode="bilinear").reshape(1, n, 1)
         return 1.0  # text tokens or an unknown layout: the region does not apply
+
+    # --- what trains ------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (variants freeze some)."""
+        return list(self.parameters())
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) as saved: the tensors the max-norm constraint measures."""
+        return self.lora_up.weight, self.lora_down.weight
+
+    @torch.no_grad()
+    def scale_factors(self, ratio: torch.Tensor) -> None:
+        """Scale ``up·down`` by ``ratio`` (max-norm): sqrt(ratio) on each factor, as sd-scripts does."""
+        self.lora_up.weight.mul_(ratio.sqrt().to(self.lora_up.weight))
+        self.lora_down.weight.mul_(ratio.sqrt().to(self.lora_down.weight))
 
     # --- weights -----------------------------------------------------------------------------
     def get_weight(self, multiplier: float | None = None) -> torch.Tensor:

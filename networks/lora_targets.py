@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from torch import nn
 
@@ -80,20 +81,27 @@ def _sdxl_names(unet: nn.Module, paths: list[str]) -> dict[str, str]:
     return {rule.model_keys[0][: -len(".weight")]: rule.ldm_key[: -len(".weight")] for rule in rules}
 
 
-def unet_targets(unet: nn.Module, include_conv: bool) -> list[Target]:
-    """Layers inside Transformer2DModel (and ResnetBlock2D/Downsample2D/Upsample2D with ``include_conv``)."""
-    classes = set(UNET_TARGETS + (UNET_CONV_TARGETS if include_conv else ()))
+def unet_layers(unet: nn.Module, classes: Iterable[str], prefix: str,
+                accept: Callable[[nn.Module], bool] = lambda layer: True) -> list[Target]:
+    """Every Linear/Conv2d inside a module of one of ``classes`` that ``accept`` takes, named ``prefix`` + path
+    (the LDM path for SDXL, pitfall 1). Shared by the LoRA family and OFT, whose files differ only in prefix."""
+    classes = set(classes)
     found: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
     for name, parent in unet.named_modules():
         if not (_class_names(parent) & classes):
             continue
         for child_name, child in _adaptable(parent):
-            if id(child) not in seen:  # a target nested in another target is adapted once
+            if id(child) not in seen and accept(child):  # a target nested in another target is adapted once
                 seen.add(id(child))
                 found.append((f"{name}.{child_name}", child))
     rename = _sdxl_names(unet, [p for p, _ in found]) if is_sdxl_unet(unet) else {}
-    return [Target(f"{PREFIX_UNET}.{rename.get(p, p)}".replace(".", "_"), m, True) for p, m in found]
+    return [Target(f"{prefix}.{rename.get(p, p)}".replace(".", "_"), m, True) for p, m in found]
+
+
+def unet_targets(unet: nn.Module, include_conv: bool) -> list[Target]:
+    """Layers inside Transformer2DModel (and ResnetBlock2D/Downsample2D/Upsample2D with ``include_conv``)."""
+    return unet_layers(unet, UNET_TARGETS + (UNET_CONV_TARGETS if include_conv else ()), PREFIX_UNET)
 
 
 def target_layers(text_encoders, unet: nn.Module | None) -> dict[str, nn.Module]:

@@ -23,8 +23,10 @@ import torch  # noqa: E402
 
 from library.errors import UserError, exit_on_user_error  # noqa: E402
 from library.log import add_logging_arguments, setup_logging_from_args  # noqa: E402
+from networks import oft  # noqa: E402
 from networks.lora_family import SD1_OR_SD2, SD2, SDXL, check_fits_layers, check_same_family  # noqa: E402
 from networks.lora_modules import fit_to_shape  # noqa: E402
+from library.formats.tensor_file import read_tensor_file  # noqa: E402
 from networks.lora_svd import module_delta  # noqa: E402
 from networks.lora_targets import target_layers, target_weight_shapes  # noqa: E402
 from networks.lora_tool_io import (check_inputs_exist, check_lora_output, complete_modules, merged_from,  # noqa: E402
@@ -82,6 +84,9 @@ def merge_into_models(models, paths: list[str], ratios: list[float], dtype: torc
     layers = target_layers(models.text_encoders, models.unet)
     unmatched = 0
     for path, ratio in zip(paths, ratios):
+        if is_oft_file(read_tensor_file(path, "--models")):
+            unmatched += merge_oft(models, path, ratio, dtype)
+            continue
         sd, _ = read_lora(path)
         missing = []
         for name, parts in complete_modules(sd, path).items():
@@ -99,6 +104,39 @@ def merge_into_models(models, paths: list[str], ratios: list[float], dtype: torc
     return unmatched
 
 
+def is_oft_file(tf) -> bool:
+    """An ``networks.oft`` file: ``oft_unet_*.oft_blocks`` tensors instead of LoRA factors."""
+    return any(key.endswith(".oft_blocks") for key in tf.shapes)
+
+
+def merge_oft(models, path: str, ratio: float, dtype: torch.dtype) -> int:
+    """Rotate each named layer's output channels into its weight and bias (networks.oft's merge, ``ratio`` as the
+    multiplier); returns how many of the file's modules name no layer."""
+    network, sd = oft.create_network_from_weights(ratio, path, None, models.text_encoders, models.unet)
+    network.load_state_dict(sd, strict=False)
+    for module in network.unet_ofts:
+        module.merge_into_layer(dtype=dtype)
+    names = {k.rsplit(".", 1)[0] for k in sd if k.endswith(".oft_blocks")}
+    missing = sorted(names - {m.oft_name for m in network.unet_ofts})
+    for name in missing:
+        logger.warning("%s: no layer for OFT module %s: skipped", path, name)
+    logger.info("merged OFT %s x %s", path, ratio)
+    return len(missing)
+
+
+def _check_oft_fits(tf, models) -> None:
+    names = {k.rsplit(".", 1)[0]: shape for k, shape in tf.shapes.items() if k.endswith(".oft_blocks")}
+    widths = {name: width for name, width in oft.target_widths(models.unet).items() if name in names}
+    if not widths:
+        raise UserError(f"--models {tf.path}: none of its {len(names)} OFT modules names a layer of this model "
+                        f"(e.g. {next(iter(names), '-')}): it would be ignored")
+    for name, width in widths.items():
+        n, b, _ = names[name]
+        if n * b != width:
+            raise UserError(f"--models {tf.path}: tensor {name}.oft_blocks has shape ({n}, {b}, {b}) but the "
+                            f"layer has {width} output channels: an OFT for a model of other widths")
+
+
 def merge_into_checkpoint(args: argparse.Namespace, sdxl: bool, merge_dtype: torch.dtype,
                           save_dtype: torch.dtype) -> None:
     """Load the base, check every LoRA fits it, merge, save with the source file's other tensors kept (§7)."""
@@ -108,7 +146,10 @@ def merge_into_checkpoint(args: argparse.Namespace, sdxl: bool, merge_dtype: tor
     # a LoRA of another model would merge nothing and the unchanged model would be written as "merged"
     shapes = target_weight_shapes(models.text_encoders, models.unet)
     for tf in files:
-        check_fits_layers(tf, shapes, models.family, "--models")
+        if is_oft_file(tf):
+            _check_oft_fits(tf, models)
+        else:
+            check_fits_layers(tf, shapes, models.family, "--models")
     merge_into_models(models, args.models, args.ratios, merge_dtype)
     metadata = None
     if not args.no_metadata and args.save_to.lower().endswith(".safetensors"):
@@ -199,7 +240,10 @@ def merge_loras_to_file(args: argparse.Namespace, sdxl: bool, merge_dtype: torch
         expected, against = SD2, "--v2 says the LoRAs are for SD2"
     else:
         expected, against = SD1_OR_SD2, "merge_lora.py merges SD1/SD2 LoRAs (use sdxl_merge_lora.py)"
-    check_same_family(args.models, "--models", expected, against)
+    for tf in check_same_family(args.models, "--models", expected, against):
+        if is_oft_file(tf):
+            raise UserError(f"--models {tf.path} is an OFT file: OFT rotations do not add up into one LoRA; merge "
+                            "it into a model with --sd_model")
     merged = merge_lora_files(args.models, args.ratios, merge_dtype, args.concat, args.shuffle)
     v2 = merged.v2
     if v2 is None and sdxl:

@@ -148,6 +148,11 @@ class NetworkHost:
     def merge_to(self, text_encoder, unet, weights_sd, dtype=None, device=None) -> None:
         self.network.merge_to(text_encoder, unet, weights_sd, dtype, device)
 
+    def has_no_text_encoder_modules(self) -> bool:
+        """True when the network says (``text_encoder_loras == []``) it adapts no text encoder."""
+        modules = getattr(self.network, "text_encoder_loras", None)
+        return modules is not None and len(modules) == 0
+
     # --- optional methods: explicit no-ops when the plug-in lacks them ---------------------------
     def set_multiplier(self, multiplier: float) -> None:
         if hasattr(self.network, "set_multiplier"):

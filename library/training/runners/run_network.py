@@ -86,6 +86,10 @@ def _apply_network(args: argparse.Namespace, options, models):
     train_unet, train_te = not args.network_train_text_encoder_only, not args.network_train_unet_only
     host.prepare_network(options)  # the plug-in API: the run's options, read-only
     host.apply_to(te_arg, models.unet, train_te, train_unet)
+    if train_te and host.has_no_text_encoder_modules():
+        # e.g. networks.oft: running the text encoder with gradients would cost time and train nothing
+        logger.info("%s has no text-encoder modules: the text encoder is not trained", host.module.__name__)
+        train_te = False
     if args.network_weights:
         info = host.load_weights(args.network_weights)
         logger.info("loaded network weights %s: %s", args.network_weights, info)
