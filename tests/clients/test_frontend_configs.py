@@ -26,7 +26,6 @@ from library.config.options import SCRIPTS
 CONFIGS = Path(__file__).resolve().parent / "configs"
 MANIFEST = toml.load(CONFIGS / "manifest.toml")["config"]
 NOT_YET = {
-    "sdxl_train": "sdxl_train.py is not provided yet (issue 20)",
     "sdxl_train_textual_inversion": "sdxl_train_textual_inversion.py is not provided yet (issue 20)",
 }
 # configs that sd-scripts v0.8.7 itself refuses (an assertion before training): the same refusal here, as one

@@ -8,6 +8,8 @@ the fused steps inside it; what is frozen stays bit-identical to the base model.
 import json
 import math
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from tests.training.test_train_matrix import _scalars
 from tests.training.train_helpers import make_shapes_folder
 from tools.make_tiny_model import write_tiny_model
 
+ROOT = Path(__file__).resolve().parents[2]
 UNET, TE1, TE2 = "model.diffusion_model.", "conditioner.embedders.0.", "conditioner.embedders.1."
 
 
@@ -249,3 +252,36 @@ def test_hub_upload_of_the_saved_model(tiny_xl, ft_data, tmp_path, monkeypatch):
                             *HUB))
     assert [c[:4] for c in hub.uploads()] == [("upload_file", "me/repo", None, "loras/xl.safetensors")]
     assert os.path.exists(tmp_path / "out" / "xl.safetensors")
+
+
+def test_docs_config_example_trains(tiny_xl, ft_data, tmp_path):
+    """The worked example of docs/sdxl_train.md (fused AdaFactor, TE-output cache), tiny model and data swapped in;
+    then its text-encoder variant."""
+    doc = (ROOT / "docs" / "sdxl_train.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```toml\n(.*?)```", doc, re.S)
+    assert "sdxl_train.py --config_file" in re.search(r"```bash\n(.*?)```", doc, re.S).group(1)
+    images, meta = ft_data
+    swaps = {"pretrained_model_name_or_path": str(tiny_xl["safetensors"]), "train_data_dir": str(images),
+             "in_json": str(meta), "output_dir": str(tmp_path / "out"), "resolution": "64,64", "max_train_steps": 1,
+             "mixed_precision": "no", "full_bf16": None, "max_data_loader_n_workers": 0, "enable_bucket": None,
+             "bucket_reso_steps": None, "save_every_n_steps": None,
+             "lr_warmup_steps": None}  # one step: a warm-up would start it at rate 0
+    lines = []
+    for line in blocks[0].splitlines():
+        key = line.split("=")[0].strip()
+        if key in swaps:
+            if swaps[key] is not None:
+                lines.append(f"{key} = {json.dumps(swaps[key])}")
+            continue
+        lines.append(line)
+    cfg = tmp_path / "sdxl_ft.toml"
+    cfg.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sdxl_train.main(["--config_file", str(cfg)])
+    saved, base = weights(tmp_path / "out" / "my_sdxl.safetensors"), weights(tiny_xl["safetensors"])
+    assert _changed(saved, base, UNET) and not _changed(saved, base, TE1)
+    te_lines = [ln for ln in lines if not ln.startswith("cache_text_encoder_outputs")] + blocks[1].splitlines()
+    te_lines = [ln.replace('"my_sdxl"', '"my_sdxl_te"') for ln in te_lines]
+    cfg.write_text("\n".join(te_lines) + "\n", encoding="utf-8")
+    sdxl_train.main(["--config_file", str(cfg)])
+    saved = weights(tmp_path / "out" / "my_sdxl_te.safetensors")
+    assert _changed(saved, base, TE1) and not _changed(saved, base, TE2)
