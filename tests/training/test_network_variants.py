@@ -91,3 +91,19 @@ def test_dylora_trains_resumes_exactly_and_generates(tiny_sd, shapes_data, tmp_p
     dy = _image(tiny_sd, tmp_path / "g", "--network_module", "networks.dylora", "--network_weights", path)
     as_lora = _image(tiny_sd, tmp_path / "h", "--network_module", "networks.lora", "--network_weights", path)
     assert np.array_equal(dy, as_lora)  # outside training a DyLoRA is its full-rank LoRA
+
+
+@pytest.mark.parametrize("module, extra", [("networks.dylora", ["--network_args", "unit=2"]),
+                                           ("networks.lora_fa", []), ("networks.oft", [])])
+def test_variants_train_on_sdxl(tmp_path_factory, shapes_data, tmp_path, module, extra):
+    import sdxl_train_network
+    from tools.make_tiny_model import write_tiny_model
+
+    model = write_tiny_model("sdxl", tmp_path_factory.mktemp("sdxl"), formats=("safetensors",))["safetensors"]
+    args = base_args(model, shapes_data, tmp_path / "o", 2, *extra)
+    args[args.index("networks.lora")] = module
+    sdxl_train_network.main(args)
+    keys = load_file(str(tmp_path / "o" / "lora.safetensors")).keys()
+    prefixes = ("oft_unet_",) if module == "networks.oft" else ("lora_te1_", "lora_te2_", "lora_unet_")
+    assert keys and all(k.startswith(prefixes) for k in keys)
+    assert any(k.startswith(("lora_unet_input_blocks_", "oft_unet_input_blocks_")) for k in keys)  # LDM paths
