@@ -110,7 +110,8 @@ def add_sdxl_train_arguments(parser: Container) -> None:
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 even with mixed precision")
     g.add_argument("--block_lr", type=str, default=None,
                    help="learning rates of the 23 U-Net blocks, comma-separated: time/label embedding, "
-                        "input_blocks 0-8, middle_block 0-2, output_blocks 0-8, out (0 freezes a block)")
+                        "input_blocks 0-8, middle_block 0-2, output_blocks 0-8, out (a block at 0 is left out of the "
+                        "optimizer)")
     g.add_argument("--fused_backward_pass", action="store_true",
                    help="(sd-scripts v0.9) step AdaFactor on each parameter inside the backward pass and free its "
                         "gradient at once: a full set of gradients never exists (needs --optimizer_type AdaFactor)")

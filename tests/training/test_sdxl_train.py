@@ -202,6 +202,11 @@ def test_dry_run_prints_the_plan_without_output(tiny_xl, ft_data, tmp_path, caps
     text = capsys.readouterr().out
     assert "dry run of sdxl_train.py" in text and "total steps: 5" in text and "estimated peak" in text
     assert not out.exists()
+    # both encoders train in float32: their weights count 4 bytes each, and their gradients are counted
+    assert re.search(r"weights text_encoder_2 \([\d.]+M x 4 B\)", text), text
+    sdxl_train.main(ft_args(tiny_xl["safetensors"], ft_data, out, 5, "--dry_run", "--fused_backward_pass",
+                            "--optimizer_type", "AdaFactor"))
+    assert "--fused_backward_pass: freed one parameter at a time" in capsys.readouterr().out
 
 
 def test_validation_ema_receipts_and_samples(tiny_xl, shapes_data, tmp_path):

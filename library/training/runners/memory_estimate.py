@@ -120,7 +120,7 @@ def estimate(args, family: str, trainer: str, max_latent_pixels: int, batch_size
             b = 4
         elif part == "unet" and getattr(args, "fp8_base", False):
             b = 1
-        elif trainer == "full" and (part == "unet" or (part == "text_encoder" and _trains_te(args, trainer))):
+        elif trainer == "full" and part in _full_trained_parts(args, shapes):
             b = wbytes if full16 else 4
         elif trainer == "ti" and part.startswith("text_encoder"):  # SDXL: both encoders' tables train
             b = wbytes if full16 else 4
@@ -129,7 +129,7 @@ def estimate(args, family: str, trainer: str, max_latent_pixels: int, batch_size
         tb = wbytes if full16 else 4
         rows.append((f"weights network ({trained / 1e6:.2f}M x {tb} B)", int(trained * tb)))
     tb = wbytes if full16 else 4
-    rows.append((f"gradients ({trained / 1e6:.2f}M x {tb} B)", int(trained * tb)))
+    rows.append(_gradient_row(args, trained, tb))
     opt = (getattr(args, "optimizer_type", "") or "AdamW").lower()
     sb = OPTIMIZER_STATE_BYTES.get(opt, 8)
     rows.append((f"optimizer states {opt} ({sb} B per trained value)", int(trained * sb)))
@@ -143,6 +143,31 @@ def estimate(args, family: str, trainer: str, max_latent_pixels: int, batch_size
     return rows
 
 
+def _gradient_row(args, trained: float, tb: int) -> tuple[str, int]:
+    """All trained values' gradients, or (sdxl_train's fused step) about one optimizer's share of them: the
+    hooks free each gradient as soon as it is used (bench/sdxl_fused_memory.py measures the real figure)."""
+    if getattr(args, "fused_backward_pass", False):
+        return "gradients (--fused_backward_pass: freed one parameter at a time)", 0
+    groups = getattr(args, "fused_optimizer_groups", None)
+    if groups:
+        return f"gradients (--fused_optimizer_groups {groups}: ~1/{groups} at a time)", int(trained * tb / groups)
+    return f"gradients ({trained / 1e6:.2f}M x {tb} B)", int(trained * tb)
+
+
+def _full_trained_parts(args, shapes: "ModelShapes") -> list[str]:
+    """What a whole-model trainer trains. sdxl_train: the U-Net while --learning_rate > 0, and with
+    --train_text_encoder each encoder whose rate (--learning_rate_te1 / _te2, default --learning_rate) is > 0."""
+    if hasattr(args, "learning_rate_te1"):
+        lr = getattr(args, "learning_rate", 0) or 0
+        parts = ["unet"] if lr > 0 else []
+        if getattr(args, "train_text_encoder", False):
+            for part, own in (("text_encoder", args.learning_rate_te1), ("text_encoder_2", args.learning_rate_te2)):
+                if (own if own is not None else lr) > 0:
+                    parts.append(part)
+        return [p for p in parts if p in shapes.params]
+    return ["unet"] + (["text_encoder"] if _trains_te(args, "full") else [])
+
+
 def _trains_te(args, trainer: str) -> bool:
     if trainer == "full":
         stop = getattr(args, "stop_text_encoder_training", None)
@@ -154,8 +179,7 @@ def _trains_te(args, trainer: str) -> bool:
 def _trained_params(args, family: str, trainer: str, shapes: ModelShapes) -> float:
     """How many values train: the whole U-Net (+TE), the embedding matrix, or the network."""
     if trainer == "full":
-        n = shapes.params.get("unet", 0.0)
-        return n + (shapes.params.get("text_encoder", 0.0) if _trains_te(args, trainer) else 0.0)
+        return sum(shapes.params.get(part, 0.0) for part in _full_trained_parts(args, shapes))
     if trainer == "ti":
         # the whole input-embedding matrix of every text encoder trains
         return 49408.0 * {"sd1": 768, "sdxl": 768 + 1280}.get(family, 1024)
