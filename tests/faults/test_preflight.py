@@ -6,6 +6,8 @@ end with exit code 2 and one ``error:`` line (no traceback) before the loader is
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 import sdxl_train_network
@@ -30,11 +32,17 @@ def data(tmp_path):
 def tripwire(monkeypatch):
     """Fail the test if a model is loaded (the preflight must stop the run first)."""
     import library.models.loading as loading
+    from library.sampling import gen_setup  # imported before patching: each binds the real function at import
+    from library.training.runners import run_common
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(loading, "load_models", boom)
+    real = loading.load_models
+    # every module that bound the name (imports are at module top), restored after the test
+    for module in {loading, gen_setup, run_common,
+                   *[m for m in list(sys.modules.values()) if getattr(m, "load_models", None) is real]}:
+        monkeypatch.setattr(module, "load_models", boom)
 
 
 def _expect_exit_2(script, argv, capsys, *needles):
