@@ -22,6 +22,7 @@ RUNNERS = {
     "sdxl_train_textual_inversion": ("library.training.runners.run_textual_inversion", {"sdxl": True}),
     "sdxl_train": ("library.training.runners.run_sdxl_train", {}),
     "train_controlnet": ("library.training.runners.run_controlnet", {}),
+    "sdxl_train_control_net_lllite": ("library.training.runners.run_control_net_lllite", {}),
 }
 
 

@@ -9,11 +9,14 @@ import re
 import pytest
 import torch
 
+import sdxl_train_control_net_lllite
 import train_controlnet
 from tests.training.controlnet_helpers import make_pairs
 from tests.training.full_train_helpers import common_args, nan_loss_from_call, weights
 
-SCRIPTS = {"train_controlnet": (train_controlnet.main, "sd1", [])}
+SCRIPTS = {"train_controlnet": (train_controlnet.main, "sd1", []),
+           "sdxl_train_control_net_lllite": (sdxl_train_control_net_lllite.main, "sdxl",
+                                             ["--cond_emb_dim", "8", "--network_dim", "16"])}
 
 
 @pytest.fixture(scope="module")

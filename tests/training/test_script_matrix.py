@@ -8,6 +8,7 @@ import torch
 
 import fine_tune
 import sdxl_train
+import sdxl_train_control_net_lllite
 import sdxl_train_network
 import sdxl_train_textual_inversion
 import train_controlnet
@@ -45,9 +46,11 @@ def _run(script, model, data, tmp_path, options):
     args = common_args(model, out, 2, "--logging_dir", str(logs), "--learning_rate", "1e-4", *options)
     if script is fine_tune:
         args += ["--in_json", str(_metadata_json(data, tmp_path)), "--train_data_dir", str(data / "2_sks shape")]
-    elif script is train_controlnet:
+    elif script in (train_controlnet, sdxl_train_control_net_lllite):
         images, cond = make_pairs(tmp_path / "pairs")
         args += ["--train_data_dir", str(images), "--conditioning_data_dir", str(cond)]
+        if script is sdxl_train_control_net_lllite:
+            args += ["--cond_emb_dim", "8", "--network_dim", "16"]
     else:
         args += ["--train_data_dir", str(data)]
     if script in (train_network, sdxl_train_network):
@@ -60,11 +63,12 @@ def _run(script, model, data, tmp_path, options):
 
 @pytest.mark.parametrize("options", sorted(OPTION_SETS))
 @pytest.mark.parametrize("script", [train_network, sdxl_train_network, train_db, fine_tune, train_textual_inversion,
-                                    sdxl_train_textual_inversion, sdxl_train, train_controlnet],
+                                    sdxl_train_textual_inversion, sdxl_train, train_controlnet,
+                                    sdxl_train_control_net_lllite],
                          ids=lambda m: m.__name__)
 def test_script_with_options(script, options, tiny_sd, tiny_xl, shapes_data, tmp_path):
     opts = list(OPTION_SETS[options])
-    sdxl = script in (sdxl_train_network, sdxl_train_textual_inversion, sdxl_train)
+    sdxl = script in (sdxl_train_network, sdxl_train_textual_inversion, sdxl_train, sdxl_train_control_net_lllite)
     model = tiny_xl["safetensors"] if sdxl else tiny_sd["sd1"]["safetensors"]
     if "--v_parameterization" in opts and sdxl:
         pytest.skip("SDXL base is not a v-prediction model (warned, not rejected); covered by SD1")

@@ -37,6 +37,7 @@ SDXL_COUNTERPART = {"train_network": "sdxl_train_network.py",
                     "train_db": "sdxl_train.py",
                     "fine_tune": "sdxl_train.py",
                     "train_textual_inversion": "sdxl_train_textual_inversion.py"}
+SDXL_SCRIPTS += ("sdxl_train_control_net_lllite",)
 SDXL_COUNTERPART["train_controlnet"] = "sdxl_train_control_net_lllite.py (ControlNet-LLLite)"
 # package to import -> pip name, for options that need an optional package
 _PIP_NAMES = {"xformers": "xformers", "deepspeed": "deepspeed", "wandb": "wandb", "tensorboard": "tensorboard"}
@@ -256,6 +257,8 @@ def estimate_output_bytes(args: argparse.Namespace, script: str) -> int:
         one = max(model_bytes // 2 * dim // 320, 1 << 20)  # LoRA ~ dim/320 of the fp16 model (SD1.5: dim 32 ~ 37 MB)
     elif script in TEXTUAL_INVERSION_SCRIPTS:
         one = 1 << 20
+    elif script == "sdxl_train_control_net_lllite":
+        one = 256 << 20  # released LLLites are 50-200 MB
     else:
         one = model_bytes
     kept = 1 + _kept_intermediate_saves(args)
