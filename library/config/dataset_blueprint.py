@@ -125,7 +125,7 @@ def user_config_from_args(args: argparse.Namespace, sanitizer: ConfigSanitizer) 
         if ignored:
             logger.warning("%s ignored because --dataset_config is given", ", ".join(ignored))
         return load_dataset_config(args.dataset_config), str(args.dataset_config)
-    if sanitizer.dataset_styles == ("controlnet",):  # train_controlnet / sdxl_train_control_net_lllite
+    if not sanitizer.support_dreambooth and sanitizer.dataset_styles == ("controlnet",):  # the ControlNet trainers
         return controlnet_config_from_args(args), "command line (--train_data_dir, --conditioning_data_dir)"
     in_json = getattr(args, "in_json", None)
     if in_json is not None or not sanitizer.support_dreambooth:  # fine_tune.py: always (§1)

@@ -39,6 +39,12 @@ ROUND_TRIP_ARGV = {
                                 "--use_object_template", "--save_model_as", "safetensors"],
     "sdxl_train_textual_inversion": ["--token_string", "mychar", "--num_vectors_per_token", "2", "--weights",
                                      "start.safetensors", "--mixed_precision", "bf16", "--no_half_vae"],
+    "sdxl_train": ["--block_lr", ",".join(["1e-6"] * 22 + ["0"]), "--train_text_encoder", "--learning_rate_te1",
+                   "1e-6", "--fused_optimizer_groups", "4", "--save_model_as", "diffusers", "--no_half_vae"],
+    "train_controlnet": ["--conditioning_data_dir", "cond", "--controlnet_model_name_or_path", "cn.safetensors",
+                         "--save_model_as", "diffusers_safetensors", "--min_snr_gamma", "5"],
+    "sdxl_train_control_net_lllite": ["--conditioning_data_dir", "cond", "--cond_emb_dim", "32", "--network_dim", "64",
+                                      "--network_dropout", "0.1", "--cache_text_encoder_outputs", "--no_half_vae"],
 }
 
 
