@@ -15,7 +15,7 @@ from library.errors import UserError
 
 from .lora_blocks import BlockDims, BlockLRWeights, parse_block_dims, parse_block_lr_weights
 from .lora_modules import LoRAModule, compose_delta
-from library.formats.lora_io import load_state_dict_file, save_state_dict_file
+from library.formats.lora_io import load_state_dict_file, save_network_weights
 from .lora_targets import (PREFIX_TE, PREFIX_UNET, Target, block_index, te_prefixes, text_encoder_targets,
                            unet_targets)
 
@@ -265,10 +265,7 @@ class LoRANetwork(nn.Module):
 
     def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
         """Write the state dict (cast to ``dtype`` if given); safetensors get metadata and ``sshs_*`` hashes."""
-        state_dict = self.state_dict()
-        if dtype is not None:
-            state_dict = {k: v.detach().clone().to("cpu").to(dtype) for k, v in state_dict.items()}
-        save_state_dict_file(state_dict, file, metadata)
+        save_network_weights(self, file, dtype, metadata)
 
     # --- regularization (spec cli-options §13) ------------------------------------------------
     @torch.no_grad()

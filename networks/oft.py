@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from library.errors import UserError
-from library.formats.lora_io import load_state_dict_file, save_state_dict_file
+from library.formats.lora_io import load_state_dict_file, save_network_weights
 
 from .lora_modules import LayerAdapter
 from .lora_targets import Target, unet_layers
@@ -234,10 +234,7 @@ class OFTNetwork(nn.Module):
         return list(self.parameters())
 
     def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
-        state_dict = self.state_dict()
-        if dtype is not None:
-            state_dict = {k: v.detach().clone().to("cpu").to(dtype) for k, v in state_dict.items()}
-        save_state_dict_file(state_dict, file, metadata)
+        save_network_weights(self, file, dtype, metadata)
 
     # --- generation helpers -------------------------------------------------------------------
     def set_region(self, sub_prompt_index: int, is_last_network: bool, mask: torch.Tensor | None) -> None:

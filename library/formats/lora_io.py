@@ -45,3 +45,12 @@ def save_state_dict_file(state_dict: Mapping[str, torch.Tensor], path: str | os.
             safetensors.torch.save_file(state_dict, tmp, meta)
         else:
             torch.save(state_dict, tmp)  # .ckpt/.pt: a plain dict of tensors, no metadata
+
+
+def save_network_weights(network: torch.nn.Module, path: str | os.PathLike, dtype: torch.dtype | None,
+                         metadata: Mapping[str, str] | None) -> None:
+    """A network plug-in's ``save_weights``: its state dict, cast to ``dtype`` if given, written atomically."""
+    state_dict = network.state_dict()
+    if dtype is not None:
+        state_dict = {k: v.detach().clone().to("cpu").to(dtype) for k, v in state_dict.items()}
+    save_state_dict_file(state_dict, path, metadata)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import sdxl_train
-from tests.training.full_train_helpers import assert_same, common_args, part, weights, write_config
+from tests.training.full_train_helpers import (assert_same, common_args, nan_loss_from_call, part, weights,
+                                              write_config)
 from tests.training.test_train_matrix import _scalars
 from tests.training.train_helpers import make_shapes_folder
 from tools.make_tiny_model import write_tiny_model
@@ -228,16 +229,7 @@ def test_validation_ema_receipts_and_samples(tiny_xl, shapes_data, tmp_path):
 
 
 def test_nan_loss_exits_3_and_keeps_the_last_good_file(tiny_xl, ft_data, tmp_path, monkeypatch, capsys):
-    from library.training.objective import diffusion_step
-
-    original, calls = diffusion_step.reduce_and_weight, {"n": 0}
-
-    def nan_from_step_2(*args):
-        calls["n"] += 1
-        loss = original(*args)
-        return loss * float("nan") if calls["n"] >= 2 else loss
-
-    monkeypatch.setattr(diffusion_step, "reduce_and_weight", nan_from_step_2)
+    nan_loss_from_call(monkeypatch, 2)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         sdxl_train.main(ft_args(tiny_xl["safetensors"], ft_data, out, 3, "--save_every_n_steps", "1",

@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 import gen_img
 import sdxl_train_textual_inversion
 from library.config.options import build_parser
-from library.training.objective import diffusion_step
-from tests.training.full_train_helpers import assert_same, common_args, weights
+from tests.training.full_train_helpers import assert_same, common_args, doc_example, nan_loss_from_call, weights
 from tools.make_tiny_model import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,14 +188,7 @@ def test_validation_ema_receipts_and_dry_run(tiny_xl, shapes_data, tmp_path, cap
 
 
 def test_nan_loss_exits_3_and_keeps_the_last_good_file(tiny_xl, shapes_data, tmp_path, monkeypatch, capsys):
-    original, calls = diffusion_step.reduce_and_weight, {"n": 0}
-
-    def nan_from_step_2(*args):
-        calls["n"] += 1
-        loss = original(*args)
-        return loss * float("nan") if calls["n"] >= 2 else loss
-
-    monkeypatch.setattr(diffusion_step, "reduce_and_weight", nan_from_step_2)
+    nan_loss_from_call(monkeypatch, 2)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         sdxl_train_textual_inversion.main(ti_args(tiny_xl["safetensors"], shapes_data, out, 3,
@@ -256,23 +248,13 @@ def test_help_lists_every_upstream_option():
 
 def test_docs_config_example_trains(tiny_xl, shapes_data, tmp_path):
     """The worked example of docs/sdxl_train_textual_inversion.md, with the tiny model and data swapped in."""
-    doc = (ROOT / "docs" / "sdxl_train_textual_inversion.md").read_text(encoding="utf-8")
-    toml_text = re.search(r"```toml\n(.*?)```", doc, re.S).group(1)
-    command = re.search(r"```bash\n(accelerate launch .*?)```", doc, re.S).group(1)
-    assert "sdxl_train_textual_inversion.py --config_file" in command
     swaps = {"pretrained_model_name_or_path": str(tiny_xl["safetensors"]), "train_data_dir": str(shapes_data),
              "output_dir": str(tmp_path / "out"), "resolution": "64,64", "max_train_steps": 1,
              "sample_prompts": None, "sample_every_n_epochs": None, "mixed_precision": "no", "xformers": None,
              "max_data_loader_n_workers": 0, "enable_bucket": None, "bucket_reso_steps": None}
-    lines = []
-    for line in toml_text.splitlines():
-        key = line.split("=")[0].strip()
-        if key in swaps:
-            if swaps[key] is not None:
-                lines.append(f"{key} = {json.dumps(swaps[key])}")
-            continue
-        lines.append(line)
-    (tmp_path / "ti.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg, command = doc_example(ROOT / "docs" / "sdxl_train_textual_inversion.md", swaps, tmp_path / "ti.toml")
+    toml_text = cfg.read_text(encoding="utf-8")
+    assert "sdxl_train_textual_inversion.py --config_file" in command
     sdxl_train_textual_inversion.main(["--config_file", str(tmp_path / "ti.toml")])
     name = re.search(r'output_name = "(\w+)"', toml_text).group(1)
     assert sorted(weights(tmp_path / "out" / f"{name}.safetensors")) == ["clip_g", "clip_l"]
