@@ -12,12 +12,11 @@ import torch
 from torch import nn
 
 from library.errors import UserError
+from library.formats.lora_io import load_state_dict_file, save_network_weights
 
 from .lora_blocks import BlockDims, BlockLRWeights, parse_block_dims, parse_block_lr_weights
 from .lora_modules import LoRAModule, compose_delta
-from library.formats.lora_io import load_state_dict_file, save_network_weights
-from .lora_targets import (PREFIX_TE, PREFIX_UNET, Target, block_index, te_prefixes, text_encoder_targets,
-                           unet_targets)
+from .lora_targets import PREFIX_TE, PREFIX_UNET, Target, block_index, te_prefixes, text_encoder_targets, unet_targets
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import sdxl_train
-from tests.training.full_train_helpers import (assert_same, common_args, nan_loss_from_call, part, weights,
-                                              write_config)
+from tests.training.full_train_helpers import assert_same, common_args, nan_loss_from_call, part, weights, write_config
 from tests.training.test_train_matrix import _scalars
 from tests.training.train_helpers import make_shapes_folder
 from tools.make_tiny_model import write_tiny_model
