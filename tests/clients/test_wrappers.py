@@ -205,6 +205,10 @@ def test_bucket_manager_matches_the_dataset_buckets():
     assert no_up.select_bucket(300, 200)[0] == (256, 192)  # never upscaled: cropped to multiples of 64
 
 
+# Scripts kept under upstream's name only to refuse in one line (docs/compatibility.md, "Not supported").
+REFUSED_SCRIPTS = {"train_textual_inversion_XTI"}
+
+
 def _upstream_scripts():
     import json
 
@@ -221,6 +225,8 @@ def test_every_provided_script_has_setup_parser_with_upstreams_options(script, d
 
     if not (ROOT / f"{script}.py").exists():
         pytest.skip(f"{script}.py is not provided yet")
+    if script in REFUSED_SCRIPTS:
+        pytest.skip(f"{script}.py only refuses (tests/tools/test_unsupported_scripts.py)")
     parser = importlib.import_module(script.replace("/", ".")).setup_parser()
     ours = {action.dest for action in parser._actions}
     assert not set(dests) - ours, sorted(set(dests) - ours)
