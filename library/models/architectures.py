@@ -20,8 +20,9 @@ TEXT_ENCODERS = {
     "sd2": [("cond_stage_model.model.", "open_clip")],
     "sdxl": [("conditioner.embedders.0.transformer.", "hf"), ("conditioner.embedders.1.model.", "open_clip")],
 }
-VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
-SAMPLE_SIZE = {"sd1": 64, "sd2": 64, "sdxl": 128}  # latent size of the default resolution
+VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "flux": 0.3611}
+VAE_SHIFT = {"flux": 0.1159}  # FLUX's AE: latents = (z - shift) * scale
+SAMPLE_SIZE = {"sd1": 64, "sd2": 64, "sdxl": 128, "flux": 128}  # latent size of the default resolution
 SIZE_EMB_DIM = 256  # SDXL size conditioning: 6 sinusoidal embeddings of 256 each (spec losses §9)
 # GroupNorm group counts are not in the weights; real SD files all use 32. Files we write for models
 # with another count (small demo models) record it in these safetensors metadata keys.
@@ -110,6 +111,10 @@ def infer_vae_config(s: Shapes, family: str) -> dict:
         "latent_channels": s["decoder.conv_in.weight"][1],
         "sample_size": SAMPLE_SIZE[family] * 8,
         "scaling_factor": VAE_SCALING[family],
+        "shift_factor": VAE_SHIFT.get(family),
+        # FLUX's AE has no quant convs; SD files all do
+        "use_quant_conv": "quant_conv.weight" in s,
+        "use_post_quant_conv": "post_quant_conv.weight" in s,
         "force_upcast": True,
         "norm_num_groups": 32,
     }

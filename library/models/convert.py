@@ -1,4 +1,8 @@
-"""Checkpoint <-> Diffusers conversion (convert_model.py), sd-scripts' converter options plus SDXL."""
+"""Checkpoint <-> Diffusers conversion (convert_model.py), sd-scripts' converter options plus SDXL and FLUX.1.
+
+FLUX.1: a BFL transformer file (+ ``--ae``, ``--clip_l``, ``--t5xxl``) <-> a Diffusers FLUX folder; a FLUX
+single file holds only the transformer, so folder -> file writes the transformer.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +14,8 @@ import torch
 
 from library.errors import UserError
 
+from .flux_loading import is_flux, load_flux_models, load_flux_transformer
+from .flux_saving import save_flux_diffusers, save_flux_transformer
 from .loading import load_models
 from .saving import save_diffusers, save_ldm_checkpoint
 
@@ -48,6 +54,11 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use_safetensors", action="store_true", help="Diffusers output weights in .safetensors")
     p.add_argument("--vae", type=str, default=None, help="replace the VAE (file or Diffusers folder)")
     p.add_argument("--tokenizer_cache_dir", type=str, default=None, help="offline tokenizer folder (see training)")
+    flux = p.add_argument_group("FLUX.1 (a BFL transformer file -> Diffusers folder needs the other parts)")
+    flux.add_argument("--ae", type=str, default=None, help="FLUX AE: ae.safetensors or a Diffusers VAE folder")
+    flux.add_argument("--clip_l", type=str, default=None, help="FLUX CLIP-L: clip_l.safetensors or a folder")
+    flux.add_argument("--t5xxl", type=str, default=None,
+                      help="FLUX T5-XXL: t5xxl_fp16.safetensors or a folder (a folder's tokenizer is used too)")
 
 
 def save_dtype(args: argparse.Namespace) -> torch.dtype | None:
@@ -80,6 +91,11 @@ def convert(args: argparse.Namespace) -> None:
         raise UserError(f"{args.model_to_save}: exists as a file; a Diffusers output is a folder")
     # 2. load (fp16 load only for Diffusers sources, as upstream)
     load_dtype = torch.float16 if args.fp16 and os.path.isdir(args.model_to_load) else torch.float32
+    flux_parts = [o for o in ("ae", "clip_l", "t5xxl") if getattr(args, o)]
+    if os.path.exists(args.model_to_load) and is_flux(args.model_to_load):
+        return convert_flux(args, dtype, metadata, load_dtype, to_file)
+    if flux_parts:
+        raise UserError(f"--{flux_parts[0]} is only for FLUX.1 models; {args.model_to_load} is not one")
     sdxl = True if args.sdxl else (False if (args.v1 or args.v2) else None)
     models = load_models(args.model_to_load, v2=args.v2, sdxl=sdxl, v_parameterization=args.v_parameterization,
                          vae=args.vae, dtype=load_dtype, tokenizer_cache_dir=args.tokenizer_cache_dir,
@@ -97,6 +113,29 @@ def convert(args: argparse.Namespace) -> None:
             models.unet = use_linear_projection(models.unet)
         save_diffusers(models, args.model_to_save, dtype=dtype, reference_model=args.reference_model,
                        use_safetensors=args.use_safetensors)
+
+
+def convert_flux(args: argparse.Namespace, dtype: torch.dtype | None, metadata: dict | None,
+                 load_dtype: torch.dtype, to_file: bool) -> None:
+    """BFL file (+ --ae/--clip_l/--t5xxl) -> Diffusers folder, folder -> BFL transformer file, or a precision change."""
+    not_flux = [f"--{o}" for o in ("v1", "v2", "sdxl", "v_parameterization", "unet_use_linear_projection")
+                if getattr(args, o)] + [f"--{o}" for o in ("vae", "reference_model") if getattr(args, o)]
+    if not_flux:
+        raise UserError(f"{not_flux[0]}: not for FLUX.1 models ({args.model_to_load}); FLUX takes --ae, --clip_l, --t5xxl")
+    if to_file:
+        if not args.model_to_save.lower().endswith(".safetensors"):
+            raise UserError(f"{args.model_to_save}: FLUX.1 single files are .safetensors")
+        given = [f"--{o}" for o in ("ae", "clip_l", "t5xxl") if getattr(args, o)]
+        if given:
+            raise UserError(f"{given[0]}: a FLUX.1 single file holds only the transformer; nothing else is written")
+        transformer = load_flux_transformer(args.model_to_load, load_dtype, args.variant)
+        save_flux_transformer(transformer, args.model_to_save, dtype=dtype, metadata=metadata)
+        return
+    if metadata:
+        logger.warning("--metadata is only stored in single files; the Diffusers folder gets none")
+    models = load_flux_models(args.model_to_load, ae=args.ae, clip_l=args.clip_l, t5xxl=args.t5xxl, dtype=load_dtype,
+                              tokenizer_cache_dir=args.tokenizer_cache_dir, variant=args.variant)
+    save_flux_diffusers(models, args.model_to_save, dtype=dtype, use_safetensors=args.use_safetensors)
 
 
 def use_linear_projection(unet):

@@ -7,7 +7,10 @@ serves both directions (spec file-formats §f) and a round trip is exact by cons
 * ``conv1x1``   - Diffusers Linear (out, in) <-> LDM 1x1 conv (out, in, 1, 1) (VAE attention);
 * ``squeeze``   - our Linear (out, in) <-> LDM tensor that may be (out, in) or (out, in, 1, 1); saved 2-D;
 * ``transpose`` - HF ``text_projection.weight`` (P, D) <-> OpenCLIP ``text_projection`` (D, P);
-* ``qkv``       - HF q/k/v projections <-> OpenCLIP packed ``in_proj_weight``/``in_proj_bias``.
+* ``qkv``       - HF q/k/v projections <-> OpenCLIP packed ``in_proj_weight``/``in_proj_bias``;
+* ``split``     - several model tensors of unequal rows <-> one concatenated tensor (FLUX ``linear1`` = q, k, v, mlp;
+  the row counts travel in ``sizes``);
+* ``swap``      - the two halves of the tensor exchanged (FLUX's final adaLN: BFL shift, scale; diffusers scale, shift).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-KINDS = ("copy", "conv1x1", "squeeze", "transpose", "qkv")
+KINDS = ("copy", "conv1x1", "squeeze", "transpose", "qkv", "split", "swap")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class KeyRule:
     model_keys: tuple[str, ...]
     ldm_key: str
     kind: str = "copy"
+    sizes: tuple[int, ...] = ()  # "split": rows of each model tensor, in model_keys order
 
     def to_model(self, ldm: torch.Tensor) -> list[torch.Tensor]:
         """LDM tensor -> model tensor(s), in ``model_keys`` order."""
@@ -39,6 +43,10 @@ class KeyRule:
             # own storage for each: views of one packed tensor are "shared tensors" to safetensors, and
             # accelerate's save_state keeps only one of them (a state folder would lack q and v)
             return [t.clone() for t in ldm.chunk(3, dim=0)]
+        if self.kind == "split":
+            return [t.clone() for t in ldm.split(list(self.sizes), dim=0)]
+        if self.kind == "swap":
+            return [_swap_halves(ldm)]
         raise ValueError(self.kind)
 
     def to_ldm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -50,9 +58,16 @@ class KeyRule:
             return t.reshape(t.shape[0], t.shape[1], 1, 1) if t.ndim == 2 else t
         if self.kind == "transpose":
             return tensors[0].t().contiguous()
-        if self.kind == "qkv":
+        if self.kind in ("qkv", "split"):
             return torch.cat(tensors, dim=0)
+        if self.kind == "swap":
+            return _swap_halves(tensors[0])
         raise ValueError(self.kind)
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
 
 
 def rules_from_renamer(model_keys: Iterable[str], rename: Callable[[str], str | None],

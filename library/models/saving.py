@@ -151,6 +151,17 @@ def _save_weights(sd: dict, folder: Path, library: str, use_safetensors: bool) -
         torch.save(sd, folder / bin_name)
 
 
+def save_part_folder(model: torch.nn.Module, folder: Path, library: str, use_safetensors: bool,
+                     sd: Mapping[str, torch.Tensor]) -> None:
+    """One component folder of a Diffusers pipeline: its config and the weights ``sd`` (already cast)."""
+    folder.mkdir(parents=True)
+    if library == "diffusers":
+        model.save_config(folder)
+    else:
+        model.config.save_pretrained(folder)
+    _save_weights(dict(sd), folder, library, use_safetensors)
+
+
 def save_diffusers(models: SDModels, folder: str, dtype: torch.dtype | None = None,
                    reference_model: str | None = None, use_safetensors: bool = True) -> None:
     """Write a Diffusers pipeline folder. Scheduler and tokenizers come from ``reference_model`` when given."""
@@ -159,17 +170,13 @@ def save_diffusers(models: SDModels, folder: str, dtype: torch.dtype | None = No
     with atomic_path(folder) as tmp:
         root = Path(tmp)
         for name, model in (("unet", models.unet), ("vae", models.vae)):
-            (root / name).mkdir(parents=True)
-            model.save_config(root / name)
-            _save_weights(_cast(model.state_dict(), dtype), root / name, "diffusers", use_safetensors)
+            save_part_folder(model, root / name, "diffusers", use_safetensors, _cast(model.state_dict(), dtype))
         for i, te in enumerate(models.text_encoders):
-            sub = root / ("text_encoder" if i == 0 else f"text_encoder_{i + 1}")
-            sub.mkdir()
-            te.config.save_pretrained(sub)
             sd = _cast(te.state_dict(), dtype)
             # hub layout keeps `text_model.` whatever the installed transformers names internally (pitfall 11)
             sd = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in sd.items()}
-            _save_weights(sd, sub, "transformers", use_safetensors)
+            save_part_folder(te, root / ("text_encoder" if i == 0 else f"text_encoder_{i + 1}"), "transformers",
+                             use_safetensors, sd)
         sched_cls = _write_scheduler_and_tokenizers(models, root, reference_model, save_tokenizers)
         (root / "model_index.json").write_text(json.dumps(_model_index(models, sched_cls), indent=2), encoding="utf-8")
     logger.info("saved %s Diffusers folder %s", models.family.upper(), folder)
