@@ -2,7 +2,8 @@
 
 ``read_config_from_file(args, parser)``: the ``--config_file`` / ``--output_config`` step on an already
 parsed namespace, with this project's config rules (library/config/config_file.py). ``BucketManager``:
-upstream's bucket interface (library/compat/bucket_manager.py). Anything else of upstream's train_util is
+upstream's bucket interface (library/compat/bucket_manager.py). ``MinimalDataset``: the base class of a
+``--dataset_class`` (library/data/custom_dataset.py). Anything else of upstream's train_util is
 not provided; the trainers' own code never imports this module.
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ import sys
 
 from library.compat.bucket_manager import BucketManager
 from library.config.config_file import merge_config_file
+from library.data.custom_dataset import MinimalDataset
 
-__all__ = ["BucketManager", "read_config_from_file"]
+__all__ = ["BucketManager", "MinimalDataset", "read_config_from_file"]
 
 
 def read_config_from_file(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:

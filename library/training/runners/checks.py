@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from library.config.options import TEXTUAL_INVERSION_SCRIPTS
+from library.data.custom_dataset import check_dataset_class, load_dataset_class
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,6 @@ def check_hub_options(args: argparse.Namespace) -> None:
 
 def reject_unsupported(args: argparse.Namespace, script: str) -> None:
     """Options of the spec this project does not implement yet: a clear error, never a silent no-op."""
-    if getattr(args, "dataset_class", None):
-        raise UserError("--dataset_class (custom dataset classes) is not supported yet; use --dataset_config")
     if getattr(args, "lowram", False):
         logger.info("--lowram: models are always loaded tensor by tensor (peak about one model) and moved to the "
                     "device right after; nothing more to do")
@@ -47,9 +46,30 @@ def reject_unsupported(args: argparse.Namespace, script: str) -> None:
         logger.info("--highvram: the CUDA cache is never emptied between latent-caching batches here anyway")
 
 
+DATASET_CLASS_REPLACES = ("dataset_config", "train_data_dir", "reg_data_dir", "in_json")
+DATASET_CLASS_EXCLUDES = ("cache_latents", "cache_text_encoder_outputs", "dry_run")
+
+
+def check_dataset_class_options(args: argparse.Namespace, script: str) -> None:
+    """``--dataset_class`` (library/data/custom_dataset.py): the class imports and has what the loop calls,
+    before any model loads; the options it replaces are named, the ones it cannot serve refused."""
+    path = getattr(args, "dataset_class", None)
+    if not path:
+        return
+    for option in DATASET_CLASS_EXCLUDES:
+        if getattr(args, option, False):
+            raise UserError(f"--{option} cannot be used with --dataset_class: the class's batches bring their "
+                            "own images and token ids")
+    check_dataset_class(load_dataset_class(path), path, textual_inversion=script in TEXTUAL_INVERSION_SCRIPTS)
+    given = [f"--{o}" for o in DATASET_CLASS_REPLACES if getattr(args, o, None)]
+    if given:
+        logger.warning("%s ignored: --dataset_class %s supplies the training data", ", ".join(given), path)
+
+
 def verify_training_args(args: argparse.Namespace, script: str) -> None:
     """Errors and warnings of sd-scripts' ``verify_training_args`` and the trainers' assertions."""
     reject_unsupported(args, script)
+    check_dataset_class_options(args, script)
     check_hub_options(args)
     if getattr(args, "v_parameterization", False) and not getattr(args, "v2", False):
         logger.warning("--v_parameterization without --v2: the model must have been trained for v-prediction")

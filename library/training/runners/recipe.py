@@ -25,9 +25,9 @@ from library.training.runners import run_lock
 from library.training.runners.checks import verify_training_args
 from library.training.runners.dry_run import report
 from library.training.runners.preflight import preflight
-from library.training.runners.run_common import (attach_tokenizers, build_data, cache_latents_if_asked,
-                                                 encode_latents_fn, load_base_models, make_sample_hook, tracker_init,
-                                                 train_and_save)
+from library.training.runners.run_common import (attach_tokenizers, build_custom_data, build_data,
+                                                 cache_latents_if_asked, encode_latents_fn, load_base_models,
+                                                 make_sample_hook, tracker_init, train_and_save)
 from library.training.runners.run_extras import attach_extras
 from library.training.settings import LoopPlan, TrainSettings
 from library.training.settings.from_options import build_settings, resolve_options
@@ -139,12 +139,15 @@ def _options(args: argparse.Namespace, recipe: Recipe) -> None:
 
 def _load(args: argparse.Namespace, settings: TrainSettings, recipe: Recipe) -> RecipeRun:
     """Data (scanned before any model loads), accelerator, models, the recipe's additions, latent cache."""
-    group, _ = build_data(args, recipe.script, recipe.sdxl)
+    custom = bool(getattr(args, "dataset_class", None))  # built with the model's tokenizers, as upstream
+    group = None if custom else build_data(args, recipe.script, recipe.sdxl)[0]
     acc = setup.make_accelerator(args)
     wdtype = setup.weight_dtype(args)
     train_unet, train_te = recipe.trains(args)
     models = load_base_models(args, acc, wdtype, sdxl=recipe.sdxl, train_unet=train_unet,
                               train_text_encoder=train_te)
+    if custom:
+        group = build_custom_data(args, models, recipe.sdxl)
     run = RecipeRun(args, settings, acc, wdtype, models, group)
     recipe.after_load(run)
     attach_tokenizers(args, group, models)

@@ -10,8 +10,10 @@ import toml
 import torch
 
 from library.config.dataset_blueprint import dataset_params_from_args
+from library.config.dataset_schema import parse_resolution
 from library.config.option_record import OptionRecord
 from library.data.batch import get_input_ids
+from library.data.custom_dataset import CustomDatasetGroup, build_custom_group
 from library.data.dataset import build_dataset_group, make_dataloader, scan_mode
 from library.data.latent_cache import cache_latents
 from library.data.te_cache import cache_text_encoder_outputs
@@ -89,6 +91,17 @@ def build_data(args: argparse.Namespace, script: str, sdxl: bool):
     if len(group) == 0:
         raise UserError("no training images found (check --train_data_dir / --dataset_config)")
     return group, params
+
+
+def build_custom_data(args: argparse.Namespace, models: SDModels, sdxl: bool) -> CustomDatasetGroup:
+    """--dataset_class: the user's dataset, built with the model's tokenizer(s) (checked in ``checks.py``)."""
+    resolution = parse_resolution(args.resolution) if args.resolution is not None else None
+    group = build_custom_group(args.dataset_class, models.tokenizers, args.max_token_length, resolution,
+                               args.debug_dataset)
+    if sdxl:
+        group.verify_bucket_reso_steps(32)
+    logger.info("dataset: %s, %d batches per epoch", args.dataset_class, len(group))
+    return group
 
 
 def latent_factor(models: SDModels) -> int:
@@ -241,6 +254,14 @@ def training_facts(args, models: SDModels, group, plan, opt_name: str, acc):
 
 def dataset_facts(group) -> list:
     """The dataset group as the metadata module describes it (spec file-formats §b.1)."""
+    if isinstance(group, CustomDatasetGroup):  # upstream's MinimalDataset: one "dummy" folder
+        user = group.user
+        subset = SubsetFacts(img_count=int(getattr(user, "img_count", 1)),
+                             num_repeats=int(getattr(user, "num_repeats", 1)),
+                             image_dir=str(getattr(user, "image_dir", "dummy")))
+        return [DatasetFacts(kind="dreambooth", batch_size=group.batch_size, num_train_images=group.num_train_images,
+                             num_reg_images=group.num_reg_images, resolution=None,
+                             bucket_info=getattr(user, "bucket_info", None) or {}, subsets=[subset])]
     out = []
     for d in group.datasets:
         p = d.params

@@ -90,6 +90,8 @@ def build_validation_group(args: argparse.Namespace, script: str, models, group,
 
     With ``--cache_latents`` / ``--cache_text_encoder_outputs`` (and the encoder for it) the validation
     images are cached like the training ones: validation then needs neither the VAE nor the text encoders."""
+    if getattr(args, "dataset_class", None):
+        return None  # the user's class is the whole dataset: nothing is held out
     params = dataset_params_from_args(args, script)
     cache_te = bool(getattr(args, "cache_text_encoder_outputs", False)) and encode_text is not None
     vgroup = build_dataset_group(params, models.tokenizers, seed=args.seed, max_train_steps=max_train_steps,
