@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python tools/x.py` from anywhere
 
@@ -32,14 +33,20 @@ logger = logging.getLogger(__name__)
 VAE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """sd models + training + dataset + --dataset_config groups, plus this tool's own options (§14)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def caching_parser(description: str) -> argparse.ArgumentParser:
+    """The option groups the caching tools share with the trainers: sd models, training, dataset, config."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_logging_arguments(section(parser, "console log"))
     add_sd_models_arguments(parser)
     add_training_arguments(parser, support_dreambooth=True)
     add_dataset_arguments(parser, support_dreambooth=True, support_caption=True, support_caption_dropout=True)
     add_config_arguments(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """sd models + training + dataset + --dataset_config groups, plus this tool's own options (§14)."""
+    parser = caching_parser(__doc__)
     g = section(parser, "cache_latents", "options of this tool")
     g.add_argument("--sdxl", action="store_true", help="the model is SDXL (bucket steps must be multiples of 32)")
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 even with --mixed_precision")
@@ -76,17 +83,24 @@ def build_group(args: argparse.Namespace, family: str):
     """The trainers' dataset group (validation included) for this command line / config."""
     import os
 
-    from library.config.dataset_blueprint import dataset_params_from_args
-    from library.data.dataset import build_dataset_group
     from library.models.tokenizers import load_tokenizers
 
     folder = args.pretrained_model_name_or_path if os.path.isdir(args.pretrained_model_name_or_path) else None
     tokenizers = load_tokenizers(family, folder, args.tokenizer_cache_dir)
-    params = dataset_params_from_args(args, "cache_latents")
+    return dataset_groups(args, "cache_latents", tokenizers, family == "sdxl", latents_cache_expected=True)
+
+
+def dataset_groups(args: argparse.Namespace, script: str, tokenizers: list, sdxl: bool, **expected) -> list:
+    """The trainers' dataset groups for this command line / config: training, then validation when a subset holds
+    images out. ``expected``: the cache checks of ``build_dataset_group`` (``latents_cache_expected``, ...)."""
+    from library.config.dataset_blueprint import dataset_params_from_args
+    from library.data.dataset import build_dataset_group
+
+    params = dataset_params_from_args(args, script)
     common = dict(seed=args.seed, max_train_steps=args.max_train_steps, max_token_length=args.max_token_length,
-                  latents_cache_expected=True)
+                  **expected)
     group = build_dataset_group(params, tokenizers, **common)
-    if family == "sdxl":
+    if sdxl:
         group.verify_bucket_reso_steps(32)
     validation = build_dataset_group(params, tokenizers, part="validation", **common)
     return [group] + ([validation] if validation is not None else [])
@@ -121,13 +135,19 @@ def cache(args: argparse.Namespace) -> None:
     logger.info("latents cached")
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
+def run_tool(build: Callable[[], argparse.ArgumentParser], work: Callable[[argparse.Namespace], None],
+             argv: list[str] | None) -> None:
+    """Parse (``--config_file`` honoured), set up logging, run: the caching tools' ``main``."""
     from library.config.config_file import parse_args_with_config
 
-    args = parse_args_with_config(build_parser(), argv)
+    args = parse_args_with_config(build(), argv)
     setup_logging_from_args(args)
-    cache(args)
+    work(args)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    run_tool(build_parser, cache, argv)
 
 
 if __name__ == "__main__":

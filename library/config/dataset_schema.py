@@ -292,6 +292,7 @@ _TRAINER_FLAGS = {
     "train_textual_inversion": (True, True, None, False),
     "sdxl_train_textual_inversion": (True, True, None, False),
     "cache_latents": (True, True, False, True),
+    "cache_text_encoder_outputs": (True, True, False, True),
     "train_controlnet": (False, False, True, True),
     "sdxl_train_control_net_lllite": (False, False, True, True),
 }

@@ -71,10 +71,11 @@ def _as_numpy(value) -> np.ndarray:
 
 
 def cache_text_encoder_outputs(group, encode_fn: TeEncodeFn, to_disk: bool, is_main_process: bool = True,
-                               batch_size: int | None = None) -> None:
+                               batch_size: int | None = None, overwrite: bool = False) -> None:
     """Encode the raw caption of every image (no prefix/suffix/processing, §10.1) once.
 
-    On disk an existing file is reused without checks, as sd-scripts; in memory the arrays are kept
+    On disk an existing file is reused without checks, as sd-scripts (``overwrite``: encoded again, as
+    tools/cache_text_encoder_outputs.py does without ``--skip_existing``); in memory the arrays are kept
     on each ``ImageInfo``. ``batch_size`` defaults to each dataset's batch size.
     """
     for dataset in group.datasets:
@@ -84,7 +85,7 @@ def cache_text_encoder_outputs(group, encode_fn: TeEncodeFn, to_disk: bool, is_m
         for info in dataset.images:
             if to_disk:
                 info.te_outputs_npz = os.path.splitext(info.path)[0] + TE_OUTPUTS_SUFFIX
-                if not is_main_process or os.path.exists(info.te_outputs_npz):
+                if not is_main_process or (os.path.exists(info.te_outputs_npz) and not overwrite):
                     continue
             elif info.te_outputs is not None:
                 continue
