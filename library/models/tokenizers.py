@@ -79,6 +79,24 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
 
 
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of `_bytes_to_unicode`: its characters are the printable bytes first, then the others."""
+    chars = _bytes_to_unicode()
+    printable = [ord(c) for c in chars if ord(c) < 256]
+    others = [b for b in range(256) if b not in set(printable)]
+    return dict(zip(chars, printable + others))
+
+
+def token_text(tokenizer: CLIPTokenizer, token_id: int) -> str:
+    """One token id as text, as transformers v4's slow `CLIPTokenizer.convert_tokens_to_string` wrote it (what
+    sd-scripts printed): byte characters back to UTF-8 (broken sequences -> U+FFFD), `</w>` -> a space, stripped."""
+    token = tokenizer.convert_ids_to_tokens([token_id])[0]
+    decoder = _byte_decoder()
+    raw = bytearray(decoder[c] for c in token if c in decoder)
+    return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def clean_text(text: str) -> str:
     """open_clip's `_clean_lower`: ftfy.fix_text, html.unescape twice, collapse whitespace, lower().

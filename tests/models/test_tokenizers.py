@@ -13,7 +13,7 @@ from transformers import CLIPTokenizer
 
 from library.errors import UserError
 from library.models import tokenizers as tk
-from library.models.tokenizers import build_clip_tokenizer, load_tokenizers, save_tokenizers
+from library.models.tokenizers import build_clip_tokenizer, load_tokenizers, save_tokenizers, token_text
 
 BOS, EOS = 49406, 49407
 
@@ -238,3 +238,11 @@ def test_missing_open_clip_is_a_user_error(monkeypatch):
     finally:
         monkeypatch.undo()
         tk._clip_vocabulary.cache_clear()
+
+
+def test_token_text_as_open_clip_decodes(sd1, oracle):
+    """`token_text` (lora_interrogator's printout) of every id equals open_clip's decode, stripped: byte characters
+    back to UTF-8 (half an emoji -> U+FFFD), `</w>` -> space."""
+    assert token_text(sd1, 320) == "a" and token_text(sd1, BOS) == "<|startoftext|>"  # open_clip: <start_of_text>
+    different = [i for i in range(BOS) if token_text(sd1, i) != oracle.decode([i]).strip()]
+    assert different == []
