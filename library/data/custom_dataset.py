@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import random
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_METHODS = ("__len__", "__getitem__", "set_current_epoch")
 TEXTUAL_INVERSION_METHODS = ("add_replacement",)
-OPTIONAL_METHODS = ("set_current_step", "set_max_train_steps", "verify_bucket_reso_steps")
 
 
 def load_dataset_class(path: str) -> type:
@@ -201,6 +201,7 @@ class MinimalDataset(Dataset):
         self.current_step = 0
         self.max_train_steps = 0
         self.replacements: dict = {}
+        self.rng = random.Random(0)  # template choice of ``replace_tokens`` unless the caller passes its own
         self.num_train_images = 0
         self.num_reg_images = 0
         self.batch_size = 1
@@ -231,10 +232,12 @@ class MinimalDataset(Dataset):
         """Textual Inversion's token replacement; apply it with ``replace_tokens`` in ``__getitem__``."""
         self.replacements[source] = target
 
-    def replace_tokens(self, caption: str) -> str:
+    def replace_tokens(self, caption: str, rng: Optional[random.Random] = None) -> str:
+        """The caption with the replacements applied, as upstream's datasets do: a replacement of ``""`` is
+        the whole caption (one of a list of templates, drawn with ``rng``), any other one a substring."""
         for source, target in self.replacements.items():
             if source == "":
-                caption = target if isinstance(target, str) else " ".join(target)
+                caption = (rng or self.rng).choice(target) if isinstance(target, (list, tuple)) else target
             else:
                 caption = caption.replace(source, target if isinstance(target, str) else " ".join(target))
         return caption

@@ -1,5 +1,6 @@
 """--dataset_class: the user's class of docs/training.md trains a LoRA; bad classes are one clear line (exit 2)."""
 import json
+import random
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from safetensors import safe_open
 import sdxl_train_network
 import train_network
 import train_textual_inversion
+from library.train_util import MinimalDataset
 from tools.make_tiny_model import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,3 +160,52 @@ def test_batch_missing_a_key_names_class_and_key(tiny_sd, tmp_path, user_module,
     with pytest.raises(SystemExit) as e:
         train_network.main(_args(tiny_sd["sd1"]["safetensors"], tmp_path / "o", "--dataset_class", "nocap.C"))
     assert e.value.code == 2 and "nocap.C: C[i] returned no 'captions'" in capsys.readouterr().err
+
+
+TI_CLASS = '''import torch
+from library.train_util import MinimalDataset
+
+
+class TokenDataset(MinimalDataset):
+    def __init__(self, tokenizer, max_token_length, resolution, debug_dataset):
+        super().__init__(tokenizer, max_token_length, resolution, 1.0, debug_dataset)
+        self.num_train_images = 2
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        captions = [self.replace_tokens("a photo of sks")] * 2
+        image = torch.linspace(-1, 1, 3 * 64 * 64).reshape(3, 64, 64)
+        return {"images": torch.stack([image, -image]), "captions": captions,
+                "input_ids": torch.stack([self.get_input_ids(c) for c in captions])}
+'''
+
+
+def test_textual_inversion_replaces_the_token_through_the_class(tiny_sd, tmp_path, user_module, capsys):
+    """train_textual_inversion hands the class its replacement ("sks" -> "sks sks1" for two vectors) before
+    training, on the tokenizer that already knows the new tokens."""
+    user_module("ti_dataset", TI_CLASS)
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd["sd1"]["safetensors"]), "--output_dir", str(out),
+            "--resolution", "64", "--token_string", "sks", "--init_word", "shape", "--num_vectors_per_token", "2",
+            "--max_train_steps", "2", "--learning_rate", "1e-2", "--seed", "1", "--max_data_loader_n_workers", "0",
+            "--save_model_as", "safetensors", "--dataset_class", "ti_dataset.TokenDataset", "--console_log_simple"]
+    with pytest.raises(SystemExit):
+        train_textual_inversion.main(argv + ["--debug_dataset"])
+    assert "['a photo of sks sks1', 'a photo of sks sks1']" in capsys.readouterr().out
+    train_textual_inversion.main(argv)
+    with safe_open(str(out / "sks.safetensors"), "pt") as f:
+        assert tuple(f.get_tensor("emb_params").shape) == (2, 32)
+
+
+def test_replace_tokens_as_upstreams_datasets():
+    """A substring replacement everywhere; the "" replacement (templates) is the whole caption, one drawn."""
+    ds = MinimalDataset(None, None, (64, 64))
+    ds.add_replacement("sks", "sks sks1")
+    assert ds.replace_tokens("sks and sks") == "sks sks1 and sks sks1"
+    templates = ["a photo of sks", "a rendering of sks", "a cropped photo of the sks"]
+    ds = MinimalDataset(None, None, None)
+    ds.add_replacement("", templates)
+    assert ds.replace_tokens("ignored", random.Random(5)) == random.Random(5).choice(templates)
+    assert (ds.width, ds.height) == (None, None) and ds.image_dir == "dummy" and ds.datasets == [ds]
