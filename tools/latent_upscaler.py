@@ -118,7 +118,8 @@ def upscale_images(args: argparse.Namespace) -> list[str]:
         for path, image in zip(group, _decode(vae, latents, args.vae_batch_size)):
             stem, ext = os.path.splitext(os.path.basename(path))
             if args.debug:
-                _save(images[path].resize((w, h), Image.LANCZOS), os.path.join(args.output_dir, f"{stem}_lanczos4{ext}"))
+                lanczos = images[path].resize((w, h), Image.LANCZOS)
+                _save(lanczos, os.path.join(args.output_dir, f"{stem}_lanczos4{ext}"))
             written.append(os.path.join(args.output_dir, f"{stem}_upscaled{ext}"))
             _save(image, written[-1])
     return written

@@ -45,10 +45,9 @@ def _outputs(te, ids, clip_skip):
     return getattr(te, "text_model", te).final_layer_norm(hidden)
 
 
-def _oracle_scores(sd1_file, lora_path, clip_skip) -> torch.Tensor:
-    models = load_models(sd1_file)
-    plain = models.text_encoders[0].eval()
-    merged = load_models(sd1_file).text_encoders[0].eval()
+def _oracle_scores(model, lora_path, clip_skip) -> torch.Tensor:
+    plain = load_models(model).text_encoders[0].eval()
+    merged = load_models(model).text_encoders[0].eval()
     assert _merged_by_hand(merged, load_file(lora_path)) > 0
     ids = torch.arange(49408)
     rows = torch.stack([torch.full_like(ids, 49406), ids, torch.full_like(ids, 49407)], dim=1)
@@ -58,14 +57,21 @@ def _oracle_scores(sd1_file, lora_path, clip_skip) -> torch.Tensor:
     return torch.cat(diffs)
 
 
-@pytest.mark.parametrize("clip_skip", [None, 2])
-def test_ranks_tokens_like_the_hand_merged_encoder(sd1_file, tmp_path, capsys, clip_skip):
-    lora_path = write_lora(load_models(sd1_file), tmp_path / "l.safetensors")
-    argv = ["--sd_model", sd1_file, "--model", lora_path, "--batch_size", "1024"]
+@pytest.fixture(scope="module")
+def sd2_folder(tmp_path_factory) -> str:
+    return str(write_tiny_model("sd2", tmp_path_factory.mktemp("interrogate2"), formats=("diffusers",))["diffusers"])
+
+
+@pytest.mark.parametrize("family, clip_skip", [("sd1", None), ("sd1", 2), ("sd2", None)])
+def test_ranks_tokens_like_the_hand_merged_encoder(request, tmp_path, capsys, family, clip_skip):
+    model = request.getfixturevalue("sd1_file" if family == "sd1" else "sd2_folder")
+    meta = {"ss_v2": str(family == "sd2"), "ss_base_model_version": "sd_v2" if family == "sd2" else "sd_v1"}
+    lora_path = write_lora(load_models(model), tmp_path / "l.safetensors", metadata=meta)
+    argv = ["--sd_model", model, "--model", lora_path, "--batch_size", "1024"] + (["--v2"] if family == "sd2" else [])
     lines = lora_interrogator.main(argv + (["--clip_skip", str(clip_skip)] if clip_skip else []))
     assert capsys.readouterr().out.splitlines() == lines
     assert lines[0] == "top 100:" and len(lines) == 101
-    want = _oracle_scores(sd1_file, lora_path, clip_skip)
+    want = _oracle_scores(model, lora_path, clip_skip)
     top = torch.topk(want, 100).values
     parsed = [LINE.match(line) for line in lines[1:]]
     assert all(parsed), lines[1:5]
