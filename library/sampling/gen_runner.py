@@ -195,8 +195,12 @@ def run(args: argparse.Namespace) -> list[str]:
         lines = prompts_from_images(init.images)
     resolve_ckpt(args.ckpt)
     check_input_files(args)
-    # 2. models, networks, embeddings
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    upscaler = None
+    if args.highres_fix_upscaler and args.highres_fix_scale:  # without hires fix: warned in reject_unsupported
+        # before the models: a missing or wrong weights file costs no model load
+        upscaler = load_upscaler(args.highres_fix_upscaler, args.highres_fix_upscaler_args, model_dtype(args), device)
+    # 2. models, networks, embeddings
     models = load_gen_models(args, device)
     set_attention(args, models)
     networks, default_muls = load_networks(args, models, device)
@@ -206,9 +210,6 @@ def run(args: argparse.Namespace) -> list[str]:
                     control_nets=load_control_nets(resolve_control_nets(args), models, device),
                     lllites=load_lllites(resolve_lllites(args), models, device))
     model_name = os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0]
-    upscaler = None
-    if args.highres_fix_upscaler and args.highres_fix_scale:  # without hires fix: warned in reject_unsupported
-        upscaler = load_upscaler(args.highres_fix_upscaler, args.highres_fix_upscaler_args, model_dtype(args), device)
     gen = GenRun(args, pipe, networks, default_muls, ImageSaver(args, model_name, models.is_sdxl), upscaler)
     builder = RequestBuilder(args, 1024 if models.is_sdxl else 512, len(networks.networks), init,
                              images_from_prompts=from_images, total_lines=len(lines) if lines is not None else None)
