@@ -1,4 +1,5 @@
 """--dataset_class: the user's class of docs/training.md trains a LoRA; bad classes are one clear line (exit 2)."""
+import importlib
 import json
 import random
 import re
@@ -6,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import sdxl_train_network
 import train_network
@@ -209,3 +212,19 @@ def test_replace_tokens_as_upstreams_datasets():
     ds.add_replacement("", templates)
     assert ds.replace_tokens("ignored", random.Random(5)) == random.Random(5).choice(templates)
     assert (ds.width, ds.height) == (None, None) and ds.image_dir == "dummy" and ds.datasets == [ds]
+
+
+@pytest.mark.parametrize("script", ["train_db", "fine_tune"])
+def test_doc_example_trains_the_full_model_trainers(tiny_sd, tmp_path, monkeypatch, user_module, script):
+    user_module("my_dataset", _doc_example())
+    monkeypatch.setenv("MY_DATASET_DIR", str(_pngs(tmp_path / "pngs")))
+    out = tmp_path / "out"
+    base = tiny_sd["sd1"]["safetensors"]
+    importlib.import_module(script).main([
+        "--pretrained_model_name_or_path", str(base), "--resolution", "64", "--output_dir", str(out),
+        "--output_name", "full", "--max_train_steps", "2", "--learning_rate", "1e-3", "--seed", "7",
+        "--max_data_loader_n_workers", "0", "--save_model_as", "safetensors", "--console_log_simple",
+        "--dataset_class", "my_dataset.FolderDataset"])
+    before, after = load_file(str(base)), load_file(str(out / "full.safetensors"))
+    unet = [k for k in before if k.startswith("model.diffusion_model.")]
+    assert unet and any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in unet)
