@@ -16,6 +16,7 @@ from library.formats.lora_io import load_state_dict_file, save_network_weights
 
 from .lora_blocks import BlockDims, BlockLRWeights, parse_block_dims, parse_block_lr_weights
 from .lora_modules import LoRAModule, compose_delta
+from .lora_regional import RegionState, region_mask
 from .lora_targets import PREFIX_TE, PREFIX_UNET, Target, block_index, te_prefixes, text_encoder_targets, unet_targets
 
 logger = logging.getLogger(__name__)
@@ -121,16 +122,9 @@ class LoRANetwork(nn.Module):
         self.weights_sd: Mapping[str, torch.Tensor] | None = None
         self._dims = (block_dims, modules_dim, modules_alpha)
 
-        encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-        encoders = [te for te in encoders if te is not None]
-        te_targets = [t for prefix, te in zip(te_prefixes(len(encoders)), encoders)
-                      for t in text_encoder_targets(prefix, te)]
-        # conv targets are chosen per network (pitfall 4: never widen a shared list)
-        with_conv = (modules_dim is not None or conv_lora_dim is not None
-                     or (block_dims is not None and block_dims.conv_dims is not None))
-        u_targets = unet_targets(unet, with_conv) if unet is not None else []
-        self.text_encoder_loras: list[LoRAModule] = self._create_modules(te_targets)
-        self.unet_loras: list[LoRAModule] = self._create_modules(u_targets)
+        self.text_encoder_loras: list[LoRAModule]
+        self.unet_loras: list[LoRAModule]
+        self.text_encoder_loras, self.unet_loras = self._build_modules(text_encoder, unet)
         logger.debug("LoRA modules created: text encoder %d, U-Net %d", len(self.text_encoder_loras),
                      len(self.unet_loras))
         # registered now (not in apply_to as sd-scripts does), so .to()/.parameters() work before apply_to
@@ -138,6 +132,19 @@ class LoRANetwork(nn.Module):
             if hasattr(self, lora.lora_name):
                 raise ValueError(f"duplicate LoRA module name {lora.lora_name}")
             self.add_module(lora.lora_name, lora)
+
+    def _build_modules(self, text_encoder, unet: nn.Module | None) -> tuple[list[LoRAModule], list[LoRAModule]]:
+        """(text-encoder modules, U-Net modules) for the layers this network adapts (other models override)."""
+        block_dims, modules_dim, _ = self._dims
+        encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+        encoders = [te for te in encoders if te is not None]
+        te_targets = [t for prefix, te in zip(te_prefixes(len(encoders)), encoders)
+                      for t in text_encoder_targets(prefix, te)]
+        # conv targets are chosen per network (pitfall 4: never widen a shared list)
+        with_conv = (modules_dim is not None or self.conv_lora_dim is not None
+                     or (block_dims is not None and block_dims.conv_dims is not None))
+        u_targets = unet_targets(unet, with_conv) if unet is not None else []
+        return self._create_modules(te_targets), self._create_modules(u_targets)
 
     def _dim_alpha(self, target: Target) -> tuple[int | None, float | None]:
         block_dims, modules_dim, modules_alpha = self._dims
@@ -287,39 +294,48 @@ class LoRANetwork(nn.Module):
 
     # --- generation helpers (spec §a.3 last sentence) -------------------------------------------
     def set_region(self, sub_prompt_index: int, is_last_network: bool, mask: torch.Tensor | None) -> None:
-        """Restrict U-Net modules to ``mask`` (H, W in [0,1]); None or all-ones removes the restriction."""
-        region = None if mask is None or bool((mask >= 1).all()) else mask.float()
-        for lora in self.unet_loras:
-            lora.region = region
+        """Regional LoRA (networks/lora_regional.py): this network serves sub-prompt ``sub_prompt_index`` within
+        ``mask`` (H, W in [0,1]; all zero = the whole image). None ends regional generation."""
+        state = None if mask is None else RegionState(sub_prompt_index, is_last_network, region_mask(mask))
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.region = state
 
     def set_current_generation(self, batch_size: int, num_sub_prompts: int, width: int, height: int,
-                               shared: Any = None) -> None:
-        """Nothing to prepare: regions are resized to each activation when used."""
+                               shared: Any = None, ds_ratio: float | None = None) -> None:
+        """Per U-Net batch of regional generation: batch size, sub-prompts per image, image size (the masks are
+        resized to the U-Net's activation sizes now) and the dict the networks share during the batch."""
+        loras = self.text_encoder_loras + self.unet_loras
+        state = loras[0].region if loras else None
+        if state is None:
+            return
+        ref = next(loras[0].parameters())  # the modules' dtype and device (upstream: the first lora_down)
+        state.set_generation(batch_size, num_sub_prompts, width, height, {} if shared is None else shared,
+                             ref.dtype, ref.device, ds_ratio)
 
     def backup_weights(self) -> None:
         """Keep a copy of every targeted base weight, once, so ``restore_weights`` can undo merges."""
         for lora in self.text_encoder_loras + self.unet_loras:
-            org = lora.org_module
-            if not hasattr(org, "_lora_org_weight"):
-                org._lora_org_weight = org.weight.detach().clone()
-                org._lora_restored = True
+            for org in lora.target_layers():
+                if not hasattr(org, "_lora_org_weight"):
+                    org._lora_org_weight = org.weight.detach().clone()
+                    org._lora_restored = True
 
     def restore_weights(self) -> None:
         for lora in self.text_encoder_loras + self.unet_loras:
-            org = lora.org_module
-            if hasattr(org, "_lora_org_weight") and not org._lora_restored:
-                with torch.no_grad():
-                    org.weight.copy_(org._lora_org_weight)
-                org._lora_restored = True
+            for org in lora.target_layers():
+                if hasattr(org, "_lora_org_weight") and not org._lora_restored:
+                    with torch.no_grad():
+                        org.weight.copy_(org._lora_org_weight)
+                    org._lora_restored = True
             lora.enabled = True
 
     @torch.no_grad()
     def pre_calculation(self) -> None:
-        """Merge each module into its base weight and switch the module off (faster generation)."""
+        """Merge each module into its base weight(s) and switch the module off (faster generation)."""
         for lora in self.text_encoder_loras + self.unet_loras:
-            org = lora.org_module
-            org.weight.add_(lora.get_weight().to(org.weight))
-            org._lora_restored = False
+            for org, delta in lora.layer_deltas():
+                org.weight.add_(delta.to(org.weight))
+                org._lora_restored = False
             lora.enabled = False
 
 

@@ -9,6 +9,9 @@ Family rules (spec file-formats §a.1, pitfall 1):
 * SDXL: ``lora_te1_``/``lora_te2_`` text encoders, U-Net under LDM paths ``lora_unet_input_blocks_…``,
   ``lora_unet_middle_block_…``, ``lora_unet_output_blocks_…``.
 * SD1/SD2: ``lora_te_``, U-Net under Diffusers paths ``lora_unet_down_blocks_…``/``mid_block``/``up_blocks``.
+* FLUX.1: BFL transformer paths ``lora_unet_double_blocks_…``/``single_blocks``/embedders, T5 ``lora_te3_`` (its
+  CLIP-L is ``lora_te1_`` as SDXL's; a file of CLIP-L modules only reads as SDXL); diffusers' FLUX layout
+  (``transformer.…lora_A.weight``) too.
 * SD2 vs SD1, first from the shapes (text-encoder width or U-Net cross-attention width 1024 vs 768, or an
   OpenCLIP-depth text encoder with more than 12 layers), else from metadata (``ss_base_model_version``,
   ``ss_v2``, ``modelspec.architecture``). Files of tiny test models carry neither: they stay ``sd1/sd2``,
@@ -23,12 +26,17 @@ from typing import Iterable, Mapping
 from library.errors import UserError
 from library.formats.tensor_file import Shape, TensorFile, read_tensor_file  # noqa: F401  (re-exported)
 
-SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
+SD1, SD2, SDXL, FLUX = "sd1", "sd2", "sdxl", "flux"
 SD1_OR_SD2 = "sd1/sd2"  # an SD LoRA whose file cannot tell SD1 from SD2
-FAMILY_NAMES = {SD1: "SD1", SD2: "SD2", SDXL: "SDXL", SD1_OR_SD2: "SD1/SD2"}
+FAMILY_NAMES = {SD1: "SD1", SD2: "SD2", SDXL: "SDXL", SD1_OR_SD2: "SD1/SD2", FLUX: "FLUX.1"}
 
 _SDXL_NAME = re.compile(r"^lora_(te1|te2)_|^lora_unet_(input_blocks|middle_block|output_blocks)_")
 _SD_NAME = re.compile(r"^lora_te_|^lora_unet_(down_blocks|mid_block|up_blocks)_")
+# FLUX.1 (sd-scripts' lora_flux): BFL transformer paths and T5 (lora_te3_); its CLIP-L is lora_te1_ as SDXL's TE1
+_FLUX_NAME = re.compile(r"^lora_te3_|^lora_unet_(double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|"
+                        r"guidance_in|final_layer)(_|$)")
+_NOT_FLUX = re.compile(r"^lora_te_|^lora_te2_|^lora_unet_(down_blocks|mid_block|up_blocks|input_blocks|middle_block|"
+                       r"output_blocks)_")
 _TE_LAYER = re.compile(r"^lora_te_text_model_encoder_layers_(\d+)_")
 _WIDTHS = {768: SD1, 1024: SD2}  # CLIP ViT-L vs OpenCLIP ViT-H: text width = U-Net cross-attention width
 _SD1_LAYERS = 12
@@ -73,9 +81,18 @@ def family_of(tf: TensorFile, option: str = "--network_weights", require_known: 
     """``sd1``, ``sd2``, ``sdxl`` or ``sd1/sd2`` of a LoRA's tensors; names of two families are an error, and so
     are names of none unless not ``require_known`` (then None: tools without a model accept any names)."""
     names = list(tf.modules())
+    where = f"{option} {tf.path}"
+    if not names and _is_diffusers_flux(tf):
+        return FLUX
+    flux = next((n for n in names if _FLUX_NAME.match(n)), None)
+    if flux:
+        other = next((n for n in names if _NOT_FLUX.match(n)), None)
+        if other:
+            raise UserError(f"{where}: mixes FLUX.1 module names ({flux}) with SD ones ({other}): not a LoRA of one "
+                            "model")
+        return FLUX
     sdxl = next((n for n in names if _SDXL_NAME.match(n)), None)
     sd = next((n for n in names if _SD_NAME.match(n)), None)
-    where = f"{option} {tf.path}"
     if sdxl and sd:
         raise UserError(f"{where}: mixes SDXL module names ({sdxl}) with SD1/SD2 ones ({sd}): not a LoRA of one "
                         "model")
@@ -87,6 +104,13 @@ def family_of(tf: TensorFile, option: str = "--network_weights", require_known: 
         return None
     sample = ", ".join(list(tf.shapes)[:3]) or "no tensors"
     raise UserError(f"{where}: not a kohya LoRA file (no lora_unet_/lora_te_ module names; first keys: {sample})")
+
+
+def _is_diffusers_flux(tf: TensorFile) -> bool:
+    """diffusers' FLUX LoRA layout: PEFT ``lora_A`` / ``lora_B`` keys under ``transformer.`` (diffusers' SD LoRAs
+    use ``unet.``)."""
+    keys = list(tf.shapes)
+    return any(k.startswith("transformer.") and ".lora_A." in k for k in keys)
 
 
 def lora_file_family(path: str | os.PathLike, option: str = "--network_weights") -> str:
@@ -106,8 +130,12 @@ def check_family(tf: TensorFile, model_family: str, option: str = "--network_wei
     The message ends with ``against`` (default: "the model is <family>")."""
     family = family_of(tf, option) if kind == "LoRA" else embedding_family(tf, option)
     if not families_agree(family, model_family):
-        against = against or f"the model is {FAMILY_NAMES[model_family]}"
-        raise UserError(f"{option} {tf.path} is an {FAMILY_NAMES[family]} {kind} but {against}")
+        if family == FLUX and against is not None:  # a merge tool's hint names another SD tool: not for FLUX
+            against = ("this tool handles SD1/SD2/SDXL LoRAs only (FLUX.1 LoRAs are read by --network_module "
+                       "networks.lora_flux)")
+        against = against or f"the model is {FAMILY_NAMES.get(model_family, model_family)}"
+        article = "a" if family == FLUX else "an"
+        raise UserError(f"{option} {tf.path} is {article} {FAMILY_NAMES[family]} {kind} but {against}")
     return family
 
 
@@ -242,13 +270,16 @@ def _differs_only_in_rank(key: str, have: Shape, want: Shape) -> bool:
 
 
 def model_family_of(text_encoder, unet) -> str:
-    """``sd1``/``sd2``/``sdxl`` of loaded models, for networks built without the model bundle.
+    """``sd1``/``sd2``/``sdxl``/``flux`` of loaded models, for networks built without the model bundle.
 
-    SDXL: two text encoders or a size-conditioned U-Net; SD2: an OpenCLIP text encoder (GELU), SD1 CLIP's
-    QuickGELU (the real models' activations, which the tiny test models follow).
+    FLUX.1: a FLUX transformer in the U-Net's place; SDXL: two text encoders or a size-conditioned U-Net; SD2: an
+    OpenCLIP text encoder (GELU), SD1 CLIP's QuickGELU (the real models' activations, which the tiny test models
+    follow).
     """
     encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     config = getattr(unet, "config", None)
+    if config is not None and "num_single_layers" in config:  # diffusers' FluxTransformer2DModel
+        return FLUX
     if len(encoders) > 1 or (config is not None and config.get("addition_embed_type") == "text_time"):
         return SDXL
     te_config = getattr(encoders[0], "config", None) if encoders else None

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora_regional import RegionState, regional_output
+
 
 def compose_delta(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``up @ down`` as a weight of the original layer's layout: (out,in) or (out,in,k,k). spec §a.2 merge."""
@@ -90,7 +92,7 @@ class LoRAModule(LayerAdapter):
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.enabled = True  # False once pre_calculation merged the weights (generation)
-        self.region: torch.Tensor | None = None  # (H, W) mask in [0,1] for regional LoRA (generation)
+        self.region: RegionState | None = None  # regional LoRA (generation), shared by the network's modules
         # a tuple keeps the original layer out of this module's children and state dict
         self.org_module_ref: tuple[nn.Module] = (org_module,)
         self._hook_handle = None
@@ -98,15 +100,23 @@ class LoRAModule(LayerAdapter):
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return output
+        if self.region is not None and self.region.active:
+            return regional_output(self, inputs[0], output)
         delta = self.lora_delta(inputs[0])
         if delta is None:
             return output
-        if self.region is not None:
-            delta = delta * self._region_mask(delta)
         return output + delta.to(output.dtype)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """``up(down(x)) · m · scale`` with the training-only dropouts of spec §a.2; None = module dropped."""
+        down = self.down_path(x)
+        if down is None:
+            return None
+        lx, scale = down
+        return self.lora_up(lx) * (self.multiplier * scale)
+
+    def down_path(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """``down(x)`` after neuron and rank dropout, and the scale to use with it; None = module dropped."""
         if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
             return None
         lx = self.lora_down(x.to(self.lora_down.weight.dtype))
@@ -122,21 +132,7 @@ class LoRAModule(LayerAdapter):
             lx = lx * mask.to(lx.dtype)
             # behave as if the rank shrank by p (sd-scripts uses p, not the drawn mask's mean)
             scale = scale / (1.0 - self.rank_dropout)
-        return self.lora_up(lx) * (self.multiplier * scale)
-
-    def _region_mask(self, delta: torch.Tensor) -> torch.Tensor | float:
-        """The region mask resized to this activation: (B,C,H,W) maps spatially, (B,HW,C) per token."""
-        mask = self.region
-        h, w = mask.shape[-2:]
-        if delta.ndim == 4:
-            return F.interpolate(mask[None, None].to(delta), size=delta.shape[2:], mode="bilinear")
-        if delta.ndim == 3:
-            n = delta.shape[1]
-            factor = math.sqrt(h * w / n)
-            if factor and (round(h / factor) * round(w / factor)) == n:
-                size = (round(h / factor), round(w / factor))
-                return F.interpolate(mask[None, None].to(delta), size=size, mode="bilinear").reshape(1, n, 1)
-        return 1.0  # text tokens or an unknown layout: the region does not apply
+        return lx, scale
 
     # --- what trains ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -159,6 +155,14 @@ class LoRAModule(LayerAdapter):
         m = self.multiplier if multiplier is None else multiplier
         delta = compose_delta(self.lora_up.weight, self.lora_down.weight) * (m * self.scale)
         return fit_to_shape(delta, self.org_module.weight.shape)
+
+    def target_layers(self) -> list[nn.Module]:
+        """Every original layer this module changes (one here; a fused FLUX module spans several)."""
+        return [self.org_module]
+
+    def layer_deltas(self, multiplier: float | None = None) -> list[tuple[nn.Module, torch.Tensor]]:
+        """(layer, delta in that layer's weight layout) for each layer of :meth:`target_layers`."""
+        return [(self.org_module, self.get_weight(multiplier))]
 
     def merge_to(self, sd: dict[str, torch.Tensor], dtype: torch.dtype | None, device) -> None:
         """Add ``m · scale · up·down`` from ``sd`` (this module's tensors) into the original weight."""

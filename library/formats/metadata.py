@@ -26,7 +26,7 @@ from library.formats.model_hashes_files import model_file_metadata
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")
 
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 DATASET_KINDS = ("dreambooth", "finetuning", "controlnet")
 UNKNOWN_COMMIT = "(unknown)"
 
@@ -101,12 +101,12 @@ class TrainingFacts:
 
 
 def base_model_version(family: str, v_parameterization: bool) -> str:
-    """``ss_base_model_version``: sd_v1, sd_v2, sd_v1_v, sd_v2_v, sdxl_base_v1-0 (§b.1)."""
+    """``ss_base_model_version``: sd_v1, sd_v2, sd_v1_v, sd_v2_v, sdxl_base_v1-0 (§b.1); flux1 (sd-scripts' FLUX)."""
     if family not in BASE_MODEL_VERSIONS:
         raise ValueError(f"unknown model family {family!r}; expected one of {tuple(BASE_MODEL_VERSIONS)}")
     version = BASE_MODEL_VERSIONS[family]
     # upstream's SDXL trainer writes its constant; the `_v` suffix is an SD1/SD2 helper's
-    return version + "_v" if v_parameterization and family != "sdxl" else version
+    return version + "_v" if v_parameterization and family not in ("sdxl", "flux") else version
 
 
 @functools.lru_cache(maxsize=1)

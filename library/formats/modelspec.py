@@ -5,12 +5,14 @@ import datetime
 import time
 from typing import Any, Mapping, Optional, Sequence, Union
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "flux-dev", "flux-schnell")
+FLUX_FAMILIES = ("flux-dev", "flux-schnell")  # sd-scripts' FLUX trainers (newer than v0.8.7): flux-1-dev/lora ...
 KINDS = ("lora", "textual-inversion", "checkpoint")
 
 SPEC_VERSION = "1.0.0"
 IMPL_GENERATIVE_MODELS = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "diffusers"
+IMPL_FLUX = "https://github.com/black-forest-labs/flux"
 
 _TITLE_PREFIX = {"lora": "LoRA", "textual-inversion": "TextualInversion", "checkpoint": "Checkpoint"}
 
@@ -20,7 +22,9 @@ Resolution = Union[None, int, str, Sequence[int]]
 def architecture(family: str, v_parameterization: bool, kind: str) -> str:
     """``modelspec.architecture``: base id, plus ``/lora`` or ``/textual-inversion`` for adapters (§b.3)."""
     _check(family, kind)
-    if family == "sdxl":
+    if family in FLUX_FAMILIES:
+        arch = "flux-1-" + family.split("-")[1]
+    elif family == "sdxl":
         arch = "stable-diffusion-xl-v1-base"
     elif family == "sd2":
         arch = "stable-diffusion-v2-768-v" if v_parameterization else "stable-diffusion-v2-512"
@@ -30,8 +34,10 @@ def architecture(family: str, v_parameterization: bool, kind: str) -> str:
 
 
 def implementation(family: str, kind: str) -> str:
-    """Stability's repo for checkpoints, TI and SDXL LoRA; ``diffusers`` for SD1/SD2 LoRA (§b.3)."""
+    """Stability's repo for checkpoints, TI and SDXL LoRA; ``diffusers`` for SD1/SD2 LoRA (§b.3); BFL's for FLUX."""
     _check(family, kind)
+    if family in FLUX_FAMILIES:
+        return IMPL_FLUX
     return IMPL_DIFFUSERS if kind == "lora" and family != "sdxl" else IMPL_GENERATIVE_MODELS
 
 
@@ -39,7 +45,7 @@ def resolution_text(resolution: Resolution, family: str, v_parameterization: boo
     """``"WxH"`` from ``--resolution`` (int, ``"S"``, ``"W,H"`` or a pair); default 1024/768/512 (§b.3)."""
     if resolution is None:
         # the resolution lives in the dataset config then: upstream falls back to the family's native size
-        if family == "sdxl":
+        if family == "sdxl" or family in FLUX_FAMILIES:
             resolution = 1024
         elif family == "sd2" and v_parameterization:
             resolution = 768
@@ -95,7 +101,8 @@ def build_modelspec(
     meta["modelspec.date"] = datetime.datetime.fromtimestamp(int(timestamp)).isoformat()
     optional = {"modelspec.license": license, "modelspec.tags": tags, "modelspec.merged_from": merged_from}
     meta.update({k: v for k, v in optional.items() if v is not None})
-    meta["modelspec.prediction_type"] = "v" if v_parameterization else "epsilon"
+    if family not in FLUX_FAMILIES:  # sd-scripts writes no prediction type for flow-matching FLUX
+        meta["modelspec.prediction_type"] = "v" if v_parameterization else "epsilon"
     if min_timestep is not None or max_timestep is not None:
         low = 0 if min_timestep is None else min_timestep
         high = 1000 if max_timestep is None else max_timestep

@@ -1,0 +1,45 @@
+"""Helpers of the FLUX.1 LoRA tests: tiny models, one transformer call, random LoRA factors."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from library.models.flux_tiny import build_tiny_flux
+
+_BUILT = {}
+
+
+def tiny_flux_models(name: str = "dev"):
+    """A fresh copy of the tiny FLUX.1 ``name`` (built once per process)."""
+    if name not in _BUILT:
+        _BUILT[name] = build_tiny_flux(name)
+    return copy.deepcopy(_BUILT[name])
+
+
+def transformer_inputs(transformer, seed: int = 0) -> dict:
+    """Keyword inputs of one ``FluxTransformer2DModel`` call: 16 image tokens, 5 text tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    inputs = dict(hidden_states=torch.randn(1, 16, cfg.in_channels, generator=gen),
+                  encoder_hidden_states=torch.randn(1, 5, cfg.joint_attention_dim, generator=gen),
+                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=gen),
+                  timestep=torch.tensor([0.7]), img_ids=torch.rand(16, 3, generator=gen) * 4,
+                  txt_ids=torch.zeros(5, 3))
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.tensor([3.5])
+    return inputs
+
+
+@torch.no_grad()
+def run_transformer(transformer, seed: int = 0) -> torch.Tensor:
+    return transformer(**transformer_inputs(transformer, seed), return_dict=False)[0]
+
+
+def randomize(network, seed: int = 0, std: float = 0.1) -> None:
+    """Random ``lora_down`` and ``lora_up`` (up starts at zero, which would make every test trivial)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lora in network.text_encoder_loras + network.unet_loras:
+            for w in (lora.lora_down.weight, lora.lora_up.weight):
+                w.copy_(torch.randn(w.shape, generator=gen) * std)
