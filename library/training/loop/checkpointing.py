@@ -145,6 +145,8 @@ class Checkpointer:
         self.every_epochs = names.save_every_n_epochs_from_ratio(num_epochs, saving.save_n_epoch_ratio,
                                                                  saving.save_every_n_epochs)
         self.companions: list[Companion] = []  # written beside every model, pruned with it
+        # run on every process before a model is saved: sharded training gathers the full weights there
+        self.before_model_save: list[Callable[[], None]] = []
         self.state_extras: list[StateExtra] = []  # written into every state folder
         self.hub = None  # --huggingface_repo_id: uploads of saved models (and states), main process only
         self.last_model: Optional[str] = None  # the newest model file this run saved
@@ -159,6 +161,8 @@ class Checkpointer:
         return os.path.join(self.out, name)
 
     def _model(self, name: str, event: str, epoch: int, step: int) -> None:
+        for collective in self.before_model_save:
+            collective()
         if self.acc.is_main_process:
             path = self._path(name + self.ext)
             existed = os.path.exists(path)

@@ -44,12 +44,20 @@ class FullModelMethod:
         self.text_encoder: torch.nn.Module = models.text_encoders[0]
         self.module: torch.nn.Module = self.unet
         self.modules: tuple = (self.unet,)
+        self.bundle: Optional[torch.nn.Module] = None  # sharded training: the prepared bundle of trained models
 
-    def attach(self, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module]) -> None:
-        """Use the prepared (possibly DDP-wrapped) modules for forward passes and accumulation."""
+    def attach(self, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module],
+               bundle: Optional[torch.nn.Module] = None) -> None:
+        """Use the prepared (possibly DDP-wrapped) modules for forward passes and accumulation. Sharded training
+        (FSDP / DeepSpeed): ``unet`` / ``text_encoder`` call through the prepared ``bundle``, which is then the
+        one module accumulation syncs."""
         self.unet = self.module = unet
         if text_encoder is not None:
             self.text_encoder = text_encoder
+        self.bundle = bundle
+        if bundle is not None:
+            self.module, self.modules = bundle, (bundle,)
+            return
         self.modules = (unet, text_encoder) if text_encoder is not None and self.te_training else (unet,)
 
     # --- loss ---------------------------------------------------------------------------------
@@ -110,5 +118,5 @@ class FullModelMethod:
         if not self.gradient_checkpointing:
             te.eval()
         self.te_training = False
-        self.modules = (self.unet,)
+        self.modules = (self.bundle if self.bundle is not None else self.unet,)
         return {}

@@ -112,16 +112,19 @@ class FullModelSaver:
                  modelspec: Callable[[], dict[str, str]]):
         """``source``: the base model (``--pretrained_model_name_or_path``): its extra keys, epoch and step."""
         self.models, self.fmt, self.save_dtype, self.modelspec = models, fmt, save_dtype, modelspec
+        # sharded training (runners/sharded.py): the models with the trained parts' gathered full weights
+        self.models_to_save: Callable[[], SDModels] = lambda: self.models
         self.reference = source if os.path.isdir(source) else None
         self.source = SourceCheckpoint(source, models.family)
 
     def __call__(self, path: str, event: str, epoch: int, global_step: int) -> None:
+        models = self.models_to_save()
         if self.fmt.diffusers:
-            save_diffusers(self.models, path, self.save_dtype, reference_model=self.reference,
+            save_diffusers(models, path, self.save_dtype, reference_model=self.reference,
                            use_safetensors=self.fmt.use_safetensors)
             return
         metadata = self.modelspec() if self.fmt.use_safetensors else None
-        save_ldm_checkpoint(self.models, path, self.save_dtype, metadata=metadata,
+        save_ldm_checkpoint(models, path, self.save_dtype, metadata=metadata,
                             epoch=self.source.epoch + ckpt_epoch(event, epoch),
                             global_step=self.source.global_step + global_step,
                             source_extra=self.source.read_extra())

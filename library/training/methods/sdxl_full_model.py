@@ -37,12 +37,14 @@ class SdxlFullModelMethod:
         self.modules: tuple = ()
         self.module: Optional[torch.nn.Module] = None
 
-    def attach(self, unet: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> None:
-        """Use the prepared (possibly DDP-wrapped) modules for forward passes and accumulation."""
+    def attach(self, unet: torch.nn.Module, text_encoders: list[torch.nn.Module],
+               bundle: Optional[torch.nn.Module] = None) -> None:
+        """Use the prepared (possibly DDP-wrapped) modules for forward passes and accumulation. Sharded training
+        (FSDP / DeepSpeed): the trained models call through the prepared ``bundle``, the one module to sync."""
         self.unet, self.text_encoders = unet, list(text_encoders)
         trained = ([unet] if self.train_unet else []) + [te for te, t in zip(text_encoders, self.train_te) if t]
-        self.modules = tuple(trained)
-        self.module = trained[0]
+        self.modules = (bundle,) if bundle is not None else tuple(trained)
+        self.module = self.modules[0]
 
     # --- loss ---------------------------------------------------------------------------------
     def loss(self, batch: dict, rand: StepRandom) -> torch.Tensor:

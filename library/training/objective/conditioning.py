@@ -24,10 +24,15 @@ class TextConditioning:
     added_cond_kwargs: Optional[dict] = None  # SDXL: text_embeds (pooled) and time_ids
 
 
+def _device(te) -> torch.device:
+    """The encoder's device; a trained one may come wrapped by DDP, which has no ``device``."""
+    return getattr(te, "module", te).device
+
+
 def encode_sd(te, input_ids: torch.Tensor, clip_skip: Optional[int], max_token_length: Optional[int]) -> torch.Tensor:
     """SD1/SD2 hidden states of (B, n, 77) ids, spec §9."""
     b, n, length = input_ids.shape
-    ids = input_ids.reshape(b * n, length).to(te.device)
+    ids = input_ids.reshape(b * n, length).to(_device(te))
     if clip_skip is None or clip_skip <= 1:
         h = te(ids)[0]
     else:
@@ -58,8 +63,8 @@ def encode_sdxl(te1, te2, ids1: torch.Tensor, ids2: torch.Tensor,
                 max_token_length: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL context (B, T, D1+D2) and pooled embedding (B, P), spec §9."""
     b, n, length = ids1.shape
-    flat1 = ids1.reshape(b * n, length).to(te1.device)
-    flat2 = ids2.reshape(b * n, length).to(te2.device)
+    flat1 = ids1.reshape(b * n, length).to(_device(te1))
+    flat2 = ids2.reshape(b * n, length).to(_device(te2))
     # sd-scripts writes hidden_states[11]: for the real 12-layer TE1 that is the penultimate layer, which
     # [-2] names for any depth (tiny test models have fewer layers)
     h1 = te1(flat1, output_hidden_states=True).hidden_states[-2]

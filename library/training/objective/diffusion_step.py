@@ -113,7 +113,7 @@ def call_unet(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch
     Inputs take the U-Net's own dtype: a trained U-Net stays fp32 under mixed precision and relies on
     autocast, which the CPU does not provide for fp16; a frozen one was cast to the training dtype.
     """
-    dtype = unet.dtype
+    dtype = getattr(unet, "module", unet).dtype  # a trained U-Net may come wrapped by DDP, which has no dtype
     if dtype.itemsize == 1:  # --fp8_base: fp8 storage, computed in the training dtype (fp8_storage.py)
         dtype = cond.context.dtype
     added = cond.added_cond_kwargs

@@ -21,6 +21,7 @@ from library.training.methods.full_model_saving import FullModelSaver, resolve_s
 from library.training.runners import accelerate_setup as setup
 from library.training.runners.recipe import Recipe, RecipeRun, Training, run_recipe
 from library.training.runners.run_common import optimizer_and_schedule
+from library.training.runners.sharded import ShardedWeights, check_sharded_options, prepare_bundle, sharding
 from library.training.settings import LoopPlan, TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class FullModelRecipe(Recipe):
     def check_options(self, args: argparse.Namespace) -> None:
         if self._check:
             self._check(args)
+        check_sharded_options(args)
         self.train_text_encoder = self._train_te(args)
 
     def trains(self, args: argparse.Namespace) -> tuple[bool, bool]:
@@ -66,14 +68,20 @@ class FullModelRecipe(Recipe):
                 te.to(run.wdtype)
         groups = param_groups(models, train_te, args.learning_rate, args.learning_rate_te)
         optimizer, lr_sched, plan, _ = optimizer_and_schedule(args, run.settings.loop, groups, run.group, acc)
-        if train_te:
+        method = self._make_method(models, run.settings, acc, run.wdtype)
+        weights = None
+        if sharding(acc):  # FSDP / DeepSpeed: the trained models as one prepared bundle
+            parts = {"unet": unet, **({"text_encoder": te} if train_te else {})}
+            parts, bundle, optimizer, lr_sched, weights = prepare_bundle(acc, parts, optimizer, lr_sched)
+            method.attach(parts["unet"], parts.get("text_encoder"), bundle=bundle)
+        elif train_te:
             unet, te, optimizer, lr_sched = acc.prepare(unet, te, optimizer, lr_sched)
+            method.attach(unet, te)
         else:
             unet, optimizer, lr_sched = acc.prepare(unet, optimizer, lr_sched)
-        method = self._make_method(models, run.settings, acc, run.wdtype)
-        method.attach(unet, te if train_te else None)
+            method.attach(unet, None)
         return Training(method, optimizer, lr_sched, plan, whole_model_checkpointer(args, run.settings, acc, models,
-                                                                                           plan, run.group))
+                                                                                           plan, run.group, weights))
 
     def after_resume(self, training: Training, global_step: int) -> None:
         training.method.sync_step(global_step)  # --stop_text_encoder_training 0, or a resume past the stop step
@@ -100,12 +108,18 @@ def param_groups(models: SDModels, train_text_encoder: bool, learning_rate: floa
 
 
 def whole_model_checkpointer(args: argparse.Namespace, settings: TrainSettings, acc, models: SDModels,
-                             plan: LoopPlan, group) -> Checkpointer:
+                             plan: LoopPlan, group, sharded: Optional[ShardedWeights] = None) -> Checkpointer:
     """Whole-model files in the format of spec cli-options §7, with modelspec for .safetensors (§b.3); the
-    modelspec resolution is the one trained (a dataset config's own), as for LoRA files."""
+    modelspec resolution is the one trained (a dataset config's own), as for LoRA files. ``sharded``: the
+    trained models' weights are gathered on every process before each save, and written by the main one."""
     fmt = resolve_save_format(args.save_model_as, args.use_safetensors,
                               os.path.isfile(args.pretrained_model_name_or_path))
     saver = FullModelSaver(models, args.pretrained_model_name_or_path, fmt, setup.save_dtype(args),
                            lambda: modelspec_from_options(settings.options, models.family, "checkpoint",
                                                           resolution=trained_resolution(group)))
-    return Checkpointer(settings.saving, acc, saver, fmt.ext, plan.num_epochs, plan.max_train_steps, settings.hub)
+    checkpointer = Checkpointer(settings.saving, acc, saver, fmt.ext, plan.num_epochs, plan.max_train_steps,
+                                settings.hub)
+    if sharded is not None:
+        checkpointer.before_model_save.append(sharded.gather)
+        saver.models_to_save = lambda: sharded.models_for_saving(models)
+    return checkpointer

@@ -23,6 +23,7 @@ from library.training.runners.recipe import Recipe, RecipeRun, Training, run_rec
 from library.training.runners.run_common import cache_sdxl_text_outputs_if_asked, optimizer_and_schedule
 from library.training.runners.run_full_model import whole_model_checkpointer
 from library.training.runners.run_network import verify_sdxl_base
+from library.training.runners.sharded import check_sharded_options, launched_sharding, prepare_bundle, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class SdxlTrainRecipe(Recipe):
     def check_options(self, args: argparse.Namespace) -> None:
         check_sdxl_train_options(args)
         check_fused_options(args)
+        check_sharded_options(args)
         self.block_lrs = parse_block_lr(args.block_lr)
         self.train_unet = args.learning_rate > 0
         if args.train_text_encoder:
@@ -94,15 +96,23 @@ class SdxlTrainRecipe(Recipe):
             for m in trained:
                 m.to(run.wdtype)
         groups, lr_names = self._param_groups(run)
-        optimizer, lr_sched, plan = _optimizers(args, run, groups)
-        prepared = [acc.prepare(m) for m in trained]
-        unet = prepared.pop(0) if self.train_unet else models.unet
-        tes = [prepared.pop(0) if t else te for te, t in zip(models.text_encoders, self.train_te)]
         objective = DiffusionObjective.from_settings(run.settings.objective, models.vae.config.scaling_factor)
         method = SdxlFullModelMethod(models, objective, run.settings.text, acc, run.wdtype, self.train_unet,
                                      self.train_te, lr_names)
-        method.attach(unet, tes)
-        checkpointer = whole_model_checkpointer(args, run.settings, acc, models, plan, run.group)
+        weights = None
+        if sharding(acc):  # FSDP / DeepSpeed: the trained models as one prepared bundle (no fused step here)
+            optimizer, lr_sched, plan, _ = optimizer_and_schedule(args, run.settings.loop, groups, run.group, acc)
+            names = (["unet"] if self.train_unet else []) + [f"te{i + 1}" for i, t in enumerate(self.train_te) if t]
+            parts, bundle, optimizer, lr_sched, weights = prepare_bundle(acc, dict(zip(names, trained)), optimizer,
+                                                                         lr_sched)
+            method.attach(parts.get("unet", models.unet),
+                          [parts.get(f"te{i + 1}", te) for i, te in enumerate(models.text_encoders)], bundle=bundle)
+        else:
+            optimizer, lr_sched, plan = _optimizers(args, run, groups)
+            prepared = [acc.prepare(m) for m in trained]
+            unet = prepared.pop(0) if self.train_unet else models.unet
+            method.attach(unet, [prepared.pop(0) if t else te for te, t in zip(models.text_encoders, self.train_te)])
+        checkpointer = whole_model_checkpointer(args, run.settings, acc, models, plan, run.group, weights)
         return Training(method, optimizer, lr_sched, plan, checkpointer)
 
     def _param_groups(self, run: RecipeRun) -> tuple[list[dict], list[str]]:
@@ -188,6 +198,7 @@ def check_fused_options(args: argparse.Namespace) -> None:
         (int(os.environ.get("WORLD_SIZE", "1")) > 1, "more than one process: gradients are not yet averaged "
                                                      "when the hooks step"),
         (bool(args.check_grads), "--check_grads: the gradients are freed inside the backward pass"),
+        (launched_sharding(args) == "fsdp", "FSDP: the gradients are sharded and reduced after the backward pass"),
     ]
     for bad, why in problems:
         if bad:

@@ -1,0 +1,104 @@
+"""train_db / fine_tune / sdxl_train under accelerate's FSDP2 with 2 CPU processes on gloo (issue 20 item 5).
+
+Oracle: torch's DistributedDataParallel, the same 2-process run with ``accelerate launch --multi_gpu``. Each
+process draws its own noise (seeded by step and rank) and reads its own half of the batches in both runs, so
+the averaged gradients, hence the SGD steps, are the same up to float32 rounding; a one-process run with twice
+the batch would draw other noise. (AdamW's first steps move a weight by about ``lr`` whatever its gradient, so
+rounding in a near-zero gradient would show as a difference of ``lr``: the runs use SGD.) The runs clip the
+gradient norm (the default ``--max_grad_norm 1``) and train the text encoders, TE1 with its last layer frozen.
+``tests/training/fsdp_cpu.py`` switches accelerate's state to FSDP on the CPU, which accelerate itself
+reserves for GPUs; everything after that is accelerate's own FSDP2 path.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.full_train_helpers import UNET, common_args, weights
+from tests.training.train_helpers import make_shapes_folder
+from tools.make_tiny_model import write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIM = Path(__file__).resolve().parent / "fsdp_cpu.py"
+TRAIN = ["--optimizer_type", "SGDNesterov", "--learning_rate", "0.05", "--save_model_as", "safetensors",
+         "--train_batch_size", "1"]
+FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_cpu_ram_efficient_loading", "false"]
+
+
+def _launch(mode: str, script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    how = [*FSDP, str(SHIM)] if mode == "fsdp" else ["--multi_gpu"]
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *how[:-1],
+                           *how[-1:], str(ROOT / script), *args],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def _metadata_data(root: Path) -> list[str]:
+    images = make_shapes_folder(root / "data", repeats=1, n=4) / "1_sks shape"
+    meta = {p.stem: {"caption": f"a sks shape, number {p.stem}"} for p in sorted(images.glob("*.png"))}
+    (root / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return ["--train_data_dir", str(images), "--in_json", str(root / "meta.json")]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded_models")
+    return {family: write_tiny_model(family, root / family, formats=("safetensors",))["safetensors"]
+            for family in ("sd1", "sdxl")}
+
+
+CASES = {  # script, model family, extra options, prefixes that must have trained
+    "train_db": ("train_db.py", "sd1", [], (UNET, "cond_stage_model.")),
+    "fine_tune": ("fine_tune.py", "sd1", ["--train_text_encoder"],
+                  (UNET, "cond_stage_model.")),
+    "sdxl_train": ("sdxl_train.py", "sdxl", ["--train_text_encoder"],
+                   (UNET, "conditioner.embedders.0.", "conditioner.embedders.1.")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fsdp_with_two_processes_trains_like_ddp(models, tmp_path, case):
+    script, family, extra, trained = CASES[case]
+    data = (["--train_data_dir", str(make_shapes_folder(tmp_path / "data", n=4))] if case == "train_db"
+            else _metadata_data(tmp_path))
+    saved = {}
+    for mode in ("ddp", "fsdp"):
+        out = tmp_path / mode
+        r = _launch(mode, script, common_args(models[family], out, 2, "--output_name", "m", *data, *TRAIN, *extra),
+                    tmp_path)
+        assert r.returncode == 0, r.stderr[-4000:]
+        saved[mode] = weights(out / "m.safetensors")
+    base, ddp, fsdp = weights(models[family]), saved["ddp"], saved["fsdp"]
+    assert fsdp.keys() == ddp.keys()
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=2e-6, msg=k)
+    for prefix in trained:  # each trained part moved (the runs do train what they say)
+        assert any(not torch.equal(v, base[k]) for k, v in fsdp.items() if k.startswith(prefix) and k in base), prefix
+
+
+def test_fsdp1_is_refused_in_one_line(models, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "train_db.py"),
+                        *common_args(models["sd1"], tmp_path / "o", 1, "--train_data_dir",
+                                     str(make_shapes_folder(tmp_path / "data", n=2)))],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2
+    assert "--fsdp_version 2" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("option", [["--ema"], ["--sample_prompts", "p.txt"]])
+def test_what_fsdp_cannot_do_is_refused_before_loading(models, tmp_path, option):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    (tmp_path / "p.txt").write_text("a shape\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, str(ROOT / "sdxl_train.py"),
+                        *common_args(models["sdxl"], tmp_path / "o", 1, "--train_data_dir",
+                                     str(make_shapes_folder(tmp_path / "data", n=2)), *option)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2
+    assert f"{option[0]} cannot be used with FSDP" in r.stderr
