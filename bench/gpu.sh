@@ -5,7 +5,8 @@
 #   bash bench/gpu.sh --cpu-smoke OUTDIR   # the same code paths on the CPU, tiny models, in seconds (a test)
 #
 # 1. installs the wheels from .whl/ (no network there) into /tmp/site;
-# 2. the GPU tests: pytest -m gpu tests/gpu (precision matrix against fp32, fp16 scaler, resume), log in OUTDIR;
+# 2. the GPU tests: pytest -m gpu tests/gpu (precision matrix against fp32, fp16 scaler, resume; sdxl_train under
+#    FSDP2 and DeepSpeed ZeRO 2 / 3 against the plain run, tests/gpu/test_sharded_gpu.py), log in OUTDIR;
 # 3. bench/gpu_bench.py: real-size random SD 1.5 / SDXL LoRA training and gen vs diffusers, into
 #    OUTDIR/gpu_bench.md and OUTDIR/gpu_bench.json.
 # Budget on one H100/H200: under 8 minutes wall. The exit code is the first failing step's.
