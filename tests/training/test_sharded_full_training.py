@@ -7,7 +7,8 @@ the batch would draw other noise. (AdamW's first steps move a weight by about ``
 rounding in a near-zero gradient would show as a difference of ``lr``: the runs use SGD.) The runs clip the
 gradient norm (the default ``--max_grad_norm 1``) and train the text encoders, TE1 with its last layer frozen.
 ``tests/training/fsdp_cpu.py`` switches accelerate's state to FSDP on the CPU, which accelerate itself
-reserves for GPUs; everything after that is accelerate's own FSDP2 path.
+reserves for GPUs; everything after that is accelerate's own FSDP2 path. Resume: a straight 2-step run equals
+1 step + accelerate's sharded state + ``--resume`` + 1 step, bit for bit.
 """
 import json
 import os
@@ -33,8 +34,8 @@ def _launch(mode: str, script: str, args: list[str], cwd: Path) -> subprocess.Co
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     how = [*FSDP, str(SHIM)] if mode == "fsdp" else ["--multi_gpu"]
     return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *how[:-1],
-                           *how[-1:], str(ROOT / script), *args],
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *how,
+                           str(ROOT / script), *args],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
@@ -102,3 +103,21 @@ def test_what_fsdp_cannot_do_is_refused_before_loading(models, tmp_path, option)
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 2
     assert f"{option[0]} cannot be used with FSDP" in r.stderr
+
+
+def test_fsdp_resume_with_two_processes_is_exact(models, tmp_path):
+    """2 FSDP processes: 2 straight steps == 1 step, accelerate's sharded state, --resume, 1 more step."""
+    data = ["--train_data_dir", str(make_shapes_folder(tmp_path / "data", n=4))]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    r = _launch("fsdp", "train_db.py", common_args(models["sd1"], straight, 2, "--output_name", "m", *data, *TRAIN,
+                                                  "--save_state", "--save_every_n_steps", "1"), tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    state = straight / "m-step00000001-state"
+    assert (state / "pytorch_model_fsdp_0").is_dir() and (state / "optimizer_0").is_dir()  # sharded, not gathered
+    r = _launch("fsdp", "train_db.py", common_args(models["sd1"], resumed, 2, "--output_name", "m", *data, *TRAIN,
+                                                  "--resume", str(state)), tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a, b = weights(straight / "m.safetensors"), weights(resumed / "m.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
