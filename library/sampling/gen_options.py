@@ -20,6 +20,7 @@ from library.sampling.controlnet import resolve_control_nets
 from library.sampling.controlnet_lllite import resolve_lllites
 from library.sampling.gradual_latent import check_usable, resolve_gradual_latent
 from library.sampling.prompt_file import line_option_key
+from library.sampling.regional import check_regional_options, regional_requested
 from library.sampling.samplers import SAMPLERS
 from library.sampling.upscaler import check_upscaler_options
 
@@ -92,7 +93,8 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 def _add_img2img_options(p: argparse.ArgumentParser) -> None:
     g = section(p, "img2img / inpaint / hires fix (spec §1.4)")
     g.add_argument("--image_path", type=str, default=None, help="init image file or folder")
-    g.add_argument("--mask_path", type=str, default=None, help="inpaint mask file or folder (white = repaint)")
+    g.add_argument("--mask_path", type=str, default=None, help="inpaint mask file or folder (white = repaint); with "
+                   "--network_module the regions of regional LoRA instead (docs/gen_img.md)")
     ranged(g.add_argument("--strength", type=float, default=None, help="img2img strength (default 0.8)"), FRACTION)
     g.add_argument("--clip_vision_strength", type=float, default=None, help="not supported yet")
     ranged(g.add_argument("--highres_fix_scale", type=float, default=None,
@@ -123,7 +125,10 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
     ranged(g.add_argument("--network_merge_n_models", type=int, default=None, help="merge only the first N networks"),
            at_least(0))
     g.add_argument("--network_pre_calc", action="store_true", help="pre-add network deltas per batch")
-    g.add_argument("--network_regional_mask_max_color_codes", type=int, default=None, help="not supported yet")
+    ranged(g.add_argument("--network_regional_mask_max_color_codes", type=int, default=None,
+                          help="regional LoRA (--mask_path with networks): network i takes colour code i+1 of the "
+                               "mask (bit 0 R, bit 1 G, bit 2 B) for i below this; default: channel i (R, G, B)"),
+           at_least(1))
     g.add_argument("--textual_inversion_embeddings", type=str, default=None, nargs="*",
                    help="TI embedding files (token = file stem)")
 
@@ -210,7 +215,6 @@ UNSUPPORTED: dict[str, tuple[str, Any]] = {
     "clip_guidance_scale": ("CLIP guidance", 0.0), "clip_image_guidance_scale": ("CLIP image guidance", 0.0),
     "vgg16_guidance_scale": ("VGG16 guidance", 0.0), "clip_vision_strength": ("CLIP-vision conditioning", None),
     "XTI_embeddings": ("Extended Textual Inversion", None),
-    "network_regional_mask_max_color_codes": ("regional LoRA", None),
 }
 
 
@@ -241,14 +245,12 @@ def reject_unsupported(args: argparse.Namespace) -> None:
     for name, (feature, unset) in UNSUPPORTED.items():
         if getattr(args, name) != unset:
             raise UserError(f"--{name} is not supported yet ({feature}); see docs/gen_img.md")
-    if args.network_module and args.mask_path:
-        raise UserError("--mask_path with --network_module means regional LoRA, which is not supported yet; "
-                        "see docs/gen_img.md")
+    check_regional_options(args)
     gradual = resolve_gradual_latent(args.gradual_latent_timesteps, args.gradual_latent_ratio,
                                      args.gradual_latent_ratio_step, args.gradual_latent_every_n_steps,
                                      args.gradual_latent_s_noise, args.gradual_latent_unsharp_params)
     if gradual is not None:
-        check_usable(args.sampler, inpaint=bool(args.mask_path))
+        check_usable(args.sampler, inpaint=bool(args.mask_path) and not regional_requested(args))
     resolve_control_nets(args)
     resolve_lllites(args)
     check_upscaler_options(args)

@@ -24,6 +24,7 @@ from library.sampling.gradual_latent import GradualLatent, check_usable, resolve
 from library.sampling.img2img import fit_init_image, list_images, open_image
 from library.sampling.pipeline import GenSettings, ImageSpec
 from library.sampling.prompt_file import PromptOptions, pad_with_last, parse_prompt_line
+from library.sampling.regional import applied_network_count, check_sub_prompts, regional_requested
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,12 @@ class Request:
     clip_prompt: str | None = None
     network_muls: list[float] | None = None
     source_path: str | None = None  # init image file, for --use_original_file_name
+    num_sub_prompts: int | None = None  # regional LoRA: the prompt's " AND " parts
 
     def batch_key(self) -> tuple:
         """Images share a U-Net batch only when all of this is equal (spec §1.2 `--batch_size`)."""
         return (self.settings, tuple(self.network_muls or ()), self.spec.init_image is not None,
-                self.spec.mask is not None)
+                self.spec.mask is not None, self.num_sub_prompts)
 
 
 @dataclass
@@ -80,12 +82,14 @@ def line_gradual_latent(args: argparse.Namespace, options: PromptOptions) -> Gra
 
 def check_line_supported(line: str, args: argparse.Namespace) -> None:
     """Refuse bad Deep Shrink / Gradual Latent values of a line (and Gradual Latent without Euler-a)."""
-    _, options = parse_prompt_line(line)
+    prompt, options = parse_prompt_line(line)
+    if regional_requested(args) and "{" not in prompt:  # dynamic prompts are checked once expanded
+        check_sub_prompts(prompt, applied_network_count(args))
     check_line_ranges(options, line)
     try:
         line_deep_shrink(args, options)
         if line_gradual_latent(args, options) is not None:
-            check_usable(args.sampler, inpaint=bool(args.mask_path))
+            check_usable(args.sampler, inpaint=bool(args.mask_path) and not regional_requested(args))
     except UserError as e:
         raise UserError(f"{e}: {line}") from None
 
@@ -123,6 +127,7 @@ class RequestBuilder:
         self.args = args
         self.default_size = default_size
         self.n_networks = n_networks
+        self.regional = regional_requested(args) and n_networks > 0
         self.init = init
         self.images_from_prompts = images_from_prompts
         self.seed_random = random.Random(args.seed) if args.seed is not None else random.Random()
@@ -178,8 +183,11 @@ class RequestBuilder:
         spec = ImageSpec(prompt=prompt, negative_prompt=o.negative_prompt or "", seed=seed, init_image=init_image,
                          mask=mask, control_images=self._control_images(), **self._size_cond(o))
         muls = pad_with_last(o.network_muls, self.n_networks) if o.network_muls and self.n_networks else None
+        n_sub = None
+        if self.regional:
+            n_sub = check_sub_prompts(prompt, self.n_networks)
         request = Request(spec, settings, raw, self.count, clip_prompt=o.clip_prompt, network_muls=muls,
-                          source_path=source)
+                          source_path=source, num_sub_prompts=n_sub)
         self.count += 1
         return request
 
@@ -211,10 +219,11 @@ class RequestBuilder:
 
 def load_init_images(args: argparse.Namespace) -> InitImages:
     """`--image_path` / `--mask_path` file lists (a mask needs an init image)."""
-    if args.mask_path and not args.image_path:
+    regional = regional_requested(args)  # then the mask gives the networks' regions, not an inpaint mask
+    if args.mask_path and not args.image_path and not regional:
         raise UserError("--mask_path needs --image_path (inpainting repaints an init image)")
     images = list_images(args.image_path, "--image_path") if args.image_path else []
-    masks = list_images(args.mask_path, "--mask_path") if args.mask_path else []
+    masks = list_images(args.mask_path, "--mask_path") if args.mask_path and not regional else []
     guides = [f for path in args.guide_image_path or [] for f in list_images(path, "--guide_image_path")]
     n_nets = len(args.control_net_models or args.control_net_lllite_models or [])
     if n_nets and len(guides) % n_nets:

@@ -28,6 +28,7 @@ from library.sampling.gen_setup import (LoadedNetworks, check_input_files, load_
                                         model_dtype, resolve_ckpt, set_attention)
 from library.sampling.img2img import vae_batch_size
 from library.sampling.pipeline import HiresSettings, Pipeline
+from library.sampling.regional import RegionalLoRA
 from library.sampling.samplers import make_scheduler
 from library.sampling.upscaler import load_upscaler
 
@@ -209,6 +210,7 @@ def run(args: argparse.Namespace) -> list[str]:
                     vae_batch_size=vae_batch_size(args.vae_batch_size, args.batch_size),
                     control_nets=load_control_nets(resolve_control_nets(args), models, device),
                     lllites=load_lllites(resolve_lllites(args), models, device))
+    pipe.regional = RegionalLoRA.from_args(args, networks.networks)
     model_name = os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0]
     gen = GenRun(args, pipe, networks, default_muls, ImageSaver(args, model_name, models.is_sdxl), upscaler)
     builder = RequestBuilder(args, 1024 if models.is_sdxl else 512, len(networks.networks), init,

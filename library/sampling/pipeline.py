@@ -170,6 +170,7 @@ class Pipeline:
         self.for_training = for_training
         self.autocast_dtype = autocast_dtype
         self.progress = progress
+        self.regional: Any = None  # library.sampling.regional.RegionalLoRA: gen_img's regional LoRA
 
     # ------------------------------------------------------------ conditioning
 
@@ -185,6 +186,9 @@ class Pipeline:
 
     def branches(self, specs: Sequence[ImageSpec], settings: GenSettings) -> Branches:
         """Conditioning of [negative, positive(, empty)] for CFG; positive only when scale <= 1. spec §6."""
+        if self.regional is not None:  # the positive context then holds every image's sub-prompts
+            context, added = self.regional.conditioning(self, specs, settings)
+            return Branches(context, 2, added)
         b = len(specs)
         cfg = settings.scale > 1.0
         with_empty = cfg and settings.negative_scale is not None

@@ -189,7 +189,6 @@ def test_unknown_sampler_lists_valid_ones(tiny, capsys):
     (["--clip_guidance_scale", "1.0"], "--clip_guidance_scale"),
     (["--guide_image_path", "g.png"], "--guide_image_path"),
     (["--clip_vision_strength", "0.5"], "--clip_vision_strength"),
-    (["--network_regional_mask_max_color_codes", "3"], "--network_regional_mask_max_color_codes"),
 ])
 def test_unsupported_options_rejected(tiny, capsys, extra, option):
     msg = _exit_message(capsys, ["--ckpt", tiny["sd1"], "--prompt", "x", *extra])
