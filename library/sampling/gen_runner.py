@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> list[str]:
                     vae_batch_size=vae_batch_size(args.vae_batch_size, args.batch_size),
                     control_nets=load_control_nets(resolve_control_nets(args), models, device),
                     lllites=load_lllites(resolve_lllites(args), models, device))
-    pipe.regional = RegionalLoRA.from_args(args, networks.networks)
+    pipe.regional = RegionalLoRA.from_args(args, networks.networks, models.unet)
     model_name = os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0]
     gen = GenRun(args, pipe, networks, default_muls, ImageSaver(args, model_name, models.is_sdxl), upscaler)
     builder = RequestBuilder(args, 1024 if models.is_sdxl else 512, len(networks.networks), init,

@@ -19,6 +19,7 @@ from PIL import Image
 
 from library.errors import UserError
 from library.sampling.img2img import list_images, open_image
+from networks.lora_regional import module_role
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,17 @@ def check_sub_prompts(prompt: str, n_networks: int) -> int:
     return n
 
 
+def check_last_network(network: Any, unet: torch.nn.Module, path: str) -> None:
+    """The last network repeats the query per sub-prompt and blends the results, in its cross-attention to_q and
+    to_out modules (upstream's design): it needs both on every cross-attention (upstream crashes otherwise)."""
+    adapted = {id(m.org_module) for m in network.unet_loras if module_role(m.lora_name) in ("query", "out")}
+    for name, module in unet.named_modules():
+        if name.endswith("attn2") and not (id(module.to_q) in adapted and id(module.to_out[0]) in adapted):
+            raise UserError(f"regional LoRA: the last network ({path}) has no LoRA on {name}.to_q / to_out; the "
+                            "last network must adapt every cross-attention (it combines the sub-prompts there, as "
+                            "upstream): list a network that does last")
+
+
 class RegionalLoRA:
     """The applied networks of a regional run; prepares each U-Net batch and builds its conditioning."""
 
@@ -98,7 +110,8 @@ class RegionalLoRA:
             net.set_region(i, i == len(self.networks) - 1, mask)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, networks: Sequence[Any]) -> "RegionalLoRA | None":
+    def from_args(cls, args: argparse.Namespace, networks: Sequence[Any],
+                  unet: torch.nn.Module) -> "RegionalLoRA | None":
         """The regional set-up of a run, or None when the run is not regional."""
         if not regional_requested(args) or not networks:
             return None
@@ -107,6 +120,7 @@ class RegionalLoRA:
                     and hasattr(net, "unet_loras")):
                 raise UserError(f"regional LoRA (--mask_path with --network_module): {type(net).__module__} "
                                 "networks cannot be limited to a region (networks.lora and its variants can)")
+        check_last_network(networks[-1], unet, args.network_weights[-1])
         image = load_region_image(args)
         logger.info("regional LoRA: %d networks, regions from %s", len(networks), args.mask_path)
         return cls(networks, network_masks(image, len(networks), args.network_regional_mask_max_color_codes))

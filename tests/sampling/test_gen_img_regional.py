@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import gen_img
 from library.models.loading import load_models
@@ -157,6 +158,13 @@ def test_regional_option_errors(setup, tmp_path, capsys):
     msg = _error([*common, "--prompt", "a AND b", *nets, "--mask_path", setup["mask"],
                   "--network_regional_mask_max_color_codes", "0"], capsys)
     assert "--network_regional_mask_max_color_codes" in msg
+    # the last network combines the sub-prompts in its cross-attention modules: a text-encoder-only LoRA cannot
+    sd = load_file(setup["loras"][1])
+    te_only = str(tmp_path / "te_only.safetensors")
+    save_file({k: v for k, v in sd.items() if k.startswith("lora_te")}, te_only, {"ss_base_model_version": "sd_v1"})
+    msg = _error([*common, "--prompt", "a AND b", "--network_module", "networks.lora", "networks.lora",
+                  "--network_weights", setup["loras"][0], te_only, "--mask_path", setup["mask"]], capsys)
+    assert "te_only.safetensors" in msg and "last network" in msg
 
 
 def test_sdxl_batch_of_two_with_three_sub_prompts_and_hires_fix(tmp_path, monkeypatch):
