@@ -55,12 +55,13 @@ def original_image_name(source_path: str) -> str:
 def gen_png_text(*, prompt: str, seed: int, sampler: str, steps: int, scale: float,
                  negative_prompt: str | None = None, negative_scale: float | None = None,
                  clip_prompt: str | None = None, raw_prompt: str | None = None,
-                 sdxl_size: dict[str, Any] | None = None) -> dict[str, str]:
+                 sdxl_size: dict[str, Any] | None = None, guidance_scale: float | None = None) -> dict[str, str]:
     """The tEXt chunks gen_img writes, in its order. spec §9.
 
     `negative-prompt` is always written (`""` when none). `sdxl_size` (SDXL only) maps `original_height`,
     `original_width`, `original_height_negative`, `original_width_negative`, `crop_top`, `crop_left` to the
     per-batch values; each is written as `str()`, so an option that was not given reads `None`.
+    `guidance_scale` (FLUX.1 dev) is written as `guidance-scale`.
     """
     text = {"prompt": prompt, "seed": str(seed), "sampler": sampler, "steps": str(steps), "scale": str(scale),
             "negative-prompt": negative_prompt or ""}
@@ -74,6 +75,8 @@ def gen_png_text(*, prompt: str, seed: int, sampler: str, steps: int, scale: flo
         for key in ("original_height", "original_width", "original_height_negative",
                     "original_width_negative", "crop_top", "crop_left"):
             text[key.replace("_", "-")] = str(sdxl_size.get(key))
+    if guidance_scale is not None:
+        text["guidance-scale"] = str(guidance_scale)
     return text
 
 
@@ -86,14 +89,18 @@ A1111_SAMPLER_NAMES = {
 
 
 def a1111_parameters(*, prompt: str, negative_prompt: str | None, steps: int, sampler: str, scale: float,
-                     seed: int, width: int, height: int, model: str | None = None) -> str:
+                     seed: int, width: int, height: int, model: str | None = None,
+                     guidance_scale: float | None = None) -> str:
     """A1111-style `parameters` PNG text, readable by common image browsers.
 
     `<prompt>\\nNegative prompt: <neg>\\nSteps: 30, Sampler: Euler a, CFG scale: 7.5, Seed: 1, Size: 512x512,
     Model: name`; the negative line is left out when empty, as A1111 does, and `Model` without a model name.
+    FLUX.1 dev's `guidance_scale` follows the CFG scale as Forge writes it (`Distilled CFG Scale: 3.5`).
     """
     fields = [f"Steps: {steps}", f"Sampler: {A1111_SAMPLER_NAMES.get(sampler, sampler)}",
               f"CFG scale: {scale}", f"Seed: {seed}", f"Size: {width}x{height}"]
+    if guidance_scale is not None:
+        fields.insert(3, f"Distilled CFG Scale: {guidance_scale}")
     if model:
         fields.append(f"Model: {model}")
     lines = [prompt]

@@ -18,6 +18,7 @@ from library.formats.prompt_weighting import EMB_NORMALIZE_MODES
 from library.log import add_logging_arguments
 from library.sampling.controlnet import resolve_control_nets
 from library.sampling.controlnet_lllite import resolve_lllites
+from library.sampling.flux_options import add_flux_options
 from library.sampling.gradual_latent import check_usable, resolve_gradual_latent
 from library.sampling.prompt_file import line_option_key
 from library.sampling.regional import check_regional_options, regional_requested
@@ -196,9 +197,11 @@ def _add_unsupported_options(p: argparse.ArgumentParser) -> None:
 def build_gen_parser() -> argparse.ArgumentParser:
     """The full gen_img.py parser."""
     p = argparse.ArgumentParser(prog="gen_img.py", description="Generate images with SD1/SD2/SDXL: txt2img, "
-                                "img2img, inpaint, hires fix, LoRA, Textual Inversion, weighted long prompts.")
+                                "img2img, inpaint, hires fix, LoRA, Textual Inversion, weighted long prompts; "
+                                "FLUX.1 dev / schnell: txt2img.")
     add_logging_arguments(section(p, "console log"))
     _add_model_options(p)
+    add_flux_options(p)
     _add_prompt_options(p)
     _add_sampling_options(p)
     _add_img2img_options(p)
@@ -227,10 +230,16 @@ LINE_DEFAULT_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def gen_defaults() -> argparse.Namespace:
+    """gen_img's option defaults: an option whose value differs was given."""
+    return build_gen_parser().parse_args([])
+
+
 def warn_line_defaults_only(args: argparse.Namespace) -> None:
     """Warn once per feature when its tuning options are given without its enabling option: they then only serve
     as defaults for prompt lines giving that feature's own options (a plain --prompt ignores them)."""
-    defaults = build_gen_parser().parse_args([])
+    defaults = gen_defaults()
     for enabler, (names, line_options) in LINE_DEFAULT_OPTIONS.items():
         given = [f"--{n}" for n in names if getattr(args, n) != getattr(defaults, n)]
         if given and getattr(args, enabler) is None:

@@ -19,6 +19,8 @@ from library.errors import UserError
 from library.sampling.controlnet import guide_images_for
 from library.sampling.deep_shrink import DeepShrink, resolve_deep_shrink
 from library.sampling.dynamic_prompts import expand_dynamic_prompts
+from library.sampling.flux_options import FLUX_SIZE_MULTIPLE, check_line_family
+from library.sampling.flux_pipeline import DEFAULT_GUIDANCE
 from library.sampling.gen_options import check_line_ranges
 from library.sampling.gradual_latent import GradualLatent, check_usable, resolve_gradual_latent
 from library.sampling.img2img import fit_init_image, list_images, open_image
@@ -80,9 +82,11 @@ def line_gradual_latent(args: argparse.Namespace, options: PromptOptions) -> Gra
                                   args.gradual_latent_s_noise, args.gradual_latent_unsharp_params, options.overrides())
 
 
-def check_line_supported(line: str, args: argparse.Namespace) -> None:
-    """Refuse bad Deep Shrink / Gradual Latent values of a line (and Gradual Latent without Euler-a)."""
+def check_line_supported(line: str, args: argparse.Namespace, flux_name: str | None = None) -> None:
+    """Refuse options that do not suit the model (``flux_name``: "dev" / "schnell" for FLUX.1, None for SD), bad
+    Deep Shrink / Gradual Latent values of a line (and Gradual Latent without Euler-a)."""
     prompt, options = parse_prompt_line(line)
+    check_line_family(options, line, flux_name)
     if regional_requested(args) and "{" not in prompt:  # dynamic prompts are checked once expanded
         check_sub_prompts(prompt, applied_network_count(args))
     check_line_ranges(options, line)
@@ -123,8 +127,9 @@ class RequestBuilder:
     """Turns prompt lines into `Request`s with gen_img's seed and option semantics."""
 
     def __init__(self, args: argparse.Namespace, default_size: int, n_networks: int, init: InitImages,
-                 images_from_prompts: bool = False, total_lines: int | None = None):
+                 images_from_prompts: bool = False, total_lines: int | None = None, flux_name: str | None = None):
         self.args = args
+        self.flux_name = flux_name  # "dev" / "schnell": FLUX.1 (flow-matching Euler, no CFG, 16-pixel sizes)
         self.default_size = default_size
         self.n_networks = n_networks
         self.regional = regional_requested(args) and n_networks > 0
@@ -145,7 +150,7 @@ class RequestBuilder:
 
     def requests_for_line(self, line: str, prompt_index: int) -> Iterator[Request]:
         """All images of one prompt line: dynamic prompts expanded, seeds assigned. spec §1.2, §3."""
-        check_line_supported(line, self.args)
+        check_line_supported(line, self.args, self.flux_name)
         raw_prompts = expand_dynamic_prompts(line, self.args.images_per_prompt, self.dynamic_random)
         n_images = self.args.images_per_prompt if len(raw_prompts) == 1 else len(raw_prompts)
         seeds = list(parse_prompt_line(raw_prompts[0])[1].seeds or [])
@@ -172,14 +177,19 @@ class RequestBuilder:
         else:
             width = o.width or a.W or self.default_size
             height = o.height or a.H or self.default_size
-            if width % 8 or height % 8:
-                raise UserError(f"image size {width}x{height} must be a multiple of 8 (--W/--H or --w/--h)")
+            multiple = 8 if self.flux_name is None else FLUX_SIZE_MULTIPLE
+            if width % multiple or height % multiple:
+                raise UserError(f"image size {width}x{height} must be a multiple of {multiple} (--W/--H or --w/--h)")
         negative_scale = o.negative_scale if (o.negative_scale is not None or o.negative_scale_disabled) \
             else a.negative_scale
+        flux = self.flux_name is not None
         settings = GenSettings(width=width, height=height, steps=o.steps or a.steps,
-                               scale=a.scale if o.scale is None else o.scale, negative_scale=negative_scale,
-                               strength=a.strength if o.strength is None else o.strength, sampler=a.sampler,
-                               deep_shrink=line_deep_shrink(a, o), gradual_latent=line_gradual_latent(a, o))
+                               scale=1.0 if flux else a.scale if o.scale is None else o.scale,
+                               negative_scale=negative_scale,
+                               strength=a.strength if o.strength is None else o.strength,
+                               sampler="euler" if flux else a.sampler,
+                               deep_shrink=line_deep_shrink(a, o), gradual_latent=line_gradual_latent(a, o),
+                               guidance_scale=self._guidance(o))
         spec = ImageSpec(prompt=prompt, negative_prompt=o.negative_prompt or "", seed=seed, init_image=init_image,
                          mask=mask, control_images=self._control_images(), **self._size_cond(o))
         muls = pad_with_last(o.network_muls, self.n_networks) if o.network_muls and self.n_networks else None
@@ -190,6 +200,13 @@ class RequestBuilder:
                           source_path=source, num_sub_prompts=n_sub)
         self.count += 1
         return request
+
+    def _guidance(self, o: PromptOptions) -> float | None:
+        """FLUX.1 dev's guidance: the line's `--g`, else `--guidance_scale`, else 3.5; None for other models."""
+        if self.flux_name != "dev":
+            return None
+        given = o.guidance_scale if o.guidance_scale is not None else self.args.guidance_scale
+        return DEFAULT_GUIDANCE if given is None else given
 
     def _size_cond(self, o: PromptOptions) -> dict[str, int | None]:
         names = ("original_width", "original_height", "original_width_negative", "original_height_negative",

@@ -21,11 +21,14 @@ from library.sampling.controlnet import load_control_nets, resolve_control_nets
 from library.sampling.controlnet_lllite import load_lllites, resolve_lllites
 from library.sampling.filenames import (a1111_parameters, gen_image_name, gen_png_text, hires_prefix,
                                         original_image_name, sequential_image_name, timestamp)
-from library.sampling.gen_options import reject_unsupported
-from library.sampling.gen_requests import (Request, RequestBuilder, batches, check_line_supported,
+from library.sampling.flux_options import FLUX_ONLY, flux_model_name
+from library.sampling.flux_pipeline import FluxGenerator
+from library.sampling.flux_text import t5_max_length
+from library.sampling.gen_options import gen_defaults, reject_unsupported
+from library.sampling.gen_requests import (InitImages, Request, RequestBuilder, batches, check_line_supported,
                                            load_init_images, prompts_from_images, read_prompt_file)
-from library.sampling.gen_setup import (LoadedNetworks, check_input_files, load_gen_models, load_networks, load_ti,
-                                        model_dtype, resolve_ckpt, set_attention)
+from library.sampling.gen_setup import (LoadedNetworks, check_input_files, load_gen_flux_models, load_gen_models,
+                                        load_networks, load_ti, model_dtype, resolve_ckpt, set_attention)
 from library.sampling.img2img import vae_batch_size
 from library.sampling.pipeline import HiresSettings, Pipeline
 from library.sampling.regional import RegionalLoRA
@@ -59,10 +62,12 @@ class ImageSaver:
         sdxl_size = {k: getattr(s, k) for k in SDXL_SIZE_KEYS} if self.sdxl else None
         text = gen_png_text(prompt=s.prompt, seed=s.seed, sampler=st.sampler, steps=st.steps, scale=st.scale,
                             negative_prompt=s.negative_prompt, negative_scale=st.negative_scale,
-                            clip_prompt=r.clip_prompt, raw_prompt=r.raw_prompt, sdxl_size=sdxl_size)
+                            clip_prompt=r.clip_prompt, raw_prompt=r.raw_prompt, sdxl_size=sdxl_size,
+                            guidance_scale=st.guidance_scale)
         text["parameters"] = a1111_parameters(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=st.steps,
                                               sampler=st.sampler, scale=st.scale, seed=s.seed, width=image.width,
-                                              height=image.height, model=self.model_name)
+                                              height=image.height, model=self.model_name,
+                                              guidance_scale=st.guidance_scale)
         info = PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
@@ -114,7 +119,7 @@ class LineProgress:
 class GenRun:
     """Loaded models, networks, pipeline and saver of one gen_img invocation."""
 
-    def __init__(self, args: argparse.Namespace, pipe: Pipeline, networks: LoadedNetworks,
+    def __init__(self, args: argparse.Namespace, pipe: Pipeline | FluxGenerator, networks: LoadedNetworks,
                  default_muls: list[float], saver: ImageSaver, upscaler: object | None = None):
         self.args, self.pipe, self.networks, self.default_muls, self.saver = args, pipe, networks, default_muls, saver
         self.hires = None
@@ -167,7 +172,8 @@ def _load_prompter(args: argparse.Namespace, pipe: Pipeline, networks: LoadedNet
     return module.get_prompter(args, pipe, networks.networks)
 
 
-def prompt_lines(args: argparse.Namespace, image_count: int) -> tuple[list[str] | None, bool]:
+def prompt_lines(args: argparse.Namespace, image_count: int,
+                 flux_name: str | None = None) -> tuple[list[str] | None, bool]:
     """Fixed prompt lines (checked now, before loading models) and whether they come from the init images."""
     if args.interactive or args.from_module:
         return None, False
@@ -181,8 +187,21 @@ def prompt_lines(args: argparse.Namespace, image_count: int) -> tuple[list[str] 
         raise UserError("no prompt: give --prompt, --from_file, --from_module or --interactive (or --image_path "
                         "with PNGs that carry a prompt)")
     for line in lines:
-        check_line_supported(line, args)
+        check_line_supported(line, args, flux_name)
     return lines, False
+
+
+def model_family(args: argparse.Namespace) -> str | None:
+    """"dev" / "schnell" for a FLUX.1 `--ckpt` (options checked against it), None for SD. A missing `--ckpt` is
+    reported after the prompt checks, as before FLUX existed, unless FLUX.1 options say what it should be."""
+    defaults = gen_defaults()
+    try:
+        path = resolve_ckpt(args.ckpt)
+    except UserError:
+        if any(getattr(args, n) != getattr(defaults, n) for n in FLUX_ONLY):
+            raise
+        return None
+    return flux_model_name(args, defaults, path)
 
 
 def run(args: argparse.Namespace) -> list[str]:
@@ -190,8 +209,9 @@ def run(args: argparse.Namespace) -> list[str]:
     # 1. options and inputs (errors before any model is loaded)
     reject_unsupported(args)
     make_scheduler(args.sampler, args.v_parameterization, for_training=False)  # unknown sampler -> list of names
+    flux_name = model_family(args)
     init = load_init_images(args)
-    lines, from_images = prompt_lines(args, len(init.images))
+    lines, from_images = prompt_lines(args, len(init.images), flux_name)
     if from_images:
         lines = prompts_from_images(init.images)
     resolve_ckpt(args.ckpt)
@@ -201,6 +221,8 @@ def run(args: argparse.Namespace) -> list[str]:
     if args.highres_fix_upscaler and args.highres_fix_scale:  # without hires fix: warned in reject_unsupported
         # before the models: a missing or wrong weights file costs no model load
         upscaler = load_upscaler(args.highres_fix_upscaler, args.highres_fix_upscaler_args, model_dtype(args), device)
+    if flux_name is not None:
+        return _generate(args, *_flux_run(args, device, flux_name, from_images, lines), lines)
     # 2. models, networks, embeddings
     models = load_gen_models(args, device)
     set_attention(args, models)
@@ -215,7 +237,25 @@ def run(args: argparse.Namespace) -> list[str]:
     gen = GenRun(args, pipe, networks, default_muls, ImageSaver(args, model_name, models.is_sdxl), upscaler)
     builder = RequestBuilder(args, 1024 if models.is_sdxl else 512, len(networks.networks), init,
                              images_from_prompts=from_images, total_lines=len(lines) if lines is not None else None)
-    # 3. generate
+    return _generate(args, gen, builder, lines)
+
+
+def _flux_run(args: argparse.Namespace, device: torch.device, flux_name: str, from_images: bool,
+              lines: list[str] | None) -> tuple[GenRun, RequestBuilder]:
+    """FLUX.1 models, generator, saver and request builder (txt2img only; default size 1024)."""
+    models = load_gen_flux_models(args, device)
+    pipe = FluxGenerator(models, device, t5_max_length=t5_max_length(args.t5xxl_max_token_length, flux_name),
+                         apply_t5_attn_mask=args.apply_t5_attn_mask,
+                         vae_batch_size=vae_batch_size(args.vae_batch_size, args.batch_size))
+    model_name = os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0]
+    gen = GenRun(args, pipe, LoadedNetworks(), [], ImageSaver(args, model_name, sdxl=False))
+    builder = RequestBuilder(args, 1024, 0, InitImages(), images_from_prompts=from_images,
+                             total_lines=len(lines) if lines is not None else None, flux_name=flux_name)
+    return gen, builder
+
+
+def _generate(args: argparse.Namespace, gen: GenRun, builder: RequestBuilder, lines: list[str] | None) -> list[str]:
+    """3. generate every requested image; returns the written paths."""
     with torch.no_grad():
         if args.interactive or args.from_module:
             _run_lazy(args, gen, builder)

@@ -15,6 +15,8 @@ from safetensors import safe_open
 
 from library.errors import UserError
 from library.models.bundle import SDModels
+from library.models.flux_bundle import FluxModels
+from library.models.flux_loading import load_flux_models
 from library.models.loading import load_models
 from library.sampling.textual_inversion import load_textual_inversion
 from networks.lora_family import check_fits_layers, embedding_family, family_of, read_tensor_file
@@ -56,6 +58,22 @@ def load_gen_models(args: argparse.Namespace, device: torch.device) -> SDModels:
         models.vae.to(dtype=torch.float32)
     for m in (models.unet, models.vae, *models.text_encoders):
         m.eval().requires_grad_(False)
+    return models
+
+
+def load_gen_flux_models(args: argparse.Namespace, device: torch.device) -> FluxModels:
+    """FLUX.1 `--ckpt` (BFL transformer file or Diffusers folder) with `--ae` / `--clip_l` / `--t5xxl`, in
+    `--fp16/--bf16` (the AE in float32 with --no_half_vae); `--vae_slices` decodes in slices and tiles."""
+    models = load_flux_models(resolve_ckpt(args.ckpt), ae=args.ae, clip_l=args.clip_l, t5xxl=args.t5xxl,
+                              dtype=model_dtype(args), tokenizer_cache_dir=args.tokenizer_cache_dir)
+    models.to(device=device)
+    if args.no_half_vae:
+        models.ae.to(dtype=torch.float32)
+    for _, m in models.parts():
+        m.eval().requires_grad_(False)
+    if args.vae_slices:
+        models.ae.enable_slicing()
+        models.ae.enable_tiling()
     return models
 
 

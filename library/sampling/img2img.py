@@ -100,11 +100,14 @@ def encode_images(vae: torch.nn.Module, images: Sequence[Image.Image], generator
 
 @torch.no_grad()
 def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, vae_batch_size: int | None = None) -> torch.Tensor:
-    """Latents -> (B, 3, H, W) images in [-1, 1], `vae_batch_size` latents per VAE call. spec §1.1."""
+    """Latents -> (B, 3, H, W) images in [-1, 1], `vae_batch_size` latents per VAE call. spec §1.1.
+
+    A VAE with a `shift_factor` (FLUX.1's AE) had it subtracted before scaling: it is added back."""
     step = vae_batch_size or latents.shape[0]
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     parts = []
     for i in range(0, latents.shape[0], step):
-        z = latents[i: i + step].to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+        z = latents[i: i + step].to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
         parts.append(vae.decode(z).sample.float())
     return torch.cat(parts)
 

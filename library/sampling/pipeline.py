@@ -28,11 +28,11 @@ from library.sampling.controlnet import ControlNetBatch, LoadedControlNet
 from library.sampling.controlnet_lllite import ControlNetLLLite, LLLiteBatch
 from library.sampling.deep_shrink import DeepShrink, deep_shrink_unet
 from library.sampling.gradual_latent import GradualLatent, check_usable, gradual_latent_scheduler
-from library.sampling.img2img import (decode_latents, encode_images, mask_to_latent_keep, round_down,
-                                      tensor_to_images, upscale_images, upscale_latents, vae_scale_factor)
+from library.sampling.img2img import (decode_latents, encode_images, mask_to_latent_keep, round_down, tensor_to_images,
+                                      upscale_images, upscale_latents, vae_scale_factor)
 from library.sampling.samplers import make_scheduler
-from library.sampling.upscaler import run_upscaler
 from library.sampling.text_encoding import PromptEmbeddings, encode_for_training_samples, encode_prompts
+from library.sampling.upscaler import run_upscaler
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class GenSettings:
     sampler: str = "ddim"
     deep_shrink: DeepShrink | None = None
     gradual_latent: GradualLatent | None = None
+    guidance_scale: float | None = None  # FLUX.1 dev's distilled guidance (`--guidance_scale`, line `--g`)
 
 
 @dataclass

@@ -172,6 +172,7 @@ class PromptOptions:
     seeds: list[int] | None = None
     strength: float | None = None
     scale: float | None = None
+    guidance_scale: float | None = None  # FLUX.1 dev only
     negative_scale: float | None = None
     negative_scale_disabled: bool = False  # `--nl none`: no negative scale even if given on the command line
     negative_prompt: str | None = None
@@ -242,6 +243,7 @@ _LINE_OPTIONS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "d": (r"([\d,]+)", "seeds", _ints),
     "t": (_FLOAT, "strength", float),
     "l": (_FLOAT, "scale", float),
+    "g": (_FLOAT, "guidance_scale", float),  # as sd-scripts' FLUX sample prompts
     "nl": (r"([\d\.]+|none)", "negative_scale", _negative_scale),
     "n": (_TEXT, "negative_prompt", str),
     "c": (_TEXT, "clip_prompt", str),
