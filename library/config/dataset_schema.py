@@ -286,6 +286,7 @@ class ConfigSanitizer:
 _TRAINER_FLAGS = {
     "train_network": (True, True, None, True),
     "sdxl_train_network": (True, True, None, True),
+    "flux_train_network": (True, True, None, True),
     "sdxl_train": (True, True, None, True),
     "train_db": (True, False, None, True),
     "fine_tune": (False, True, False, True),

@@ -16,6 +16,7 @@ from library.config.options_common import Container, section
 from library.config.options_controlnet import (CONTROLNET_SCRIPTS, DESCRIPTIONS, LLLITE_SCRIPT,
                                                add_controlnet_arguments, add_lllite_arguments)
 from library.config.options_dataset import add_config_arguments, add_dataset_arguments, add_masked_loss_arguments
+from library.config.options_flux import FLUX_DESCRIPTION, FLUX_SCRIPT, add_flux_arguments
 from library.config.options_scripts import (add_dreambooth_arguments, add_finetune_arguments,
                                             add_network_trainer_arguments, add_sdxl_train_arguments,
                                             add_textual_inversion_arguments)
@@ -26,7 +27,7 @@ from library.log import add_logging_arguments
 SCRIPTS = ("train_network", "sdxl_train_network", "train_db", "fine_tune", "train_textual_inversion", "sdxl_train")
 # scripts whose parser is another script's, unchanged (upstream's setup_parser() returns that parser)
 SAME_PARSER = {"sdxl_train_textual_inversion": "train_textual_inversion"}
-SCRIPTS += tuple(SAME_PARSER) + CONTROLNET_SCRIPTS
+SCRIPTS += tuple(SAME_PARSER) + CONTROLNET_SCRIPTS + (FLUX_SCRIPT,)
 TEXTUAL_INVERSION_SCRIPTS = ("train_textual_inversion", "sdxl_train_textual_inversion")
 
 _DESCRIPTIONS = {
@@ -40,6 +41,7 @@ _DESCRIPTIONS = {
     "sdxl_train": "Fine-tune Stable Diffusion XL in full (U-Net, optionally both text encoders) from metadata "
                   "JSON, DreamBooth folders or a dataset config.",
     **DESCRIPTIONS,
+    FLUX_SCRIPT: FLUX_DESCRIPTION,
 }
 
 
@@ -171,6 +173,7 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     own = {
         "train_network": add_network_trainer_arguments,
         "sdxl_train_network": add_network_trainer_arguments,
+        FLUX_SCRIPT: add_network_trainer_arguments,
         "train_db": add_dreambooth_arguments,
         "fine_tune": add_finetune_arguments,
         "train_textual_inversion": add_textual_inversion_arguments,
@@ -181,6 +184,8 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     own[script](parser)
     if script in ("sdxl_train_network", "sdxl_train", LLLITE_SCRIPT):
         add_sdxl_training_arguments(parser)
+    if script == FLUX_SCRIPT:
+        add_flux_arguments(parser)
     add_beyond_arguments(parser)
     return parser
 

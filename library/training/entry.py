@@ -23,6 +23,7 @@ RUNNERS = {
     "sdxl_train": ("library.training.runners.run_sdxl_train", {}),
     "train_controlnet": ("library.training.runners.run_controlnet", {}),
     "sdxl_train_control_net_lllite": ("library.training.runners.run_control_net_lllite", {}),
+    "flux_train_network": ("library.training.runners.run_flux_network", {}),
 }
 
 

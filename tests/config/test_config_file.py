@@ -45,6 +45,10 @@ ROUND_TRIP_ARGV = {
                          "--save_model_as", "diffusers_safetensors", "--min_snr_gamma", "5"],
     "sdxl_train_control_net_lllite": ["--conditioning_data_dir", "cond", "--cond_emb_dim", "32", "--network_dim", "64",
                                       "--network_dropout", "0.1", "--cache_text_encoder_outputs", "--no_half_vae"],
+    "flux_train_network": ["--network_module", "networks.lora_flux", "--ae", "ae.safetensors", "--clip_l", "c.sft",
+                           "--t5xxl", "t5.sft", "--apply_t5_attn_mask", "--guidance_scale", "1.0",
+                           "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582",
+                           "--model_prediction_type", "raw", "--t5xxl_max_token_length", "256"],
 }
 
 

@@ -21,6 +21,11 @@ from networks.network_host import NetworkHost
 logger = logging.getLogger(__name__)
 
 
+def network_text_encoders(models: SDModels):
+    """The text-encoder argument of the plug-in API: the one encoder (SD1/SD2) or the list (SDXL, FLUX.1)."""
+    return models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
+
+
 class NetworkMethod:
     """Trains ``host.network`` on frozen U-Net / text encoders."""
 
@@ -43,7 +48,7 @@ class NetworkMethod:
     def loss(self, batch: dict, rand: StepRandom) -> torch.Tensor:
         m, t, dev = self.models, self.text, self.acc.device
         self._set_batch_multiplier(batch)
-        self.host.on_step_start(m.text_encoders if m.is_sdxl else m.text_encoders[0], m.unet)
+        self.host.on_step_start(network_text_encoders(m), m.unet)
         grad_te = self.train_text_encoder and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad_te), self.acc.autocast():
             cond = text_conditioning(m.family, m.text_encoders, batch, clip_skip=t.clip_skip,
@@ -77,7 +82,7 @@ class NetworkMethod:
     def on_epoch_start(self, epoch: int) -> None:
         m = self.models
         self.module.train()
-        self.host.on_epoch_start(m.text_encoders if m.is_sdxl else m.text_encoders[0], m.unet)
+        self.host.on_epoch_start(network_text_encoders(m), m.unet)
 
     def after_optimizer_step(self, state: TrainState) -> dict:
         max_norm = self.scale_weight_norms

@@ -86,8 +86,8 @@ def verify_training_args(args: argparse.Namespace, script: str) -> None:
     mp = getattr(args, "mixed_precision", "no")
     if getattr(args, "full_fp16", False) and mp != "fp16" and script not in TEXTUAL_INVERSION_SCRIPTS:
         raise UserError("--full_fp16 needs --mixed_precision fp16")
-    if getattr(args, "full_bf16", False) and mp != "bf16" and script in ("train_network", "sdxl_train_network",
-                                                                                   "sdxl_train"):
+    if getattr(args, "full_bf16", False) and mp != "bf16" and script in (
+            "train_network", "sdxl_train_network", "flux_train_network", "sdxl_train"):
         raise UserError("--full_bf16 needs --mixed_precision bf16")
     if getattr(args, "fp8_base", False) and mp == "no":
         raise UserError("--fp8_base needs --mixed_precision fp16 or bf16")

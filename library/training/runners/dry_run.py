@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import os
+from typing import Optional
 
 from library.data.dataset import build_dataset_group, scan_mode
 from library.training.loop import output_names as names
@@ -26,8 +27,10 @@ TRAINER_KIND = {"train_network": "network", "sdxl_train_network": "network", "tr
 TRAINER_KIND.update(train_controlnet="full", sdxl_train_control_net_lllite="network")  # ControlNet < a U-Net: bound
 
 
-def report(args: argparse.Namespace, loop: LoopSettings, script: str, sdxl: bool = False) -> None:
-    """Build datasets and plan, print the report (main process only); returns None, loads no model."""
+def report(args: argparse.Namespace, loop: LoopSettings, script: str, sdxl: bool = False,
+           family: Optional[str] = None) -> None:
+    """Build datasets and plan, print the report (main process only); returns None, loads no model.
+    ``family``: the model family when the options do not say it (``flux``: no memory model yet)."""
     group, params = build_data(args, script, sdxl)  # the real run's own step: the same checks, the same answer
     vgroup = build_dataset_group(params, [], part="validation", seed=args.seed, max_train_steps=args.max_train_steps,
                                  max_token_length=args.max_token_length,
@@ -40,8 +43,11 @@ def report(args: argparse.Namespace, loop: LoopSettings, script: str, sdxl: bool
     lines += dataset_lines(group, vgroup)
     lines += plan_lines(plan, processes)
     lines += schedule_lines(args, plan, vgroup is not None)
-    family = "sdxl" if sdxl else ("sd2" if args.v2 else "sd1")
-    lines += memory_lines(args, family, TRAINER_KIND[script], group)
+    family = family or ("sdxl" if sdxl else ("sd2" if args.v2 else "sd1"))
+    if family == "flux":
+        lines += ["peak accelerator memory estimate: not modelled for FLUX.1 yet"]
+    else:
+        lines += memory_lines(args, family, TRAINER_KIND[script], group)
     print("\n".join(lines))
     return None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from library.config.options import TEXTUAL_INVERSION_SCRIPTS, build_parser
+from library.config.options_flux import FLUX_SCRIPT
 from library.config.ranges import check_ranges
 from library.errors import UserError
 from library.models.checkpoint_io import CheckpointReader
@@ -25,13 +26,14 @@ from library.models.loading import check_family_flags, peek_family
 from library.training.loop.state_checks import check_rng_file, read_train_state
 from library.training.optim.lr_schedules import check_scheduler
 from library.training.optim.optimizers import check_optimizer, parse_kwargs
+from library.training.runners.flux_checks import FLUX_NETWORK_MODULE, check_flux_model_inputs
 from networks.lora_family import check_file_for_family, read_tensor_file
 from networks.network_host import import_network_module, parse_network_args
 
 logger = logging.getLogger(__name__)
 
 SDXL_SCRIPTS = ("sdxl_train_network", "sdxl_train_textual_inversion", "sdxl_train")
-NETWORK_SCRIPTS = ("train_network", "sdxl_train_network")
+NETWORK_SCRIPTS = ("train_network", "sdxl_train_network", FLUX_SCRIPT)
 # the sd-scripts script that trains the same thing on SDXL
 SDXL_COUNTERPART = {"train_network": "sdxl_train_network.py",
                     "train_db": "sdxl_train.py",
@@ -69,6 +71,8 @@ def check_model_inputs(args: argparse.Namespace, script: str) -> Optional[str]:
             return None
         raise UserError(f"--pretrained_model_name_or_path {path}: no such file or folder")
     _readable(path, "--pretrained_model_name_or_path")
+    if script == FLUX_SCRIPT:
+        return check_flux_model_inputs(args)
     family = peek_family(path)
     if family == "sdxl" and script in SDXL_COUNTERPART:
         raise UserError(f"{path} is an SDXL model; {script}.py trains SD 1.x / 2.x models: use "
@@ -180,7 +184,7 @@ def check_packages(args: argparse.Namespace, script: str) -> None:
     check_scheduler(args.lr_scheduler, getattr(args, "lr_scheduler_type", ""),
                     getattr(args, "lr_scheduler_args", None), args.optimizer_type)
     if script in NETWORK_SCRIPTS:
-        import_network_module(args.network_module or "networks.lora")
+        import_network_module(args.network_module or (FLUX_NETWORK_MODULE if script == FLUX_SCRIPT else "networks.lora"))
         parse_network_args(getattr(args, "network_args", None))
     log_with = getattr(args, "log_with", None)
     if log_with in ("wandb", "all"):

@@ -75,6 +75,20 @@ class Recipe:
         """(U-Net trains, text encoder trains) in full: those stay float32 and are not frozen on loading."""
         return False, False
 
+    def build_data(self, args: argparse.Namespace):
+        """The run's dataset group, scanned before any model loads."""
+        return build_data(args, self.script, self.sdxl)[0]
+
+    def load_models(self, args: argparse.Namespace, acc, wdtype: torch.dtype):
+        """The base models, frozen except what ``trains``, cast and on the device."""
+        train_unet, train_te = self.trains(args)
+        return load_base_models(args, acc, wdtype, sdxl=self.sdxl, train_unet=train_unet,
+                                train_text_encoder=train_te)
+
+    def dry_run(self, args: argparse.Namespace, settings: TrainSettings) -> None:
+        """``--dry_run``: the report of what the run would do; loads no model."""
+        return report(args, settings.loop, self.script, sdxl=self.sdxl)
+
     def after_load(self, run: RecipeRun) -> None:
         """Once the models are loaded, before the dataset gets its tokenizers (new tokens go here)."""
 
@@ -110,7 +124,7 @@ def run_recipe(parsed: argparse.Namespace, recipe: Recipe) -> Optional[str]:
     _options(args, recipe)
     settings = build_settings(args, recipe.script)
     if getattr(args, "dry_run", False):
-        return report(args, settings.loop, recipe.script, sdxl=recipe.sdxl)
+        return recipe.dry_run(args, settings)
 
     set_seed(settings.loop.seed)
     run = _load(args, settings, recipe)
@@ -140,12 +154,10 @@ def _options(args: argparse.Namespace, recipe: Recipe) -> None:
 def _load(args: argparse.Namespace, settings: TrainSettings, recipe: Recipe) -> RecipeRun:
     """Data (scanned before any model loads), accelerator, models, the recipe's additions, latent cache."""
     custom = bool(getattr(args, "dataset_class", None))  # built with the model's tokenizers, as upstream
-    group = None if custom else build_data(args, recipe.script, recipe.sdxl)[0]
+    group = None if custom else recipe.build_data(args)
     acc = setup.make_accelerator(args)
     wdtype = setup.weight_dtype(args)
-    train_unet, train_te = recipe.trains(args)
-    models = load_base_models(args, acc, wdtype, sdxl=recipe.sdxl, train_unet=train_unet,
-                              train_text_encoder=train_te)
+    models = recipe.load_models(args, acc, wdtype)
     if custom:
         group = build_custom_data(args, models, recipe.sdxl)
     run = RecipeRun(args, settings, acc, wdtype, models, group)

@@ -11,7 +11,7 @@ from library.errors import UserError
 from library.formats.metadata import build_training_metadata, metadata_for_save, ss_epoch_value
 from library.formats.modelspec import modelspec_from_options, trained_resolution
 from library.training.loop.checkpointing import Checkpointer
-from library.training.methods.network import NetworkMethod
+from library.training.methods.network import NetworkMethod, network_text_encoders
 from library.training.objective.diffusion_step import DiffusionObjective
 from library.training.runners import accelerate_setup as setup
 from library.training.runners.recipe import Recipe, RecipeRun, Training, run_recipe
@@ -25,6 +25,7 @@ class NetworkRecipe(Recipe):
     """train_network.py / sdxl_train_network.py: a network plug-in (LoRA) on a frozen model."""
 
     tracker = "network_train"
+    default_module = "networks.lora"  # --network_module when not given
 
     def __init__(self, sdxl: bool):
         self.sdxl = sdxl
@@ -44,7 +45,7 @@ class NetworkRecipe(Recipe):
 
     def prepare(self, run: RecipeRun) -> Training:
         args, acc, models = run.args, run.acc, run.models
-        host, te_arg, train_unet, train_te = _apply_network(args, run.settings.options, models)
+        host, te_arg, train_unet, train_te = _apply_network(args, run.settings.options, models, self.default_module)
         network = host.network
         if args.full_fp16 or args.full_bf16:
             network.to(run.wdtype)
@@ -53,16 +54,25 @@ class NetworkRecipe(Recipe):
         network, optimizer, lr_sched = acc.prepare(network, optimizer, lr_sched)
         host.prepare_grad_etc(te_arg, models.unet)
         settings = run.settings
-        objective = DiffusionObjective.from_settings(settings.objective, models.vae.config.scaling_factor)
-        method = NetworkMethod(host, models, objective, settings.text, acc, run.wdtype, train_unet, train_te,
-                               scale_weight_norms=settings.method.scale_weight_norms)
+        method = self.make_method(run, host, train_unet, train_te)
         method.module = network
         method.save_dtype = setup.save_dtype(args)
-        method.save_metadata = _metadata_fn(args, settings, models, run.group, plan, opt_name, acc)
+        method.save_metadata = self.metadata_fn(run, plan, opt_name)
         ext = "." + (args.save_model_as or "safetensors")
         checkpointer = Checkpointer(settings.saving, acc, lambda p, ev, ep, st: method.save(p, ev, ep, st), ext,
                                     plan.num_epochs, plan.max_train_steps, settings.hub)
         return Training(method, optimizer, lr_sched, plan, checkpointer)
+
+    def make_method(self, run: RecipeRun, host: NetworkHost, train_unet: bool, train_te: bool):
+        """The loop's method object: the shared diffusion objective through the U-Net."""
+        settings = run.settings
+        objective = DiffusionObjective.from_settings(settings.objective, run.models.vae.config.scaling_factor)
+        return NetworkMethod(host, run.models, objective, settings.text, run.acc, run.wdtype, train_unet, train_te,
+                             scale_weight_norms=settings.method.scale_weight_norms)
+
+    def metadata_fn(self, run: RecipeRun, plan, opt_name: str) -> Callable[[str, int, int], dict]:
+        """``(event, epoch, global_step) -> metadata`` of each saved file."""
+        return _metadata_fn(run.args, run.settings, run.models, run.group, plan, opt_name, run.acc)
 
 
 def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
@@ -70,11 +80,11 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> Optional[str]:
     return run_recipe(args, NetworkRecipe(sdxl))
 
 
-def _apply_network(args: argparse.Namespace, options, models):
+def _apply_network(args: argparse.Namespace, options, models, default_module: str = "networks.lora"):
     """Create the network (or from --network_weights' dims), wrap the model's layers, load weights, enable
     checkpointing; returns (host, the text-encoder argument of the plug-in API, trains U-Net, trains TE)."""
-    host = NetworkHost(args.network_module or "networks.lora")
-    te_arg = models.text_encoders if models.is_sdxl else models.text_encoders[0]
+    host = NetworkHost(args.network_module or default_module)
+    te_arg = network_text_encoders(models)
     net_args = parse_network_args(args.network_args)
     if args.dim_from_weights:
         if not args.network_weights:
@@ -121,13 +131,16 @@ def _verify_sdxl(args: argparse.Namespace) -> None:
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only")
 
 
-def _metadata_fn(args, settings, models, group, plan, opt_name: str, acc):
+def _metadata_fn(args, settings, models, group, plan, opt_name: str, acc, spec_family: Optional[str] = None,
+                 extra: Optional[dict] = None):
+    """``spec_family``: the modelspec family (default: the model's); ``extra``: keys added to the ``ss_*`` set."""
     facts = training_facts(args, models, group, plan, opt_name, acc)
     base = build_training_metadata(settings.options, facts)
+    base.update(extra or {})
 
     def metadata(event: str, epoch: int, global_step: int) -> dict:
-        spec = modelspec_from_options(settings.options, models.family, "lora", timestamp=facts.training_started_at,
-                                   resolution=trained_resolution(group))
+        spec = modelspec_from_options(settings.options, spec_family or models.family, "lora",
+                                      timestamp=facts.training_started_at, resolution=trained_resolution(group))
         return metadata_for_save(base, global_step=global_step, epoch=ss_epoch_value(event, epoch, plan.num_epochs),
                                  no_metadata=args.no_metadata, modelspec=spec, finished_at=time.time())
 

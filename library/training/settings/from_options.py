@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 LOSS_LETTERS = {"train_network": "N", "sdxl_train_network": "N", "train_db": "D", "fine_tune": "F",
                 "train_textual_inversion": "T", "sdxl_train_textual_inversion": "T", "sdxl_train": "X"}
 LOSS_LETTERS.update(train_controlnet="N", sdxl_train_control_net_lllite="N")  # no masked loss: weights are all 1
+LOSS_LETTERS.update(flux_train_network="N")
 SDXL_TE_CACHE_SCRIPTS = ("sdxl_train_network", "sdxl_train", "sdxl_train_control_net_lllite")
 
 

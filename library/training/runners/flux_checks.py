@@ -1,0 +1,85 @@
+"""flux_train_network.py's checks before any model loads: the model is FLUX.1 and its parts fit, and every
+option this trainer cannot honour is refused in one line (never silently ignored)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from library.errors import UserError
+from library.models.flux_loading import is_flux
+from library.models.flux_preflight import check_flux_parts
+from library.models.loading import peek_family
+
+logger = logging.getLogger(__name__)
+
+FLUX_NETWORK_MODULE = "networks.lora_flux"
+_NOT_YET = "is not supported for FLUX.1 training yet"
+# option -> why it is refused (a true flag or a value other than None)
+_REFUSED = {
+    "model_type": None,  # checked by value below
+    "fp8_base": _NOT_YET, "fp8_base_unet": _NOT_YET, "blocks_to_swap": _NOT_YET,
+    "split_mode": "is deprecated upstream (--blocks_to_swap, which " + _NOT_YET + ")",
+    "cache_text_encoder_outputs": _NOT_YET, "cache_text_encoder_outputs_to_disk": _NOT_YET,
+    "cache_latents_to_disk": _NOT_YET + " (SD latent files would be taken for FLUX ones); --cache_latents works",
+    "controlnet_model_name_or_path": "belongs to upstream's flux_train_control_net.py",
+    "sample_prompts": "(sample images during FLUX.1 training) " + _NOT_YET,
+    "validation_split": "(validation loss) " + _NOT_YET,
+    "dataset_class": _NOT_YET, "base_weights": _NOT_YET,
+    "xformers": "is not used by FLUX.1 (PyTorch's attention)", "mem_eff_attn": "is not used by FLUX.1",
+    "vae": "is an SD option; FLUX.1 takes its autoencoder from --ae",
+    "v2": "is an SD 2.x option", "v_parameterization": "is an SD option (FLUX.1 predicts noise - latents)",
+    "zero_terminal_snr": "is an SD noise-schedule option", "weighted_captions": _NOT_YET,
+    "clip_skip": "is not used by FLUX.1", "noise_offset": "is not applied by sd-scripts' FLUX trainer",
+    "multires_noise_iterations": "is not applied by sd-scripts' FLUX trainer",
+    "min_snr_gamma": "needs an SNR, which flow matching has not", "debiased_estimation_loss": "needs an SNR",
+    "scale_v_pred_loss_like_noise_pred": "is a v-prediction option", "v_pred_like_loss": "is a v-prediction option",
+    "min_timestep": "is not used by FLUX.1's timestep sampling (--timestep_sampling)",
+    "max_timestep": "is not used by FLUX.1's timestep sampling (--timestep_sampling)",
+}
+
+
+def reject_flux_options(args: argparse.Namespace) -> None:
+    """One line for the first option set that flux_train_network.py does not support."""
+    if getattr(args, "model_type", "flux") != "flux":
+        raise UserError(f"--model_type {args.model_type} {_NOT_YET}: only flux")
+    for option, why in _REFUSED.items():
+        value = getattr(args, option, None)
+        if why is None or value in (None, False, 0, [], ""):
+            continue
+        raise UserError(f"--{option} {why}")
+    module = getattr(args, "network_module", None)
+    if module not in (None, FLUX_NETWORK_MODULE):
+        raise UserError(f"--network_module {module}: flux_train_network.py trains {FLUX_NETWORK_MODULE} only "
+                        "(other network modules are not supported for FLUX.1 yet)")
+    if getattr(args, "loss_type", "l2") != "l2" and getattr(args, "huber_schedule", "snr") == "snr":
+        raise UserError("--huber_schedule snr is not supported for FLUX.1 (no SNR in flow matching): "
+                        "use exponential or constant")
+    if getattr(args, "max_token_length", None) is not None:
+        logger.warning("--max_token_length is not used in FLUX.1 training (CLIP-L: 77 tokens, T5-XXL: "
+                       "--t5xxl_max_token_length), as in sd-scripts")
+
+
+def check_flux_model_inputs(args: argparse.Namespace) -> str:
+    """The base model is a FLUX.1 BFL file (with --ae / --clip_l / --t5xxl) or a Diffusers FLUX folder, and the
+    parts fit (headers and configs only); returns the family "flux"."""
+    path = str(args.pretrained_model_name_or_path)
+    if not is_flux(path):
+        try:
+            family = peek_family(path)
+        except UserError:
+            family = None
+        what = f"an {family.upper()} model" if family else "not a FLUX.1 model"
+        raise UserError(f"--pretrained_model_name_or_path {path}: {what}; flux_train_network.py trains FLUX.1 "
+                        "(a BFL single file with --ae/--clip_l/--t5xxl, or a Diffusers FLUX folder)")
+    parts = {}
+    for part in ("ae", "clip_l", "t5xxl"):
+        value = getattr(args, part, None)
+        if value and not os.path.exists(str(value)):
+            raise UserError(f"--{part} {value}: no such file or folder")
+        parts[part] = str(value) if value else (path if os.path.isdir(path) else None)
+    missing = [f"--{p}" for p, v in parts.items() if v is None]
+    if missing:
+        raise UserError(f"{path}: a FLUX.1 single file holds only the transformer; give {', '.join(missing)}")
+    check_flux_parts(path, parts)
+    return "flux"

@@ -1,0 +1,110 @@
+"""flux_train_network.py as a recipe of the shared runner: a FLUX.1 LoRA (networks.lora_flux) trained on a
+frozen FLUX.1 dev / schnell, saved in sd-scripts' format with its FLUX ``ss_*`` keys and modelspec."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from library.config.options_flux import FLUX_SCRIPT
+from library.formats.flux_metadata import flux_training_keys
+from library.models.bundle import SDModels
+from library.models.flux_bundle import FluxModels
+from library.models.flux_loading import load_flux_models
+from library.sampling.flux_text import t5_max_length
+from library.training.methods.flux_network import FluxNetworkMethod
+from library.training.objective.flow_matching import FlowMatchingConfig
+from library.training.runners.dry_run import report
+from library.training.runners.flux_checks import FLUX_NETWORK_MODULE, reject_flux_options
+from library.training.runners.recipe import RecipeRun, run_recipe
+from library.training.runners.run_common import build_data
+from library.training.runners.run_network import NetworkRecipe, _metadata_fn
+from library.training.settings import TrainSettings
+from networks.network_host import NetworkHost
+
+logger = logging.getLogger(__name__)
+
+
+def flow_config(args: argparse.Namespace) -> FlowMatchingConfig:
+    """The FLUX.1 objective options of a run."""
+    return FlowMatchingConfig(
+        timestep_sampling=args.timestep_sampling, sigmoid_scale=args.sigmoid_scale,
+        discrete_flow_shift=args.discrete_flow_shift, weighting_scheme=args.weighting_scheme,
+        logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
+        model_prediction_type=args.model_prediction_type, guidance_scale=float(args.guidance_scale),
+        ip_noise_gamma=args.ip_noise_gamma, ip_noise_gamma_random_strength=bool(args.ip_noise_gamma_random_strength))
+
+
+def training_view(flux: FluxModels) -> SDModels:
+    """The shared runner's view of FLUX.1: the transformer where the U-Net goes, the AE as VAE, [CLIP-L, T5-XXL]
+    as text encoders; the dataset tokenizes captions with CLIP-L only (the method tokenizes T5 itself)."""
+    return SDModels(family="flux", unet=flux.transformer, vae=flux.ae, text_encoders=[flux.clip_l, flux.t5xxl],
+                    tokenizers=[flux.tokenizers[0]], source=flux.source)
+
+
+class FluxNetworkRecipe(NetworkRecipe):
+    """flux_train_network.py: networks.lora_flux on a frozen FLUX.1."""
+
+    default_module = FLUX_NETWORK_MODULE
+
+    def __init__(self):
+        super().__init__(sdxl=False)
+        self.script = FLUX_SCRIPT
+        self.flux: Optional[FluxModels] = None
+
+    def check_options(self, args: argparse.Namespace) -> None:
+        reject_flux_options(args)
+        super().check_options(args)
+        flow_config(args)  # a bad choice from a config file is one line now
+
+    def build_data(self, args: argparse.Namespace):
+        return build_data(args, self.script, sdxl=True)[0]  # bucket steps of 32, as sd-scripts' FLUX trainer
+
+    def dry_run(self, args: argparse.Namespace, settings: TrainSettings) -> None:
+        return report(args, settings.loop, self.script, sdxl=True, family="flux")
+
+    def load_models(self, args: argparse.Namespace, acc, wdtype: torch.dtype) -> SDModels:
+        """Load FLUX.1, freeze it, cast it to the training dtype (the AE to fp32 with --no_half_vae), move it."""
+        flux = load_flux_models(str(args.pretrained_model_name_or_path), ae=args.ae, clip_l=args.clip_l,
+                                t5xxl=args.t5xxl, dtype=torch.float32, tokenizer_cache_dir=args.tokenizer_cache_dir)
+        for _, m in flux.parts():
+            m.requires_grad_(False)
+            m.eval()
+        flux.ae.to(acc.device, torch.float32 if args.no_half_vae else wdtype)
+        for m in (flux.transformer, flux.clip_l, flux.t5xxl):
+            m.to(acc.device, wdtype)
+        self.flux = flux
+        logger.info("FLUX.1 %s loaded; T5-XXL tokens: %d", flux.name, self._t5_length(args))
+        return training_view(flux)
+
+    def _t5_length(self, args: argparse.Namespace) -> int:
+        return t5_max_length(args.t5xxl_max_token_length, self.flux.name)
+
+    def text_encoder_cache(self, run: RecipeRun) -> Optional[Callable]:
+        return None  # --cache_text_encoder_outputs is refused for FLUX.1 (flux_checks.py)
+
+    def sample_hook(self, run: RecipeRun):
+        return None  # --sample_prompts is refused for FLUX.1 (flux_checks.py)
+
+    def make_method(self, run: RecipeRun, host: NetworkHost, train_unet: bool, train_te: bool):
+        args, settings = run.args, run.settings
+        return FluxNetworkMethod(host, run.models, self.flux.tokenizers, flow_config(args), settings.objective.loss,
+                                 settings.text, run.acc, run.wdtype, train_unet, train_te,
+                                 t5_max_length=self._t5_length(args), apply_t5_attn_mask=args.apply_t5_attn_mask,
+                                 guidance_embeds=not self.flux.is_schnell,
+                                 scale_weight_norms=settings.method.scale_weight_norms)
+
+    def metadata_fn(self, run: RecipeRun, plan, opt_name: str) -> Callable[[str, int, int], dict]:
+        """train_network's ``ss_*`` keys with ``ss_base_model_version`` flux1, the FLUX options' keys and the
+        modelspec of ``flux-1-dev/lora`` or ``flux-1-schnell/lora`` (sd-scripts' ``update_metadata``)."""
+        extra = flux_training_keys(run.settings.options)
+        extra["ss_network_module"] = run.args.network_module or FLUX_NETWORK_MODULE
+        return _metadata_fn(run.args, run.settings, run.models, run.group, plan, opt_name, run.acc,
+                            spec_family=f"flux-{self.flux.name}", extra=extra)
+
+
+def run(args: argparse.Namespace) -> Optional[str]:
+    """Train a FLUX.1 LoRA; returns the path of the final file (None after ``--dry_run``)."""
+    return run_recipe(args, FluxNetworkRecipe())
