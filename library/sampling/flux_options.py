@@ -14,10 +14,15 @@ from typing import Any, Mapping
 from library.config.options_common import section
 from library.config.ranges import at_least, ranged
 from library.errors import UserError
+from library.formats.flux_metadata import FLUX_NETWORK_MODULE
+from library.formats.tensor_file import TensorFile, read_tensor_file
 from library.models.flux_loading import is_flux
 from library.models.flux_preflight import transformer_config
 from library.models.t5_tokenizer import load_t5_tokenizer
 from library.sampling.prompt_file import PromptOptions, line_option_key
+from networks.lora_family import FAMILY_NAMES, FLUX, SDXL, family_of
+from networks.lora_flux_options import parse_flux_options
+from networks.network_host import parse_network_args
 
 FLUX_ONLY = ("ae", "clip_l", "t5xxl", "t5xxl_max_token_length", "apply_t5_attn_mask", "guidance_scale")
 
@@ -25,7 +30,7 @@ _SD_FLAGS = "an SD model flag"
 _CFG = "classifier-free guidance; FLUX.1 dev takes --guidance_scale"
 _IMG2IMG = "img2img / inpaint are not supported for FLUX.1 yet"
 _HIRES = "hires fix is not supported for FLUX.1 yet"
-_NETWORKS = "LoRA / networks for FLUX.1 in gen_img are not supported yet"
+_REGIONAL = "regional LoRA needs U-Net feature maps; FLUX.1 LoRAs apply to the whole image"
 _SIZE_COND = "SDXL size conditioning"
 _PROMPT_ENC = "SD prompt encoding; FLUX.1 prompts are encoded as written"
 _CONTROL = "ControlNet / ControlNet-LLLite are for SD models"
@@ -41,12 +46,11 @@ NOT_FOR_FLUX: dict[str, str] = {
     "scale": _CFG, "negative_scale": _CFG,
     **{n: _SIZE_COND for n in ("original_width", "original_height", "original_width_negative",
                                "original_height_negative", "crop_top", "crop_left")},
-    "image_path": _IMG2IMG, "mask_path": _IMG2IMG, "strength": _IMG2IMG,
+    "image_path": _IMG2IMG, "mask_path": _IMG2IMG + " (nor are regional LoRA masks)", "strength": _IMG2IMG,
+    "network_regional_mask_max_color_codes": _REGIONAL,
     **{n: _HIRES for n in ("highres_fix_scale", "highres_fix_steps", "highres_fix_strength", "highres_fix_save_1st",
                            "highres_fix_latents_upscaling", "highres_fix_upscaler", "highres_fix_upscaler_args",
                            "highres_fix_disable_control_net")},
-    **{n: _NETWORKS for n in ("network_module", "network_weights", "network_mul", "network_args",
-                              "network_show_meta", "network_merge", "network_merge_n_models", "network_pre_calc")},
     "textual_inversion_embeddings": "Textual Inversion embeddings are for SD text encoders",
     **{n: _UNET + " (Deep Shrink)" for n in ("ds_depth_1", "ds_timesteps_1", "ds_depth_2", "ds_timesteps_2",
                                              "ds_ratio")},
@@ -63,7 +67,7 @@ FLUX_SAMPLERS = ("ddim", "euler", "k_euler")  # ddim: gen_img's default, i.e. no
 # prompt-line field -> why a FLUX.1 line cannot use it
 LINE_NOT_FOR_FLUX: dict[str, str] = {
     "scale": _CFG, "negative_scale": _CFG, "negative_prompt": _CFG, "strength": _IMG2IMG,
-    "clip_prompt": _PROMPT_ENC, "network_muls": _NETWORKS,
+    "clip_prompt": _PROMPT_ENC,
     **{n: _SIZE_COND for n in ("original_width", "original_height", "original_width_negative",
                                "original_height_negative", "crop_top", "crop_left")},
     **{n: "a U-Net feature" for n in ("ds_depth_1", "ds_timesteps_1", "ds_depth_2", "ds_timesteps_2", "ds_ratio",
@@ -103,6 +107,7 @@ def flux_model_name(args: argparse.Namespace, defaults: argparse.Namespace, ckpt
         given = _given(args, defaults, FLUX_ONLY)
         if given:
             raise UserError(f"--{given[0]} is a FLUX.1 option, but --ckpt {args.ckpt} is not a FLUX.1 model")
+        check_sd_networks(args)
         return None
     for name in _given(args, defaults, NOT_FOR_FLUX):
         raise UserError(f"--{name} cannot be used with a FLUX.1 model ({NOT_FOR_FLUX[name]})")
@@ -116,8 +121,54 @@ def flux_model_name(args: argparse.Namespace, defaults: argparse.Namespace, ckpt
     name = "dev" if transformer_config(ckpt_path)["guidance_embeds"] else "schnell"
     if name == "schnell" and args.guidance_scale is not None:
         raise UserError("--guidance_scale: FLUX.1 schnell has no guidance input (only dev is guidance-distilled)")
+    check_flux_networks(args)
     load_t5_tokenizer(ckpt_path if os.path.isdir(ckpt_path) else None, args.t5xxl, args.tokenizer_cache_dir)
     return name
+
+
+def _readable_network_files(args: argparse.Namespace) -> list[TensorFile]:
+    """The ``--network_weights`` headers that can be read (an unreadable file is named by the input checks)."""
+    files = []
+    for path in args.network_weights or []:
+        try:
+            files.append(read_tensor_file(path, "--network_weights"))
+        except UserError:
+            continue
+    return files
+
+
+def check_sd_networks(args: argparse.Namespace) -> None:
+    """An SD ``--ckpt``: neither the FLUX.1 network plug-in nor a FLUX.1 LoRA file (known from its header)."""
+    if FLUX_NETWORK_MODULE in (args.network_module or []):
+        raise UserError(f"--network_module {FLUX_NETWORK_MODULE} is for FLUX.1 models, but --ckpt {args.ckpt} is "
+                        "not a FLUX.1 model")
+    for tf in _readable_network_files(args):
+        if family_of(tf, "--network_weights", require_known=False) == FLUX:
+            raise UserError(f"--network_weights {tf.path} is a FLUX.1 LoRA, but --ckpt {args.ckpt} is not a FLUX.1 "
+                            "model")
+
+
+def _clip_l_only(tf: TensorFile) -> bool:
+    """Only ``lora_te1_`` modules: a FLUX.1 LoRA of CLIP-L alone reads like an SDXL one."""
+    names = list(tf.modules())
+    return bool(names) and all(n.startswith("lora_te1_") for n in names)
+
+
+def check_flux_networks(args: argparse.Namespace) -> None:
+    """A FLUX.1 ``--ckpt``: every network is ``networks.lora_flux``, no file is an SD LoRA, every
+    ``--network_args`` string is one the FLUX.1 LoRA takes. Whether each module fits a layer of the model is
+    known once the model is loaded (the plug-in says so in one line)."""
+    for name in args.network_module or []:
+        if name != FLUX_NETWORK_MODULE:
+            raise UserError(f"--network_module {name} cannot be used with a FLUX.1 model: FLUX.1 LoRAs are applied "
+                            f"by --network_module {FLUX_NETWORK_MODULE}")
+    for tf in _readable_network_files(args):
+        family = family_of(tf, "--network_weights", require_known=False)
+        if family not in (None, FLUX) and not (family == SDXL and _clip_l_only(tf)):
+            raise UserError(f"--network_weights {tf.path} is an {FAMILY_NAMES[family]} LoRA, but --ckpt {args.ckpt} "
+                            "is a FLUX.1 model")
+    for text in args.network_args or []:
+        parse_flux_options(parse_network_args([item for item in text.split(";") if item.strip()]))
 
 
 def check_line_family(options: PromptOptions, line: str, flux_name: str | None) -> None:

@@ -242,14 +242,16 @@ def run(args: argparse.Namespace) -> list[str]:
 
 def _flux_run(args: argparse.Namespace, device: torch.device, flux_name: str, from_images: bool,
               lines: list[str] | None) -> tuple[GenRun, RequestBuilder]:
-    """FLUX.1 models, generator, saver and request builder (txt2img only; default size 1024)."""
+    """FLUX.1 models, networks (networks.lora_flux), generator, saver and request builder (txt2img only;
+    default size 1024)."""
     models = load_gen_flux_models(args, device)
+    networks, default_muls = load_networks(args, models, device)
     pipe = FluxGenerator(models, device, t5_max_length=t5_max_length(args.t5xxl_max_token_length, flux_name),
                          apply_t5_attn_mask=args.apply_t5_attn_mask,
                          vae_batch_size=vae_batch_size(args.vae_batch_size, args.batch_size))
     model_name = os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0]
-    gen = GenRun(args, pipe, LoadedNetworks(), [], ImageSaver(args, model_name, sdxl=False))
-    builder = RequestBuilder(args, 1024, 0, InitImages(), images_from_prompts=from_images,
+    gen = GenRun(args, pipe, networks, default_muls, ImageSaver(args, model_name, sdxl=False))
+    builder = RequestBuilder(args, 1024, len(networks.networks), InitImages(), images_from_prompts=from_images,
                              total_lines=len(lines) if lines is not None else None, flux_name=flux_name)
     return gen, builder
 

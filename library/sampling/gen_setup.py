@@ -155,11 +155,14 @@ def check_input_files(args: argparse.Namespace) -> None:
         embedding_family(read_tensor_file(path, "--textual_inversion_embeddings"))
 
 
-def check_networks_fit(args: argparse.Namespace, models: SDModels) -> None:
+def check_networks_fit(args: argparse.Namespace, models: SDModels | FluxModels) -> None:
     """Every network file suits the loaded model: same family, matching widths, at least one layer named.
 
-    A LoRA for another model would otherwise be ignored (no key matches) and the image written anyway.
+    A LoRA for another model would otherwise be ignored (no key matches) and the image written anyway. FLUX.1:
+    networks.lora_flux checks its file against the model itself (one line naming the modules that fit no layer).
     """
+    if isinstance(models, FluxModels):
+        return
     shapes = None
     for name, path in _network_pairs(args):
         tf = read_tensor_file(path, "--network_weights")
@@ -169,7 +172,16 @@ def check_networks_fit(args: argparse.Namespace, models: SDModels) -> None:
         check_fits_layers(tf, shapes, models.family, "--network_weights")
 
 
-def load_networks(args: argparse.Namespace, models: SDModels, device: torch.device) -> tuple[LoadedNetworks, list[float]]:
+def _network_parts(models: SDModels | FluxModels) -> tuple[Any, Any, torch.nn.Module]:
+    """(vae, text encoder(s), U-Net) as plug-ins take them: FLUX.1 as sd-scripts' FLUX scripts pass it
+    (the AE, [CLIP-L, T5-XXL], the transformer in the U-Net's place)."""
+    if isinstance(models, FluxModels):
+        return models.ae, [models.clip_l, models.t5xxl], models.transformer
+    return models.vae, models.text_encoders if models.is_sdxl else models.text_encoders[0], models.unet
+
+
+def load_networks(args: argparse.Namespace, models: SDModels | FluxModels,
+                  device: torch.device) -> tuple[LoadedNetworks, list[float]]:
     """Create every `--network_module` network; merge the first N, apply the rest. spec §8.
 
     Returns the applied networks and their default multipliers (`--am` indexes these, merged ones excluded).
@@ -178,8 +190,8 @@ def load_networks(args: argparse.Namespace, models: SDModels, device: torch.devi
     check_networks_fit(args, models)
     muls = list(args.network_mul or [])
     merge_n = len(pairs) if args.network_merge else (args.network_merge_n_models or 0)
-    dtype = next(models.unet.parameters()).dtype
-    te = models.text_encoders if models.is_sdxl else models.text_encoders[0]
+    vae, te, unet = _network_parts(models)
+    dtype = next(unet.parameters()).dtype
     loaded, defaults = LoadedNetworks(pre_calc=args.network_pre_calc), []
     for i, (name, path) in enumerate(pairs):
         if args.network_show_meta:
@@ -187,13 +199,12 @@ def load_networks(args: argparse.Namespace, models: SDModels, device: torch.devi
         mul = muls[i] if i < len(muls) else 1.0
         kwargs = _network_kwargs(args.network_args, i)
         module = import_network_module(name)
-        network, sd = module.create_network_from_weights(mul, path, models.vae, te, models.unet, for_inference=True,
-                                                         **kwargs)
+        network, sd = module.create_network_from_weights(mul, path, vae, te, unet, for_inference=True, **kwargs)
         if i < merge_n:
-            network.merge_to(te, models.unet, sd, dtype, device)
+            network.merge_to(te, unet, sd, dtype, device)
             logger.info("network %s merged (multiplier %s)", path, mul)
             continue
-        network.apply_to(te, models.unet)
+        network.apply_to(te, unet)
         info = network.load_state_dict(sd, strict=False)
         if getattr(info, "unexpected_keys", None):
             logger.warning("network %s: %d unexpected keys, e.g. %s", path, len(info.unexpected_keys),

@@ -150,7 +150,8 @@ def _exit_message(capsys, argv):
 
 @pytest.mark.parametrize("extra, needle", [
     (["--scale", "5"], "--scale cannot be used with a FLUX.1 model"),
-    (["--network_module", "networks.lora", "--network_weights", "x.safetensors"], "--network_module cannot be used"),
+    (["--network_module", "networks.lora", "--network_weights", "x.safetensors"],
+     "--network_module networks.lora cannot be used with a FLUX.1 model"),
     (["--image_path", "x.png"], "--image_path cannot be used"),
     (["--highres_fix_scale", "0.5"], "--highres_fix_scale cannot be used"),
     (["--clip_skip", "2"], "--clip_skip cannot be used"),
