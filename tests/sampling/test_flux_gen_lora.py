@@ -62,7 +62,7 @@ def _add_t5_lora(t5, path: str, multiplier: float) -> int:
     return added
 
 
-def _oracle(folder: str, loras: list[tuple[str, float]]) -> torch.Tensor:
+def _oracle(folder: str, loras: list[tuple[str, float]], guidance: float | None = GUIDANCE) -> torch.Tensor:
     """FluxPipeline's packed final latents for PROMPT with ``loras`` ((file, multiplier), ...) loaded.
 
     One LoRA: its scale given as ``joint_attention_kwargs={"scale": m}`` (transformer and CLIP-L); several:
@@ -78,8 +78,9 @@ def _oracle(folder: str, loras: list[tuple[str, float]]) -> torch.Tensor:
         kwargs["joint_attention_kwargs"] = {"scale": loras[0][1]}
     elif loras:
         pipe.set_adapters(names, adapter_weights=[mul for _, mul in loras])
-    return pipe(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
-                max_sequence_length=512, generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent",
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    return pipe(prompt=PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, max_sequence_length=512, generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent",
                 **kwargs).images
 
 
@@ -93,8 +94,10 @@ def _gen_latents(monkeypatch, tmp_path, argv: list[str], prompt: str | None = No
         return decode(self, latents)
 
     monkeypatch.setattr(FluxGenerator, "decode", recording)
-    common = ["--W", str(SIZE), "--H", str(SIZE), "--steps", str(STEPS), "--guidance_scale", str(GUIDANCE),
-              "--seed", str(SEED), "--outdir", str(tmp_path / "out")]
+    common = ["--W", str(SIZE), "--H", str(SIZE), "--steps", str(STEPS), "--seed", str(SEED), "--outdir",
+              str(tmp_path / "out")]
+    if "schnell" not in argv[1]:
+        common += ["--guidance_scale", str(GUIDANCE)]
     source = ["--prompt", PROMPT] if prompt is None else []
     gen_img.main([*argv, *source, *common])
     return seen
@@ -123,6 +126,15 @@ def test_lora_equals_flux_pipeline(tiny_flux, loras, monkeypatch, tmp_path, mode
     want = _oracle(folder, [(loras[0], mul)])
     _close(got, want)
     assert (want - _oracle(folder, [])).abs().max() > 1e-3  # the LoRA changes the image
+
+
+def test_schnell(tiny_flux, loras, monkeypatch, tmp_path):
+    """The dev file has no guidance-embedder modules, so it fits schnell (same widths); T5 length 512 given."""
+    folder = str(tiny_flux["schnell"]["diffusers"])
+    (got,) = _gen_latents(monkeypatch, tmp_path, ["--ckpt", folder, "--network_module", "networks.lora_flux",
+                                                  "--network_weights", loras[0], "--network_mul", "0.9",
+                                                  "--t5xxl_max_token_length", "512"])
+    _close(got, _oracle(folder, [(loras[0], 0.9)], guidance=None))
 
 
 def test_two_networks_and_prompt_multipliers(tiny_flux, loras, monkeypatch, tmp_path):
