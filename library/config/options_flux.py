@@ -5,7 +5,7 @@ carry them) and refused in one line when set (library/training/runners/flux_chec
 from __future__ import annotations
 
 from library.config.options_common import Container, section
-from library.config.ranges import above, at_least, ranged
+from library.config.ranges import Range, above, at_least, ranged
 
 FLUX_SCRIPT = "flux_train_network"
 FLUX_DESCRIPTION = "Train a FLUX.1 LoRA (networks.lora_flux) on FLUX.1 dev or schnell."
@@ -28,11 +28,15 @@ def add_dit_training_arguments(parser: Container) -> None:
                    choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"],
                    help="timestep density of --timestep_sampling sigma (logit_normal, mode; uniform = none) and "
                         "the loss weight of --model_prediction_type sigma_scaled (sigma_sqrt, cosmap)")
-    g.add_argument("--logit_mean", type=float, default=0.0, help="mean of the logit_normal weighting scheme")
-    g.add_argument("--logit_std", type=float, default=1.0, help="std of the logit_normal weighting scheme")
-    g.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode weighting scheme")
-    g.add_argument("--blocks_to_swap", type=int, default=None,
-                   help="swap this many transformer blocks to the CPU (not supported for FLUX.1 here yet: refused)")
+    ranged(g.add_argument("--logit_mean", type=float, default=0.0, help="mean of the logit_normal weighting scheme"),
+           Range(note="any mean"))
+    ranged(g.add_argument("--logit_std", type=float, default=1.0, help="std of the logit_normal weighting scheme"),
+           above(0))
+    ranged(g.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode weighting scheme"),
+           Range(note="any scale (0 = uniform)"))
+    ranged(g.add_argument("--blocks_to_swap", type=int, default=None,
+                          help="swap this many transformer blocks to the CPU (not supported for FLUX.1 here yet: "
+                               "refused)"), at_least(0))
 
 
 def add_flux_train_arguments(parser: Container) -> None:
@@ -51,9 +55,10 @@ def add_flux_train_arguments(parser: Container) -> None:
                           help="T5-XXL token length (default: 512 for dev, 256 for schnell)"), at_least(1))
     g.add_argument("--apply_t5_attn_mask", action="store_true",
                    help="mask T5-XXL padding in the T5 encoder and in the transformer's attention")
-    g.add_argument("--guidance_scale", type=float, default=3.5,
-                   help="guidance value fed to FLUX.1 dev (a guidance-distilled model) while training "
-                        "(default: 3.5; sd-scripts' docs use 1.0); schnell has no guidance input")
+    ranged(g.add_argument("--guidance_scale", type=float, default=3.5,
+                          help="guidance value fed to FLUX.1 dev (a guidance-distilled model) while training "
+                               "(default: 3.5; sd-scripts' docs use 1.0); schnell has no guidance input"),
+           at_least(0))
     g.add_argument("--timestep_sampling", choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"],
                    default="sigma",
                    help="how sigma is drawn: sigma (a step of the --discrete_flow_shift schedule, by "

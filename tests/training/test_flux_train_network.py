@@ -272,3 +272,34 @@ def test_bad_inputs_are_one_line(tiny_flux, tiny_sd, data, tmp_path):
         line = _fails(base + extra, tmp_path)
         assert words in line, line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_sd_trainer_names_flux_trainer(tiny_flux, data, tmp_path):
+    for model in (tiny_flux["dev"]["transformer"], tiny_flux["dev"]["diffusers"]):  # the folder looks SDXL-like
+        argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir",
+                str(tmp_path / "o"), "--network_module", "networks.lora"]
+        proc = subprocess.run([sys.executable, str(ROOT / "train_network.py"), *argv], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 2 and "is a FLUX.1 model; train_network.py trains Stable Diffusion: use " \
+            "flux_train_network.py" in proc.stderr, proc.stderr
+
+
+def test_network_weights_continue_and_wrong_family(tiny_flux, tiny_sd, data, tmp_path):
+    """--network_weights: a FLUX LoRA continues (dim_from_weights), an SD LoRA is refused before loading."""
+    first = tmp_path / "first"
+    flux_train_network.main(run_args(tiny_flux["dev"], data, first, 2))
+    second = tmp_path / "second"
+    flux_train_network.main(run_args(tiny_flux["dev"], data, second, 2, "--network_weights",
+                                     str(first / "lora.safetensors"), "--dim_from_weights", "--learning_rate", "0"))
+    a, b = load_file(str(first / "lora.safetensors")), load_file(str(second / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # learning rate 0: loaded as is
+    import train_network
+
+    sd_lora = tmp_path / "sd"
+    train_network.main(["--pretrained_model_name_or_path", str(tiny_sd["sd1"]["safetensors"]), "--train_data_dir",
+                        str(data), "--resolution", "64", "--output_dir", str(sd_lora), "--output_name", "lora",
+                        "--network_module", "networks.lora", "--max_train_steps", "1", "--seed", "1",
+                        "--max_data_loader_n_workers", "0"])
+    line = _fails(run_args(tiny_flux["dev"], data, tmp_path / "x", 2, "--network_weights",
+                           str(sd_lora / "lora.safetensors")), tmp_path)
+    assert "--network_weights" in line and "SD1" in line, line

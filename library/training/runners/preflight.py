@@ -22,6 +22,7 @@ from library.config.options_flux import FLUX_SCRIPT
 from library.config.ranges import check_ranges
 from library.errors import UserError
 from library.models.checkpoint_io import CheckpointReader
+from library.models.flux_loading import is_flux
 from library.models.loading import check_family_flags, peek_family
 from library.training.loop.state_checks import check_rng_file, read_train_state
 from library.training.optim.lr_schedules import check_scheduler
@@ -73,6 +74,9 @@ def check_model_inputs(args: argparse.Namespace, script: str) -> Optional[str]:
     _readable(path, "--pretrained_model_name_or_path")
     if script == FLUX_SCRIPT:
         return check_flux_model_inputs(args)
+    if is_flux(path):  # a Diffusers FLUX folder would otherwise pass for SDXL (it has text_encoder_2/)
+        raise UserError(f"--pretrained_model_name_or_path {path} is a FLUX.1 model; {script}.py trains Stable "
+                        "Diffusion: use flux_train_network.py")
     family = peek_family(path)
     if family == "sdxl" and script in SDXL_COUNTERPART:
         raise UserError(f"{path} is an SDXL model; {script}.py trains SD 1.x / 2.x models: use "
