@@ -303,3 +303,25 @@ def test_network_weights_continue_and_wrong_family(tiny_flux, tiny_sd, data, tmp
     line = _fails(run_args(tiny_flux["dev"], data, tmp_path / "x", 2, "--network_weights",
                            str(sd_lora / "lora.safetensors")), tmp_path)
     assert "--network_weights" in line and "SD1" in line, line
+
+
+def test_sample_images_leave_training_unchanged(tiny_flux, data, tmp_path):
+    """--sample_prompts: images at the scheduled steps, sizes floored to 16; the trained weights equal a run
+    without samples (sampling restores the RNG states)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 80 --d 5 --s 2\n# comment\na blue square --w 72 --h 64 --s 1\n")
+    plain, sampled = tmp_path / "plain", tmp_path / "sampled"
+    flux_train_network.main(run_args(tiny_flux["dev"], data, plain, 4))
+    flux_train_network.main(run_args(tiny_flux["dev"], data, sampled, 4, "--sample_prompts", str(prompts),
+                                     "--sample_every_n_steps", "2", "--sample_at_first"))
+    a, b = load_file(str(plain / "lora.safetensors")), load_file(str(sampled / "lora.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from PIL import Image
+
+    names = sorted(p.name for p in (sampled / "sample").iterdir())
+    # before training (sd-scripts names it e000000), steps 2 and 4; x 2 prompts; the seed ends the first's name
+    assert [re.sub(r"_\d{14}", "", n) for n in names] == ["lora_000002_00_5.png", "lora_000002_01.png",
+                                                           "lora_000004_00_5.png", "lora_000004_01.png",
+                                                           "lora_e000000_00_5.png", "lora_e000000_01.png"]
+    sizes = {Image.open(sampled / "sample" / n).size for n in names}
+    assert sizes == {(64, 80), (64, 64)}  # floored to multiples of 16, as upstream

@@ -23,7 +23,6 @@ _REFUSED = {
     "cache_text_encoder_outputs": _NOT_YET, "cache_text_encoder_outputs_to_disk": _NOT_YET,
     "cache_latents_to_disk": _NOT_YET + " (SD latent files would be taken for FLUX ones); --cache_latents works",
     "controlnet_model_name_or_path": "belongs to upstream's flux_train_control_net.py",
-    "sample_prompts": "(sample images during FLUX.1 training) " + _NOT_YET,
     "validation_split": "(validation loss) " + _NOT_YET,
     "dataset_class": _NOT_YET, "base_weights": _NOT_YET,
     "xformers": "is not used by FLUX.1 (PyTorch's attention)", "mem_eff_attn": "is not used by FLUX.1",

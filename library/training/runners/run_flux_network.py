@@ -13,13 +13,16 @@ from library.formats.flux_metadata import flux_training_keys
 from library.models.bundle import SDModels
 from library.models.flux_bundle import FluxModels
 from library.models.flux_loading import load_flux_models
+from library.sampling.flux_pipeline import FluxGenerator
 from library.sampling.flux_text import t5_max_length
+from library.sampling.flux_training_samples import sample_flux_images_for_training
+from library.sampling.prompt_file import load_sample_prompts
 from library.training.methods.flux_network import FluxNetworkMethod
 from library.training.objective.flow_matching import FlowMatchingConfig
 from library.training.runners.dry_run import report
 from library.training.runners.flux_checks import FLUX_NETWORK_MODULE, reject_flux_options
 from library.training.runners.recipe import RecipeRun, run_recipe
-from library.training.runners.run_common import build_data
+from library.training.runners.run_common import build_data, make_sample_hook
 from library.training.runners.run_network import NetworkRecipe, _metadata_fn
 from library.training.settings import TrainSettings
 from networks.network_host import NetworkHost
@@ -85,8 +88,21 @@ class FluxNetworkRecipe(NetworkRecipe):
     def text_encoder_cache(self, run: RecipeRun) -> Optional[Callable]:
         return None  # --cache_text_encoder_outputs is refused for FLUX.1 (flux_checks.py)
 
-    def sample_hook(self, run: RecipeRun):
-        return None  # --sample_prompts is refused for FLUX.1 (flux_checks.py)
+    def sample_hook(self, run: RecipeRun) -> Optional[Callable[[Optional[int], int], None]]:
+        """``--sample_prompts``: FLUX.1 images through the training models (LoRA applied), or None."""
+        args, acc = run.args, run.acc
+        if not args.sample_prompts:
+            return make_sample_hook(args, run.models, acc, run.wdtype)  # None, or the error for a lone schedule
+        prompts = load_sample_prompts(args.sample_prompts, args.sample_sampler)
+        generator = FluxGenerator(self.flux, acc.device, t5_max_length=self._t5_length(args),
+                                  apply_t5_attn_mask=args.apply_t5_attn_mask, progress=False)
+
+        def sample(epoch: Optional[int], steps: int) -> None:
+            sample_flux_images_for_training(generator, prompts[acc.process_index::acc.num_processes],
+                                            output_dir=args.output_dir or ".", output_name=args.output_name,
+                                            epoch=epoch, steps=steps)
+
+        return sample
 
     def make_method(self, run: RecipeRun, host: NetworkHost, train_unet: bool, train_te: bool):
         args, settings = run.args, run.settings
