@@ -325,3 +325,16 @@ def test_sample_images_leave_training_unchanged(tiny_flux, data, tmp_path):
                                                            "lora_e000000_00_5.png", "lora_e000000_01.png"]
     sizes = {Image.open(sampled / "sample" / n).size for n in names}
     assert sizes == {(64, 80), (64, 64)}  # floored to multiples of 16, as upstream
+
+
+def test_wrapper_class_bf16_and_t5_lora(tiny_flux, data, tmp_path):
+    """sd-scripts' ``FluxNetworkTrainer().train(args)``; bf16 with the LoRA in bf16, gradient checkpointing, and a
+    T5-XXL LoRA (``train_t5xxl``) next to CLIP-L's."""
+    out = tmp_path / "out"
+    args = flux_train_network.setup_parser().parse_args(run_args(
+        tiny_flux["dev"], data, out, 2, "--mixed_precision", "bf16", "--full_bf16", "--gradient_checkpointing",
+        "--save_precision", "bf16", "--network_args", "train_t5xxl=True"))
+    flux_train_network.FluxNetworkTrainer().train(args)
+    weights = load_file(str(out / "lora.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert any(k.startswith("lora_te3_") for k in weights) and any(k.startswith("lora_te1_") for k in weights)
