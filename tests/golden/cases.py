@@ -95,9 +95,30 @@ def run_case(name: str, tmp: Path) -> dict[str, list]:
     return fingerprint(Path(argv[argv.index("--output_dir") + 1]) / saved, tmp)
 
 
+def _cpu_kernel_facts() -> dict:
+    """What picks oneDNN / MKL kernels beyond torch's capability name: AVX-512 and AMX always report "AVX512",
+    yet an AMX part and an older AVX-512 part block matmuls differently and round differently (a CI run on
+    another part failed here bit for bit while matching to 1e-6)."""
+    facts = {"model": "", "cache_size": "", "isa": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return facts
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name" and not facts["model"]:
+            facts["model"] = value
+        elif key == "cache size" and not facts["cache_size"]:
+            facts["cache_size"] = value
+        elif key == "flags" and not facts["isa"]:
+            facts["isa"] = sorted(f for f in value.split() if f.startswith(("avx512", "amx", "avx_vnni")))
+    return facts
+
+
 def machine() -> dict:
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), **_cpu_kernel_facts()}
 
 
 def main() -> None:

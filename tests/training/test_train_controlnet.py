@@ -100,14 +100,21 @@ def test_saved_controlnet_gives_equal_outputs_in_diffusers_and_gen_img(trained, 
     g = torch.Generator().manual_seed(0)
     x, ctx, hint = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.rand(2, 3, 64, 64)
     t = torch.tensor([10, 500])
-    outs = []
+    outs, weights_seen = [], []
     for model in (ControlNetModel.from_single_file(str(ldm_path), config=str(folder), local_files_only=True),
                   load_control_net(str(ldm_path), unet), load_control_net(str(folder), unet)):
+        weights_seen.append(model.state_dict())
         with torch.no_grad():
             down, mid = model.eval()(x, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
         outs.append(torch.cat([d.flatten() for d in down] + [mid.flatten()]))
     assert outs[0].abs().max() > 0
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    # the same weights bit for bit; outputs to float32 rounding (a tensor's memory layout may pick another CPU
+    # kernel on some parts: a CI machine differed in the last bits between the file and the folder)
+    for other in weights_seen[1:]:
+        assert other.keys() == weights_seen[0].keys()
+        assert all(torch.equal(other[k], weights_seen[0][k]) for k in other)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(outs[0], outs[2], rtol=1e-5, atol=1e-7)
     # gen_img: the LDM file and the Diffusers folder draw the same image, and the ControlNet changes it
     Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3))).save(tmp_path / "h.png")
     base = ["--ckpt", str(tiny_sd["sd1"]["safetensors"]), "--W", "64", "--H", "64", "--steps", "3", "--seed", "7",
@@ -117,7 +124,7 @@ def test_saved_controlnet_gives_equal_outputs_in_diffusers_and_gen_img(trained, 
               for name, path in (("a", ldm_path), ("b", folder))]
     plain = gen_img.main(["--ckpt", str(tiny_sd["sd1"]["safetensors"]), "--W", "64", "--H", "64", "--steps", "3",
                           "--seed", "7", "--prompt", "a square", "--outdir", str(tmp_path / "c")])
-    assert np.array_equal(images[0], images[1])
+    assert np.abs(images[0] - images[1]).max() <= 1  # 8-bit pixels of float32-equal images
     assert np.abs(images[0] - np.asarray(Image.open(plain[0]), dtype=np.int16)).max() > 0
 
 
