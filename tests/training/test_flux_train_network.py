@@ -245,7 +245,9 @@ def _fails(argv, tmp_path) -> str:
     proc = subprocess.run([sys.executable, str(ROOT / "flux_train_network.py"), *argv], capture_output=True,
                           text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    # log lines (dataset scan) may come first; the error itself is one line
+    lines = [ln for ln in proc.stderr.strip().splitlines()
+             if ln.strip() and not re.match(r"[\d:]+ (INFO|WARNING) ", ln)]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "loading FLUX.1" not in proc.stderr
     return lines[0]
@@ -263,7 +265,7 @@ def test_bad_inputs_are_one_line(tiny_flux, tiny_sd, data, tmp_path):
     assert "--ae" in _fails(wrong_ae, tmp_path)
     for extra, words in ((["--fp8_base", "--mixed_precision", "bf16"], "--fp8_base is not supported for FLUX.1"),
                          (["--blocks_to_swap", "4"], "--blocks_to_swap is not supported"),
-                         (["--cache_text_encoder_outputs"], "--cache_text_encoder_outputs is not supported"),
+                         (["--cache_text_encoder_outputs_to_disk"], "_to_disk is not supported"),
                          (["--model_type", "chroma"], "--model_type chroma"),
                          (["--network_module", "networks.lora"], "networks.lora_flux only"),
                          (["--min_snr_gamma", "5"], "--min_snr_gamma needs an SNR"),
@@ -338,3 +340,18 @@ def test_wrapper_class_bf16_and_t5_lora(tiny_flux, data, tmp_path):
     weights = load_file(str(out / "lora.safetensors"))
     assert {v.dtype for v in weights.values()} == {torch.bfloat16}
     assert any(k.startswith("lora_te3_") for k in weights) and any(k.startswith("lora_te1_") for k in weights)
+
+
+def test_text_encoder_output_cache_trains_as_without(tiny_flux, data, tmp_path):
+    """--cache_text_encoder_outputs (frozen encoders): the same LoRA, tensor for tensor, as encoding every step."""
+    common = ["--network_train_unet_only", "--apply_t5_attn_mask", "--timestep_sampling", "sigmoid"]
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    flux_train_network.main(run_args(tiny_flux["dev"], data, plain, 3, *common))
+    flux_train_network.main(run_args(tiny_flux["dev"], data, cached, 3, *common, "--cache_text_encoder_outputs"))
+    a, b = load_file(str(plain / "lora.safetensors")), load_file(str(cached / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    line = _fails(run_args(tiny_flux["dev"], data, tmp_path / "x", 2, "--cache_text_encoder_outputs"), tmp_path)
+    assert "needs --network_train_unet_only" in line
+    line = _fails(run_args(tiny_flux["dev"], data, tmp_path / "x", 2, "--cache_text_encoder_outputs",
+                           "--network_train_unet_only", "--shuffle_caption"), tmp_path)
+    assert "shuffle_caption" in line, line

@@ -12,6 +12,7 @@ import torch
 
 from library.errors import UserError
 from library.models.bundle import SDModels
+from library.sampling.flux_sampling import FluxConditioning
 from library.sampling.flux_text import encode_flux_prompts
 from library.training.methods.network import NetworkMethod, network_text_encoders
 from library.training.objective.diffusion_step import StepRandom
@@ -20,6 +21,13 @@ from library.training.objective.flux_step import flux_latents, flux_loss
 from library.training.objective.losses import LossConfig
 from library.training.settings import TextSettings
 from networks.network_host import NetworkHost
+
+
+def cached_flux_outputs(cond: FluxConditioning, t5_attention_mask: torch.Tensor) -> dict:
+    """A batch's encoder outputs in the text-encoder cache's slots (library/data/te_cache.py): T5 tokens as
+    ``hidden_state1``, T5's attention mask as ``hidden_state2``, CLIP-L's pooled vector as ``pool2``."""
+    return {"hidden_state1": cond.t5.float().cpu(), "hidden_state2": t5_attention_mask.cpu(),
+            "pool2": cond.pooled.float().cpu()}
 
 
 class FluxNetworkMethod(NetworkMethod):
@@ -44,11 +52,20 @@ class FluxNetworkMethod(NetworkMethod):
         m, dev = self.models, self.acc.device
         self._set_batch_multiplier(batch)
         self.host.on_step_start(network_text_encoders(m), m.unet)
-        clip_l, t5xxl = m.text_encoders
-        grad_te = self.train_text_encoder and torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad_te), self.acc.autocast():
-            cond = encode_flux_prompts(clip_l, t5xxl, self.tokenizers, batch["captions"], self.t5_max_length,
-                                       self.apply_t5_attn_mask)
+        cond = self._conditioning(batch)
         latents = flux_latents(batch, m.vae, dev, self.weight_dtype, rand.generator)
         with self.acc.autocast():
             return flux_loss(m.unet, latents, cond, batch, self.flow, self.loss_cfg, rand, self.guidance_embeds)
+
+    def _conditioning(self, batch: dict) -> FluxConditioning:
+        """Cached outputs (``cached_flux_outputs``) when the batch carries them, else CLIP-L + T5 on its captions."""
+        dev = self.acc.device
+        if batch.get("text_encoder_outputs1_list") is not None:
+            mask = batch["text_encoder_outputs2_list"].to(dev) if self.apply_t5_attn_mask else None
+            return FluxConditioning(pooled=batch["text_encoder_pool2_list"].to(dev),
+                                    t5=batch["text_encoder_outputs1_list"].to(dev), t5_mask=mask)
+        clip_l, t5xxl = self.models.text_encoders
+        grad_te = self.train_text_encoder and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad_te), self.acc.autocast():
+            return encode_flux_prompts(clip_l, t5xxl, self.tokenizers, batch["captions"], self.t5_max_length,
+                                       self.apply_t5_attn_mask)

@@ -20,7 +20,7 @@ _REFUSED = {
     "model_type": None,  # checked by value below
     "fp8_base": _NOT_YET, "fp8_base_unet": _NOT_YET, "blocks_to_swap": _NOT_YET,
     "split_mode": "is deprecated upstream (--blocks_to_swap, which " + _NOT_YET + ")",
-    "cache_text_encoder_outputs": _NOT_YET, "cache_text_encoder_outputs_to_disk": _NOT_YET,
+    "cache_text_encoder_outputs_to_disk": _NOT_YET + " (--cache_text_encoder_outputs in memory works)",
     "cache_latents_to_disk": _NOT_YET + " (SD latent files would be taken for FLUX ones); --cache_latents works",
     "controlnet_model_name_or_path": "belongs to upstream's flux_train_control_net.py",
     "validation_split": "(validation loss) " + _NOT_YET,
@@ -51,6 +51,9 @@ def reject_flux_options(args: argparse.Namespace) -> None:
     if module not in (None, FLUX_NETWORK_MODULE):
         raise UserError(f"--network_module {module}: flux_train_network.py trains {FLUX_NETWORK_MODULE} only "
                         "(other network modules are not supported for FLUX.1 yet)")
+    if getattr(args, "cache_text_encoder_outputs", False) and not getattr(args, "network_train_unet_only", False):
+        raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (a trained CLIP-L with a "
+                        "cached T5-XXL is not supported yet)")
     if getattr(args, "loss_type", "l2") != "l2" and getattr(args, "huber_schedule", "snr") == "snr":
         raise UserError("--huber_schedule snr is not supported for FLUX.1 (no SNR in flow matching): "
                         "use exponential or constant")

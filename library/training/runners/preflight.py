@@ -188,7 +188,8 @@ def check_packages(args: argparse.Namespace, script: str) -> None:
     check_scheduler(args.lr_scheduler, getattr(args, "lr_scheduler_type", ""),
                     getattr(args, "lr_scheduler_args", None), args.optimizer_type)
     if script in NETWORK_SCRIPTS:
-        import_network_module(args.network_module or (FLUX_NETWORK_MODULE if script == FLUX_SCRIPT else "networks.lora"))
+        default = FLUX_NETWORK_MODULE if script == FLUX_SCRIPT else "networks.lora"
+        import_network_module(args.network_module or default)
         parse_network_args(getattr(args, "network_args", None))
     log_with = getattr(args, "log_with", None)
     if log_with in ("wandb", "all"):

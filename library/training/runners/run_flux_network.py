@@ -9,15 +9,16 @@ from typing import Callable, Optional
 import torch
 
 from library.config.options_flux import FLUX_SCRIPT
+from library.data.te_cache import cache_text_encoder_outputs
 from library.formats.flux_metadata import flux_training_keys
 from library.models.bundle import SDModels
 from library.models.flux_bundle import FluxModels
 from library.models.flux_loading import load_flux_models
 from library.sampling.flux_pipeline import FluxGenerator
-from library.sampling.flux_text import t5_max_length
+from library.sampling.flux_text import encode_flux_prompts, t5_max_length
 from library.sampling.flux_training_samples import sample_flux_images_for_training
 from library.sampling.prompt_file import load_sample_prompts
-from library.training.methods.flux_network import FluxNetworkMethod
+from library.training.methods.flux_network import FluxNetworkMethod, cached_flux_outputs
 from library.training.objective.flow_matching import FlowMatchingConfig
 from library.training.runners.dry_run import report
 from library.training.runners.flux_checks import FLUX_NETWORK_MODULE, reject_flux_options
@@ -86,7 +87,25 @@ class FluxNetworkRecipe(NetworkRecipe):
         return t5_max_length(args.t5xxl_max_token_length, self.flux.name)
 
     def text_encoder_cache(self, run: RecipeRun) -> Optional[Callable]:
-        return None  # --cache_text_encoder_outputs is refused for FLUX.1 (flux_checks.py)
+        """--cache_text_encoder_outputs (in memory): every raw caption through CLIP-L and T5-XXL once."""
+        args = run.args
+        if not args.cache_text_encoder_outputs:
+            return None
+        flux, acc = self.flux, run.acc
+        t5_length = self._t5_length(args)
+
+        def encode(captions: list[str]) -> dict:
+            with torch.no_grad(), acc.autocast():
+                cond = encode_flux_prompts(flux.clip_l, flux.t5xxl, flux.tokenizers, captions, t5_length,
+                                           args.apply_t5_attn_mask)
+                mask = flux.tokenizers[1](captions, max_length=t5_length, padding="max_length", truncation=True,
+                                          return_tensors="pt").attention_mask
+            return cached_flux_outputs(cond, mask)
+
+        cache_text_encoder_outputs(run.group, encode, False, acc.is_main_process,
+                                   batch_size=args.text_encoder_batch_size)
+        acc.wait_for_everyone()
+        return encode
 
     def sample_hook(self, run: RecipeRun) -> Optional[Callable[[Optional[int], int], None]]:
         """``--sample_prompts``: FLUX.1 images through the training models (LoRA applied), or None."""
