@@ -77,7 +77,8 @@ def add_flux_train_arguments(parser: Container) -> None:
     g.add_argument("--model_type", type=str, choices=["flux", "chroma"], default="flux",
                    help="flux (default) or chroma (upstream; chroma is refused here)")
     g.add_argument("--fp8_base_unet", action="store_true",
-                   help="keep the transformer in fp8 (not supported for FLUX.1 here yet: refused)")
+                   help="store the transformer's Linear weights in fp8 (T5-XXL stays in the training dtype); "
+                        "needs --mixed_precision fp16 or bf16")
     g.add_argument("--split_mode", action="store_true",
                    help="deprecated upstream (use --blocks_to_swap); refused here")
 

@@ -32,6 +32,8 @@ def call_flux(transformer, packed: torch.Tensor, timesteps: torch.Tensor, cond: 
     """The transformer on packed latents (B, rows * cols, 64); ``timesteps`` in [0, 1000] (diffusers' model takes
     t / 1000 and multiplies by 1000 inside, as BFL's does)."""
     dtype = getattr(transformer, "module", transformer).dtype
+    if dtype.itemsize == 1:  # --fp8_base: fp8 storage, computed in the training dtype (fp8_storage.py)
+        dtype = packed.dtype
     dev = packed.device
     kwargs = None
     if cond.t5_mask is not None:

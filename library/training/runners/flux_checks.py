@@ -18,7 +18,7 @@ _NOT_YET = "is not supported for FLUX.1 training yet"
 # option -> why it is refused (a true flag or a value other than None)
 _REFUSED = {
     "model_type": None,  # checked by value below
-    "fp8_base": _NOT_YET, "fp8_base_unet": _NOT_YET, "blocks_to_swap": _NOT_YET,
+    "blocks_to_swap": _NOT_YET,
     "split_mode": "is deprecated upstream (--blocks_to_swap, which " + _NOT_YET + ")",
     "cache_text_encoder_outputs_to_disk": _NOT_YET + " (--cache_text_encoder_outputs in memory works)",
     "cache_latents_to_disk": _NOT_YET + " (SD latent files would be taken for FLUX ones); --cache_latents works",
@@ -51,6 +51,11 @@ def reject_flux_options(args: argparse.Namespace) -> None:
     if module not in (None, FLUX_NETWORK_MODULE):
         raise UserError(f"--network_module {module}: flux_train_network.py trains {FLUX_NETWORK_MODULE} only "
                         "(other network modules are not supported for FLUX.1 yet)")
+    fp8 = getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False)
+    if fp8 and getattr(args, "sample_prompts", None):
+        raise UserError("--sample_prompts with --fp8_base / --fp8_base_unet " + _NOT_YET)
+    if getattr(args, "fp8_base_unet", False) and getattr(args, "mixed_precision", "no") == "no":
+        raise UserError("--fp8_base_unet needs --mixed_precision fp16 or bf16")
     if getattr(args, "cache_text_encoder_outputs", False) and not getattr(args, "network_train_unet_only", False):
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (a trained CLIP-L with a "
                         "cached T5-XXL is not supported yet)")

@@ -18,6 +18,7 @@ from library.sampling.flux_pipeline import FluxGenerator
 from library.sampling.flux_text import encode_flux_prompts, t5_max_length
 from library.sampling.flux_training_samples import sample_flux_images_for_training
 from library.sampling.prompt_file import load_sample_prompts
+from library.training.memory.fp8_storage import store_in_fp8
 from library.training.methods.flux_network import FluxNetworkMethod, cached_flux_outputs
 from library.training.objective.flow_matching import FlowMatchingConfig
 from library.training.runners.dry_run import report
@@ -79,6 +80,12 @@ class FluxNetworkRecipe(NetworkRecipe):
         flux.ae.to(acc.device, torch.float32 if args.no_half_vae else wdtype)
         for m in (flux.transformer, flux.clip_l, flux.t5xxl):
             m.to(acc.device, wdtype)
+        if args.fp8_base or args.fp8_base_unet:
+            # the transformer's Linear weights in fp8, computed in the training dtype; upstream's --fp8_base also
+            # stores T5-XXL in fp8 (with its own T5 forward patch), here T5-XXL stays in the training dtype
+            count = store_in_fp8(flux.transformer, wdtype)
+            logger.info("--fp8_base: %d transformer weights stored in float8_e4m3fn (T5-XXL stays %s)", count,
+                        str(wdtype).replace("torch.", ""))
         self.flux = flux
         logger.info("FLUX.1 %s loaded; T5-XXL tokens: %d", flux.name, self._t5_length(args))
         return training_view(flux)
