@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from library.data.batch import get_input_ids as tokenize
-from library.data.dataset import WorkerFailure
+from library.data.dataset import WorkerFailure, step_of
 from library.data.transforms import to_tensor
 from library.errors import UserError
 
@@ -99,6 +99,8 @@ class CustomDatasetGroup(Dataset):
         self.num_tokenizers = num_tokenizers
         self.tokenizers: list = []
         self.latent_factor = 8  # set from the VAE by the runner, as for DatasetGroup
+        self._epoch = 0
+        self._step_plan: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -107,10 +109,13 @@ class CustomDatasetGroup(Dataset):
     def __len__(self) -> int:
         return len(self.user)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        index, place = index if isinstance(index, tuple) else (index, None)
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range (0..{len(self) - 1})")
         try:
+            if place is not None and self._step_plan is not None:
+                self.set_current_step(step_of(self._step_plan, self._epoch, place))
             return self.complete(self.user[index])
         except UserError as e:
             if get_worker_info() is None:
@@ -149,7 +154,11 @@ class CustomDatasetGroup(Dataset):
 
     # ---- what the loop and the runners call on a dataset group
     def set_current_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
         self.user.set_current_epoch(epoch)
+
+    def set_step_plan(self, batches_per_epoch: int, grad_accum: int) -> None:
+        self._step_plan = (batches_per_epoch, grad_accum)
 
     def set_current_step(self, step: int) -> None:
         if hasattr(self.user, "set_current_step"):

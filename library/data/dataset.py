@@ -8,7 +8,10 @@ spec dataset-config §1 (datasets and seed), §7.5 (batches and epochs), §11 (b
   ``set_current_step`` move the shared position. The position lives in a shared-memory tensor, so
   DataLoader workers (persistent or not) see the trainer's updates without sd-scripts' collator trick.
 * Determinism (see ``train_dataset``): a batch is a pure function of (seed, epoch, index), so any
-  number of workers and a resume mid-epoch give bit-identical batches.
+  number of workers and a resume mid-epoch give bit-identical batches. The global step that token warmup
+  reads is derived the same way: the training loader's sampler hands each batch its place in this process's
+  epoch, and ``set_step_plan`` says how places map to optimizer steps (sd-scripts reads a shared counter the
+  loop bumps, which prefetching workers see late).
 * A ``UserError`` in a DataLoader worker (a file that broke after the scan, say) reaches the main
   process as itself, so the user sees the same one ``error:`` line as with ``num_workers=0``; torch
   would re-raise it wrapped in the worker's traceback text (``WorkerFailure``, ``BatchLoader``).
@@ -60,6 +63,7 @@ class DatasetGroup(Dataset):
         self.latent_factor = 8  # pixels per latent cell: set from the VAE (2 ** (levels - 1)) once it is loaded
         # epoch (1-based once training starts), global step, max_train_steps: shared with workers
         self._position = torch.tensor([0, 0, max_train_steps], dtype=torch.int64).share_memory_()
+        self._step_plan: tuple[int, int] | None = None  # (batches per epoch per process, accumulation steps)
         self._ends = []
         total = 0
         for dataset in self.datasets:
@@ -70,12 +74,17 @@ class DatasetGroup(Dataset):
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """Batch ``index`` of the current epoch; ``(index, place)`` from the training sampler also says where
+        the batch falls in this process's epoch, which fixes the global step token warmup reads."""
+        index, place = index if isinstance(index, tuple) else (index, None)
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range (0..{len(self) - 1})")
         which = bisect.bisect_right(self._ends, index)
         local = index - (self._ends[which - 1] if which else 0)
         epoch, step, max_steps = self._position.tolist()
+        if place is not None and self._step_plan is not None:
+            step = self.step_of(epoch, place)
         ctx = ItemContext(epoch, step, max_steps, self.tokenizers, self.max_token_length, self.replacements,
                           self.debug_dataset, self.latent_factor)
         try:
@@ -103,6 +112,16 @@ class DatasetGroup(Dataset):
     def set_current_step(self, step: int) -> None:
         """Global step for token warmup (read when an item is fetched; approximate with workers)."""
         self._position[1] = step
+
+    def set_step_plan(self, batches_per_epoch: int, grad_accum: int) -> None:
+        """How the training loop counts optimizer steps: every ``grad_accum`` batches of a process's epoch and
+        once more for a last partial group (``library/training/loop/train_loop.py``)."""
+        if batches_per_epoch < 1 or grad_accum < 1:
+            raise ValueError(f"step plan needs positive counts, got {batches_per_epoch}, {grad_accum}")
+        self._step_plan = (batches_per_epoch, grad_accum)
+
+    def step_of(self, epoch: int, place: int) -> int:
+        return step_of(self._step_plan, epoch, place)
 
     def set_max_train_steps(self, max_train_steps: int) -> None:
         """Total steps, for ``token_warmup_step`` < 1 given as a fraction (spec §8 step 4)."""
@@ -233,6 +252,13 @@ class WorkerFailure:
         self.error = error
 
 
+def step_of(step_plan: tuple[int, int], epoch: int, place: int) -> int:
+    """Optimizer steps finished before a process's batch ``place`` of 1-based ``epoch`` is used (the step
+    sd-scripts' loop has counted when it fetches that batch), given (batches per epoch, accumulation steps)."""
+    batches, accum = step_plan
+    return max(epoch - 1, 0) * -(-batches // accum) + place // accum
+
+
 class BatchLoader(DataLoader):
     """A DataLoader that raises a worker's ``UserError`` in the main process as the error itself."""
 
@@ -278,9 +304,10 @@ class EpochSampler(Sampler):
             return []
         return [(self.process_index + k * self.num_processes) % total for k in range(len(self))]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """(batch index, place in this process's epoch): the place fixes the batch's global step."""
         start, self._skip = self._skip, 0
-        return iter(self._indices()[start:])
+        return iter([(index, place) for place, index in enumerate(self._indices()) if place >= start])
 
     def __len__(self) -> int:
         return -(-len(self.group) // self.num_processes)

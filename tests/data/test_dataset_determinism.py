@@ -102,3 +102,22 @@ def test_sharded_loaders_cover_the_epoch(params):
         assert_batches_equal(batch, shards[i % 2][i // 2])
     skipped = list(make_dataloader(group, epoch=1, skip=1, process_index=1, num_processes=2))
     assert_batches_equal(skipped[0], shards[1][1])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_token_warmup_follows_the_optimizer_step(tmp_path, workers):
+    """--token_warmup_step: the batch at place p of epoch e sees step (e - 1) * ceil(batches / accum) + p // accum
+    (the count the loop has reached when it takes that batch), with and without prefetching workers."""
+    tags = ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"]
+    folder = make_folder(tmp_path / "1_x", [(64, 64)] * 6, {i: ", ".join(tags) for i in range(6)})
+    subset = SubsetParams(image_dir=str(folder), num_repeats=1, token_warmup_min=1, token_warmup_step=7)
+    group = build([db_params([subset], batch_size=1)], seed=4)
+    batches, accum = len(group), 2
+    group.set_step_plan(batches, accum)
+    loader = make_dataloader(group, num_workers=workers, persistent_workers=workers > 0)
+    for epoch in (1, 2):
+        group.set_current_epoch(epoch)
+        for place, batch in enumerate(loader):
+            step = (epoch - 1) * -(-batches // accum) + place // accum
+            count = min(len(tags), (step * (len(tags) - 1)) // 7 + 1)  # floor(step * (8 - 1) / 7) + 1 by hand
+            assert batch["captions"] == [", ".join(tags[:count])], (epoch, place)

@@ -228,3 +228,19 @@ def test_doc_example_trains_the_full_model_trainers(tiny_sd, tmp_path, monkeypat
     before, after = load_file(str(base)), load_file(str(out / "full.safetensors"))
     unet = [k for k in before if k.startswith("model.diffusion_model.")]
     assert unet and any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in unet)
+
+
+def test_the_class_sees_the_global_step(tiny_sd, tmp_path, monkeypatch, user_module):
+    """set_current_step gets the optimizer step the loop has counted when each batch is taken (token warmup in
+    upstream's datasets reads it): 2 batches per epoch, 3 steps -> 0, 1 in epoch 1 and 2 in epoch 2."""
+    user_module("my_dataset", _doc_example())
+    user_module("step_recorder", "from my_dataset import FolderDataset\nSEEN = []\n\n\n"
+                "class Recording(FolderDataset):\n"
+                "    def set_current_step(self, step):\n"
+                "        SEEN.append(step)\n"
+                "        super().set_current_step(step)\n")
+    monkeypatch.setenv("MY_DATASET_DIR", str(_pngs(tmp_path / "pngs")))
+    seen = importlib.import_module("step_recorder").SEEN
+    train_network.main(_args(tiny_sd["sd1"]["safetensors"], tmp_path / "out", "--max_train_steps", "3",
+                             "--dataset_class", "step_recorder.Recording"))
+    assert seen == [0, 1, 2]

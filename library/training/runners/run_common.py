@@ -190,6 +190,7 @@ def optimizer_and_schedule(args: argparse.Namespace, loop: LoopSettings, params,
                                                  args.use_8bit_adam, args.use_lion_optimizer)
     plan = loop_plan(loop, -(-len(group) // acc.num_processes))
     group.set_max_train_steps(plan.max_train_steps)
+    group.set_step_plan(plan.batches_per_epoch, plan.grad_accum)
     lr_sched = build_lr_scheduler(optimizer, extra.get("lr_scheduler") or args.lr_scheduler, args.lr_warmup_steps,
                                   plan.max_train_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power,
                                   args.lr_scheduler_type, args.lr_scheduler_args, acc.num_processes)
