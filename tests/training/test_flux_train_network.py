@@ -368,3 +368,24 @@ def test_fp8_base_trains_in_bf16(tiny_flux, data, tmp_path):
     flux_train_network.main(run_args(tiny_flux["dev"], data, out, 2, "--fp8_base", "--mixed_precision", "bf16",
                                      "--gradient_checkpointing"))
     assert any(v.abs().sum() > 0 for v in _ups(out / "lora.safetensors").values())
+
+
+def test_base_weights_are_merged_by_hand_formula(tiny_flux, data, tmp_path):
+    """--base_weights: W + multiplier * alpha / rank * up @ down, for a plain layer (single block linear2) and a
+    CLIP-L layer, from the file's own tensors."""
+    first = tmp_path / "first"
+    flux_train_network.main(run_args(tiny_flux["dev"], data, first, 2, "--learning_rate", "1e-2"))
+    lora = load_file(str(first / "lora.safetensors"))
+    p = tiny_flux["dev"]
+    plain, _ = _method(p, model_args(p) + ["--output_dir", str(tmp_path)])
+    merged, flux = _method(p, model_args(p) + ["--output_dir", str(tmp_path), "--base_weights",
+                                               str(first / "lora.safetensors"), "--base_weights_multiplier", "0.7"])
+    for name, layer in (("lora_unet_single_blocks_0_linear2", lambda m: m.unet.single_transformer_blocks[0].proj_out),
+                        ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                         lambda m: next(x for n, x in m.text_encoders[0].named_modules()
+                                        if n.endswith("layers.0.self_attn.q_proj")))):
+        down, up = lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"]
+        scale = float(lora[f"{name}.alpha"]) / down.shape[0]
+        want = layer(plain.models).weight + 0.7 * scale * (up @ down)
+        assert up.abs().sum() > 0
+        torch.testing.assert_close(layer(merged.models).weight, want, rtol=1e-5, atol=1e-6)

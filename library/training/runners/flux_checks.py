@@ -24,7 +24,7 @@ _REFUSED = {
     "cache_latents_to_disk": _NOT_YET + " (SD latent files would be taken for FLUX ones); --cache_latents works",
     "controlnet_model_name_or_path": "belongs to upstream's flux_train_control_net.py",
     "validation_split": "(validation loss) " + _NOT_YET,
-    "dataset_class": _NOT_YET, "base_weights": _NOT_YET,
+    "dataset_class": _NOT_YET,
     "xformers": "is not used by FLUX.1 (PyTorch's attention)", "mem_eff_attn": "is not used by FLUX.1",
     "vae": "is an SD option; FLUX.1 takes its autoencoder from --ae",
     "v2": "is an SD 2.x option", "v_parameterization": "is an SD option (FLUX.1 predicts noise - latents)",

@@ -10,6 +10,7 @@ import torch
 
 from library.config.options_flux import FLUX_SCRIPT
 from library.data.te_cache import cache_text_encoder_outputs
+from library.errors import UserError
 from library.formats.flux_metadata import flux_training_keys
 from library.models.bundle import SDModels
 from library.models.flux_bundle import FluxModels
@@ -49,6 +50,19 @@ def training_view(flux: FluxModels) -> SDModels:
                     tokenizers=[flux.tokenizers[0]], source=flux.source)
 
 
+def merge_base_weights(files: list, multipliers: list, flux: FluxModels) -> None:
+    """--base_weights / --base_weights_multiplier: FLUX.1 LoRAs merged into the loaded (fp32) models first."""
+    if len(multipliers) > len(files):
+        raise UserError("--base_weights_multiplier has more values than --base_weights files")
+    encoders = [flux.clip_l, flux.t5xxl]
+    for i, path in enumerate(files):
+        multiplier = multipliers[i] if i < len(multipliers) else 1.0
+        host = NetworkHost(FLUX_NETWORK_MODULE)
+        host.create_from_weights(multiplier, path, flux.ae, encoders, flux.transformer, for_inference=True)
+        host.merge_to(encoders, flux.transformer, host.weights_sd, torch.float32, "cpu")
+        logger.info("merged base weights %s x %s", path, multiplier)
+
+
 class FluxNetworkRecipe(NetworkRecipe):
     """flux_train_network.py: networks.lora_flux on a frozen FLUX.1."""
 
@@ -77,6 +91,7 @@ class FluxNetworkRecipe(NetworkRecipe):
         for _, m in flux.parts():
             m.requires_grad_(False)
             m.eval()
+        merge_base_weights(args.base_weights or [], args.base_weights_multiplier or [], flux)
         flux.ae.to(acc.device, torch.float32 if args.no_half_vae else wdtype)
         for m in (flux.transformer, flux.clip_l, flux.t5xxl):
             m.to(acc.device, wdtype)
