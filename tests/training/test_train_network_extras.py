@@ -97,8 +97,8 @@ def test_sample_options_need_prompts(tiny_sd, shapes_data, tmp_path, capsys):
     assert e.value.code == 2 and "--sample_prompts" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("opt", [["--dataset_class", "a.B"]])
-def test_unsupported_options_are_rejected_not_ignored(tiny_sd, shapes_data, tmp_path, capsys, opt):
+def test_a_dataset_class_that_cannot_be_imported_is_one_line(tiny_sd, shapes_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "o", 1, *opt))
-    assert e.value.code == 2 and opt[0] in capsys.readouterr().err
+        train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "o", 1,
+                                     "--dataset_class", "a.B"))
+    assert e.value.code == 2 and "--dataset_class" in capsys.readouterr().err
