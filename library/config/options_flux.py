@@ -15,10 +15,11 @@ def add_dit_training_arguments(parser: Container) -> None:
     """upstream's ``train_util.add_dit_training_arguments``."""
     g = section(parser, "DiT training")
     g.add_argument("--cache_text_encoder_outputs", action="store_true",
-                   help="encode every caption with CLIP-L / T5-XXL once, in memory (needs "
+                   help="encode every caption with CLIP-L / T5-XXL once (needs "
                         "--network_train_unet_only; no caption shuffling / dropout)")
     g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
-                   help="cache the text-encoder outputs to disk (not supported for FLUX.1 here yet: refused)")
+                   help="cache the text-encoder outputs in <image>_flux_te_outputs.npz (implies "
+                        "--cache_text_encoder_outputs)")
     ranged(g.add_argument("--text_encoder_batch_size", type=int, default=None,
                           help="text encoder batch size for caching (default: the dataset's batch size)"),
            at_least(1))

@@ -71,12 +71,14 @@ def _as_numpy(value) -> np.ndarray:
 
 
 def cache_text_encoder_outputs(group, encode_fn: TeEncodeFn, to_disk: bool, is_main_process: bool = True,
-                               batch_size: int | None = None, overwrite: bool = False) -> None:
+                               batch_size: int | None = None, overwrite: bool = False,
+                               suffix: str = TE_OUTPUTS_SUFFIX) -> None:
     """Encode the raw caption of every image (no prefix/suffix/processing, §10.1) once.
 
     On disk an existing file is reused without checks, as sd-scripts (``overwrite``: encoded again, as
     tools/cache_text_encoder_outputs.py does without ``--skip_existing``); in memory the arrays are kept
-    on each ``ImageInfo``. ``batch_size`` defaults to each dataset's batch size.
+    on each ``ImageInfo``. ``batch_size`` defaults to each dataset's batch size; ``suffix``: the file name's end
+    (another model family's outputs get their own files: FLUX.1 ``_flux_te_outputs.npz``).
     """
     for dataset in group.datasets:
         check_te_cacheable(dataset.subsets)
@@ -84,7 +86,7 @@ def cache_text_encoder_outputs(group, encode_fn: TeEncodeFn, to_disk: bool, is_m
         todo = []
         for info in dataset.images:
             if to_disk:
-                info.te_outputs_npz = os.path.splitext(info.path)[0] + TE_OUTPUTS_SUFFIX
+                info.te_outputs_npz = os.path.splitext(info.path)[0] + suffix
                 if not is_main_process or (os.path.exists(info.te_outputs_npz) and not overwrite):
                     continue
             elif info.te_outputs is not None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
@@ -271,7 +272,7 @@ def test_bad_inputs_are_one_line(tiny_flux, tiny_sd, data, tmp_path):
     for extra, words in ((["--fp8_base"], "--fp8_base needs --mixed_precision"),
                          (["--blocks_to_swap", "4"], "--blocks_to_swap is not supported"),
                          (["--fp8_base_unet"], "--fp8_base_unet needs --mixed_precision"),
-                         (["--cache_text_encoder_outputs_to_disk"], "_to_disk is not supported"),
+                         (["--cache_latents_to_disk"], "--cache_latents_to_disk is not supported"),
                          (["--model_type", "chroma"], "--model_type chroma"),
                          (["--network_module", "networks.lora"], "networks.lora_flux only"),
                          (["--min_snr_gamma", "5"], "--min_snr_gamma needs an SNR"),
@@ -356,6 +357,22 @@ def test_text_encoder_output_cache_trains_as_without(tiny_flux, data, tmp_path):
     flux_train_network.main(run_args(tiny_flux["dev"], data, cached, 3, *common, "--cache_text_encoder_outputs"))
     a, b = load_file(str(plain / "lora.safetensors")), load_file(str(cached / "lora.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # on disk: <image>_flux_te_outputs.npz (never SDXL's _te_outputs.npz); written, then read back, equal again
+    folder = data / "1_sks shape"
+    for run in ("disk1", "disk2"):
+        flux_train_network.main(run_args(tiny_flux["dev"], data, tmp_path / run, 3, *common,
+                                         "--cache_text_encoder_outputs_to_disk"))
+        c = load_file(str(tmp_path / run / "lora.safetensors"))
+        assert all(torch.equal(a[k], c[k]) for k in a)
+    files = sorted(folder.glob("*_flux_te_outputs.npz"))
+    assert len(files) == 4 and not list(folder.glob("*[0-9]_te_outputs.npz"))
+    assert np.load(files[0])["hidden_state1"].shape == (16, 32)
+    # another T5 length: the files are encoded again
+    flux_train_network.main(run_args(tiny_flux["dev"], data, tmp_path / "disk3", 1, *common,
+                                     "--cache_text_encoder_outputs_to_disk", "--t5xxl_max_token_length", "8"))
+    assert np.load(files[0])["hidden_state1"].shape == (8, 32)
+    for f in files:
+        f.unlink()
     line = _fails(run_args(tiny_flux["dev"], data, tmp_path / "x", 2, "--cache_text_encoder_outputs"), tmp_path)
     assert "needs --network_train_unet_only" in line
     line = _fails(run_args(tiny_flux["dev"], data, tmp_path / "x", 2, "--cache_text_encoder_outputs",

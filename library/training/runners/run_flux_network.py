@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Callable, Optional
 
 import torch
 
 from library.config.options_flux import FLUX_SCRIPT
+from library.data.latent_cache import npz_shapes
 from library.data.te_cache import cache_text_encoder_outputs
 from library.errors import UserError
 from library.formats.flux_metadata import flux_training_keys
@@ -32,6 +34,8 @@ from networks.network_host import NetworkHost
 
 logger = logging.getLogger(__name__)
 
+FLUX_TE_SUFFIX = "_flux_te_outputs.npz"  # not SDXL's _te_outputs.npz: the two must never be taken for each other
+
 
 def flow_config(args: argparse.Namespace) -> FlowMatchingConfig:
     """The FLUX.1 objective options of a run."""
@@ -48,6 +52,20 @@ def training_view(flux: FluxModels) -> SDModels:
     as text encoders; the dataset tokenizes captions with CLIP-L only (the method tokenizes T5 itself)."""
     return SDModels(family="flux", unet=flux.transformer, vae=flux.ae, text_encoders=[flux.clip_l, flux.t5xxl],
                     tokenizers=[flux.tokenizers[0]], source=flux.source)
+
+
+def drop_stale_te_files(group, t5_length: int) -> None:
+    """Remove ``<image>_flux_te_outputs.npz`` files of another T5 token length (re-encoded, as sd-scripts
+    re-caches files that do not fit the run); other files are reused as they are."""
+    stale = 0
+    for dataset in group.datasets:
+        for info in dataset.images:
+            path = os.path.splitext(info.path)[0] + FLUX_TE_SUFFIX
+            if os.path.exists(path) and npz_shapes(path).get("hidden_state1", (None,))[0] != t5_length:
+                os.remove(path)
+                stale += 1
+    if stale:
+        logger.info("%d cached text-encoder files of another T5 token length are encoded again", stale)
 
 
 def merge_base_weights(files: list, multipliers: list, flux: FluxModels) -> None:
@@ -124,8 +142,12 @@ class FluxNetworkRecipe(NetworkRecipe):
                                           return_tensors="pt").attention_mask
             return cached_flux_outputs(cond, mask)
 
-        cache_text_encoder_outputs(run.group, encode, False, acc.is_main_process,
-                                   batch_size=args.text_encoder_batch_size)
+        to_disk = bool(args.cache_text_encoder_outputs_to_disk)
+        if to_disk and acc.is_main_process:
+            drop_stale_te_files(run.group, t5_length)
+        acc.wait_for_everyone()
+        cache_text_encoder_outputs(run.group, encode, to_disk, acc.is_main_process,
+                                   batch_size=args.text_encoder_batch_size, suffix=FLUX_TE_SUFFIX)
         acc.wait_for_everyone()
         return encode
 

@@ -30,6 +30,7 @@ LOSS_LETTERS = {"train_network": "N", "sdxl_train_network": "N", "train_db": "D"
 LOSS_LETTERS.update(train_controlnet="N", sdxl_train_control_net_lllite="N")  # no masked loss: weights are all 1
 LOSS_LETTERS.update(flux_train_network="N")
 SDXL_TE_CACHE_SCRIPTS = ("sdxl_train_network", "sdxl_train", "sdxl_train_control_net_lllite")
+TE_CACHE_SCRIPTS = SDXL_TE_CACHE_SCRIPTS + ("flux_train_network",)  # _to_disk implies the cache
 
 
 def _opt(options: Any, name: str, default: Any = None) -> Any:
@@ -43,7 +44,7 @@ def derived_values(options: Any, script: str, announce_seed: bool = False) -> di
     if _opt(options, "cache_latents_to_disk", False) and not _opt(options, "cache_latents", False):
         logger.info("--cache_latents_to_disk implies --cache_latents")
         out["cache_latents"] = True
-    if script in SDXL_TE_CACHE_SCRIPTS and _opt(options, "cache_text_encoder_outputs_to_disk", False) \
+    if script in TE_CACHE_SCRIPTS and _opt(options, "cache_text_encoder_outputs_to_disk", False) \
             and not _opt(options, "cache_text_encoder_outputs", False):
         logger.info("--cache_text_encoder_outputs_to_disk implies --cache_text_encoder_outputs")
         out["cache_text_encoder_outputs"] = True
