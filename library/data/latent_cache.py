@@ -122,14 +122,15 @@ def check_latent_cacheable(subsets: Iterable) -> None:
 
 
 def cache_latents(group, encode_fn: EncodeFn, vae_batch_size: int, to_disk: bool, is_main_process: bool = True,
-                  skip_existing: bool = False, overwrite: bool = False) -> None:
+                  skip_existing: bool = False, overwrite: bool = False, suffix: str = ".npz") -> None:
     """Encode every image of every dataset of ``group`` once (spec dataset-config §10).
 
     ``to_disk``: ``<image path without ext>.npz`` next to each image, reused when it passes the
     reuse test (``skip_existing`` is accepted for tools/cache_latents.py and means the same);
     ``overwrite`` re-encodes valid files too (that tool without ``--skip_existing``). Without
     ``to_disk`` the latents stay in memory on each ``ImageInfo``. Non-main processes only learn the
-    file names. Fine-tuning images with prepare_buckets_latents npz are left as they are.
+    file names. Fine-tuning images with prepare_buckets_latents npz are left as they are. ``suffix``: the file
+    name's end (FLUX.1's 16-channel latents: ``_flux_latents.npz``, never taken for an SD VAE's).
     """
     del skip_existing  # the reuse test always applies unless overwrite
     for dataset in group.datasets:
@@ -141,7 +142,7 @@ def cache_latents(group, encode_fn: EncodeFn, vae_batch_size: int, to_disk: bool
             if info.latents_npz is not None:
                 continue  # fine-tuning latents from prepare_buckets_latents (§5), or cached before
             if to_disk:
-                info.latents_npz = _npz_path(info)
+                info.latents_npz = os.path.splitext(info.path)[0] + suffix
                 if not is_main_process or (not overwrite and is_cache_valid(
                         info.latents_npz, info.bucket, subset.flip_aug, subset.alpha_mask,
                         getattr(group, "latent_factor", 8))):
@@ -154,10 +155,6 @@ def cache_latents(group, encode_fn: EncodeFn, vae_batch_size: int, to_disk: bool
     batches = _batches(todo, vae_batch_size)
     for batch in tqdm(batches, desc="caching latents", smoothing=1, disable=not batches):
         encode_batch(batch, encode_fn, to_disk)
-
-
-def _npz_path(info: ImageInfo) -> str:
-    return os.path.splitext(info.path)[0] + ".npz"
 
 
 def _batches(todo: list[tuple[ImageInfo, bool, bool]], size: int) -> list[list[tuple[ImageInfo, bool, bool]]]:

@@ -272,7 +272,6 @@ def test_bad_inputs_are_one_line(tiny_flux, tiny_sd, data, tmp_path):
     for extra, words in ((["--fp8_base"], "--fp8_base needs --mixed_precision"),
                          (["--blocks_to_swap", "4"], "--blocks_to_swap is not supported"),
                          (["--fp8_base_unet"], "--fp8_base_unet needs --mixed_precision"),
-                         (["--cache_latents_to_disk"], "--cache_latents_to_disk is not supported"),
                          (["--model_type", "chroma"], "--model_type chroma"),
                          (["--network_module", "networks.lora"], "networks.lora_flux only"),
                          (["--min_snr_gamma", "5"], "--min_snr_gamma needs an SNR"),
@@ -406,3 +405,36 @@ def test_base_weights_are_merged_by_hand_formula(tiny_flux, data, tmp_path):
         want = layer(plain.models).weight + 0.7 * scale * (up @ down)
         assert up.abs().sum() > 0
         torch.testing.assert_close(layer(merged.models).weight, want, rtol=1e-5, atol=1e-6)
+
+
+def test_latent_cache_on_disk_has_its_own_files(tiny_flux, data, tmp_path):
+    """--cache_latents_to_disk: <image>_flux_latents.npz (16 channels), never SD's <image>.npz; the LoRA equals
+    the in-memory cache's, written and then read back."""
+    folder = data / "1_sks shape"
+    memory = tmp_path / "memory"
+    flux_train_network.main(run_args(tiny_flux["dev"], data, memory, 3, "--cache_latents"))
+    a = load_file(str(memory / "lora.safetensors"))
+    for run in ("disk1", "disk2"):
+        flux_train_network.main(run_args(tiny_flux["dev"], data, tmp_path / run, 3, "--cache_latents_to_disk"))
+        b = load_file(str(tmp_path / run / "lora.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    files = sorted(folder.glob("*_flux_latents.npz"))
+    assert len(files) == 4 and not list(folder.glob("[0-9].npz"))
+    assert np.load(files[0])["latents"].shape == (16, 8, 8)
+    for f in files:
+        f.unlink()
+
+
+def test_prepared_sd_latents_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from library.errors import UserError
+    from library.training.runners.run_flux_network import check_prepared_latents
+
+    path = tmp_path / "img.npz"
+    np.savez(path, latents=np.zeros((4, 8, 8), np.float32))
+    group = SimpleNamespace(datasets=[SimpleNamespace(images=[SimpleNamespace(latents_npz=str(path))])])
+    with pytest.raises(UserError, match="latents of 4 channels, FLUX.1's AE makes 16"):
+        check_prepared_latents(group)
+    np.savez(path, latents=np.zeros((16, 8, 8), np.float32))
+    check_prepared_latents(group)

@@ -20,7 +20,6 @@ _REFUSED = {
     "model_type": None,  # checked by value below
     "blocks_to_swap": _NOT_YET,
     "split_mode": "is deprecated upstream (--blocks_to_swap, which " + _NOT_YET + ")",
-    "cache_latents_to_disk": _NOT_YET + " (SD latent files would be taken for FLUX ones); --cache_latents works",
     "controlnet_model_name_or_path": "belongs to upstream's flux_train_control_net.py",
     "validation_split": "(validation loss) " + _NOT_YET,
     "dataset_class": _NOT_YET,

@@ -89,6 +89,10 @@ class Recipe:
         """``--dry_run``: the report of what the run would do; loads no model."""
         return report(args, settings.loop, self.script, sdxl=self.sdxl)
 
+    def cache_latents(self, args: argparse.Namespace, group, models, acc) -> None:
+        """--cache_latents / --cache_latents_to_disk: every image through the VAE once."""
+        cache_latents_if_asked(args, group, models, acc)
+
     def after_load(self, run: RecipeRun) -> None:
         """Once the models are loaded, before the dataset gets its tokenizers (new tokens go here)."""
 
@@ -163,5 +167,5 @@ def _load(args: argparse.Namespace, settings: TrainSettings, recipe: Recipe) -> 
     run = RecipeRun(args, settings, acc, wdtype, models, group)
     recipe.after_load(run)
     attach_tokenizers(args, group, models)
-    cache_latents_if_asked(args, group, models, acc)
+    recipe.cache_latents(args, group, models, acc)
     return run

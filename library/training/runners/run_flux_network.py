@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from library.config.options_flux import FLUX_SCRIPT
-from library.data.latent_cache import npz_shapes
+from library.data.latent_cache import cache_latents, npz_shapes
 from library.data.te_cache import cache_text_encoder_outputs
 from library.errors import UserError
 from library.formats.flux_metadata import flux_training_keys
@@ -27,13 +27,15 @@ from library.training.objective.flow_matching import FlowMatchingConfig
 from library.training.runners.dry_run import report
 from library.training.runners.flux_checks import FLUX_NETWORK_MODULE, reject_flux_options
 from library.training.runners.recipe import RecipeRun, run_recipe
-from library.training.runners.run_common import build_data, make_sample_hook
+from library.training.runners.run_common import build_data, encode_latents_fn, make_sample_hook
 from library.training.runners.run_network import NetworkRecipe, _metadata_fn
 from library.training.settings import TrainSettings
 from networks.network_host import NetworkHost
 
 logger = logging.getLogger(__name__)
 
+FLUX_LATENT_CHANNELS = 16
+FLUX_LATENTS_SUFFIX = "_flux_latents.npz"  # 16 channels: never SD's <image>.npz
 FLUX_TE_SUFFIX = "_flux_te_outputs.npz"  # not SDXL's _te_outputs.npz: the two must never be taken for each other
 
 
@@ -52,6 +54,19 @@ def training_view(flux: FluxModels) -> SDModels:
     as text encoders; the dataset tokenizes captions with CLIP-L only (the method tokenizes T5 itself)."""
     return SDModels(family="flux", unet=flux.transformer, vae=flux.ae, text_encoders=[flux.clip_l, flux.t5xxl],
                     tokenizers=[flux.tokenizers[0]], source=flux.source)
+
+
+def check_prepared_latents(group) -> None:
+    """Latent files a fine-tuning metadata set names (prepare_buckets_latents.py) must be the FLUX.1 AE's 16
+    channels: an SD VAE's 4-channel latents are one line now, not a shape error in the transformer."""
+    for dataset in group.datasets:
+        for info in dataset.images:
+            if info.latents_npz is not None:
+                channels = npz_shapes(info.latents_npz).get("latents", (None,))[0]
+                if channels != FLUX_LATENT_CHANNELS:
+                    raise UserError(f"{info.latents_npz}: latents of {channels} channels, FLUX.1's AE makes "
+                                    f"{FLUX_LATENT_CHANNELS}: these were cached for another model; delete them or "
+                                    "leave them out of the metadata")
 
 
 def drop_stale_te_files(group, t5_length: int) -> None:
@@ -97,7 +112,18 @@ class FluxNetworkRecipe(NetworkRecipe):
         flow_config(args)  # a bad choice from a config file is one line now
 
     def build_data(self, args: argparse.Namespace):
-        return build_data(args, self.script, sdxl=True)[0]  # bucket steps of 32, as sd-scripts' FLUX trainer
+        group = build_data(args, self.script, sdxl=True)[0]  # bucket steps of 32, as sd-scripts' FLUX trainer
+        check_prepared_latents(group)
+        return group
+
+    def cache_latents(self, args: argparse.Namespace, group, models: SDModels, acc) -> None:
+        """--cache_latents in memory, or --cache_latents_to_disk as ``<image>_flux_latents.npz``."""
+        if not args.cache_latents:
+            return
+        with torch.no_grad():
+            cache_latents(group, encode_latents_fn(models, acc, args), args.vae_batch_size,
+                          args.cache_latents_to_disk, acc.is_main_process, suffix=FLUX_LATENTS_SUFFIX)
+        acc.wait_for_everyone()
 
     def dry_run(self, args: argparse.Namespace, settings: TrainSettings) -> None:
         return report(args, settings.loop, self.script, sdxl=True, family="flux")
