@@ -15,8 +15,8 @@ def add_dit_training_arguments(parser: Container) -> None:
     """upstream's ``train_util.add_dit_training_arguments``."""
     g = section(parser, "DiT training")
     g.add_argument("--cache_text_encoder_outputs", action="store_true",
-                   help="encode every caption with CLIP-L / T5-XXL once (needs "
-                        "--network_train_unet_only; no caption shuffling / dropout)")
+                   help="encode every caption with T5-XXL (and a frozen CLIP-L) once; no caption shuffling / "
+                        "dropout; not with a T5-XXL LoRA")
     g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
                    help="cache the text-encoder outputs in <image>_flux_te_outputs.npz (implies "
                         "--cache_text_encoder_outputs)")

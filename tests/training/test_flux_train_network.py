@@ -372,8 +372,9 @@ def test_text_encoder_output_cache_trains_as_without(tiny_flux, data, tmp_path):
     assert np.load(files[0])["hidden_state1"].shape == (8, 32)
     for f in files:
         f.unlink()
-    line = _fails(run_args(tiny_flux["dev"], data, tmp_path / "x", 2, "--cache_text_encoder_outputs"), tmp_path)
-    assert "needs --network_train_unet_only" in line
+    line = _fails(run_args(tiny_flux["dev"], data, tmp_path / "x", 2, "--cache_text_encoder_outputs",
+                           "--network_args", "train_t5xxl=True"), tmp_path)
+    assert "cannot be used when T5-XXL trains" in line
     line = _fails(run_args(tiny_flux["dev"], data, tmp_path / "x", 2, "--cache_text_encoder_outputs",
                            "--network_train_unet_only", "--shuffle_caption"), tmp_path)
     assert "shuffle_caption" in line, line
@@ -438,3 +439,15 @@ def test_prepared_sd_latents_are_refused(tmp_path):
         check_prepared_latents(group)
     np.savez(path, latents=np.zeros((16, 8, 8), np.float32))
     check_prepared_latents(group)
+
+
+def test_cached_t5_with_trained_clip_l_trains_as_without(tiny_flux, data, tmp_path):
+    """--cache_text_encoder_outputs while CLIP-L trains (upstream's documented command): T5-XXL's outputs from the
+    cache, CLIP-L run every step with its LoRA; the same LoRA, tensor for tensor, as encoding both every step."""
+    common = ["--apply_t5_attn_mask", "--timestep_sampling", "sigmoid"]
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    flux_train_network.main(run_args(tiny_flux["dev"], data, plain, 3, *common))
+    flux_train_network.main(run_args(tiny_flux["dev"], data, cached, 3, *common, "--cache_text_encoder_outputs"))
+    a, b = load_file(str(plain / "lora.safetensors")), load_file(str(cached / "lora.safetensors"))
+    assert any(k.startswith("lora_te1_") for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

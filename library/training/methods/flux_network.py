@@ -13,7 +13,7 @@ import torch
 from library.errors import UserError
 from library.models.bundle import SDModels
 from library.sampling.flux_sampling import FluxConditioning
-from library.sampling.flux_text import encode_flux_prompts
+from library.sampling.flux_text import CLIP_MAX_LENGTH, encode_flux_prompts
 from library.training.methods.network import NetworkMethod, network_text_encoders
 from library.training.objective.diffusion_step import StepRandom
 from library.training.objective.flow_matching import FlowMatchingConfig
@@ -60,12 +60,17 @@ class FluxNetworkMethod(NetworkMethod):
     def _conditioning(self, batch: dict) -> FluxConditioning:
         """Cached outputs (``cached_flux_outputs``) when the batch carries them, else CLIP-L + T5 on its captions."""
         dev = self.acc.device
-        if batch.get("text_encoder_outputs1_list") is not None:
-            mask = batch["text_encoder_outputs2_list"].to(dev) if self.apply_t5_attn_mask else None
-            return FluxConditioning(pooled=batch["text_encoder_pool2_list"].to(dev),
-                                    t5=batch["text_encoder_outputs1_list"].to(dev), t5_mask=mask)
         clip_l, t5xxl = self.models.text_encoders
         grad_te = self.train_text_encoder and torch.is_grad_enabled()
+        if batch.get("text_encoder_outputs1_list") is not None:
+            mask = batch["text_encoder_outputs2_list"].to(dev) if self.apply_t5_attn_mask else None
+            pooled = batch["text_encoder_pool2_list"].to(dev)
+            if self.train_text_encoder:  # CLIP-L trains: only T5-XXL's outputs are taken from the cache
+                ids = self.tokenizers[0](list(batch["captions"]), max_length=CLIP_MAX_LENGTH, padding="max_length",
+                                         truncation=True, return_tensors="pt").input_ids
+                with torch.set_grad_enabled(grad_te), self.acc.autocast():
+                    pooled = clip_l(ids.to(clip_l.device)).pooler_output
+            return FluxConditioning(pooled=pooled, t5=batch["text_encoder_outputs1_list"].to(dev), t5_mask=mask)
         with torch.set_grad_enabled(grad_te), self.acc.autocast():
             return encode_flux_prompts(clip_l, t5xxl, self.tokenizers, batch["captions"], self.t5_max_length,
                                        self.apply_t5_attn_mask)

@@ -10,6 +10,7 @@ from library.errors import UserError
 from library.models.flux_loading import is_flux
 from library.models.flux_preflight import check_flux_parts
 from library.models.loading import peek_family
+from networks.network_host import parse_network_args
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,11 @@ def reject_flux_options(args: argparse.Namespace) -> None:
         raise UserError("--sample_prompts with --fp8_base / --fp8_base_unet " + _NOT_YET)
     if getattr(args, "fp8_base_unet", False) and getattr(args, "mixed_precision", "no") == "no":
         raise UserError("--fp8_base_unet needs --mixed_precision fp16 or bf16")
-    if getattr(args, "cache_text_encoder_outputs", False) and not getattr(args, "network_train_unet_only", False):
-        raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (a trained CLIP-L with a "
-                        "cached T5-XXL is not supported yet)")
+    t5_trains = parse_network_args(getattr(args, "network_args", None)).get("train_t5xxl") == "True"
+    if getattr(args, "cache_text_encoder_outputs", False) and t5_trains \
+            and not getattr(args, "network_train_unet_only", False):
+        raise UserError("--cache_text_encoder_outputs cannot be used when T5-XXL trains (network_args train_t5xxl), "
+                        "as in sd-scripts")
     if getattr(args, "loss_type", "l2") != "l2" and getattr(args, "huber_schedule", "snr") == "snr":
         raise UserError("--huber_schedule snr is not supported for FLUX.1 (no SNR in flow matching): "
                         "use exponential or constant")

@@ -175,6 +175,12 @@ class FluxNetworkRecipe(NetworkRecipe):
         cache_text_encoder_outputs(run.group, encode, to_disk, acc.is_main_process,
                                    batch_size=args.text_encoder_batch_size, suffix=FLUX_TE_SUFFIX)
         acc.wait_for_everyone()
+        if not args.network_train_unet_only:
+            # CLIP-L trains and runs every step (the method takes only T5's outputs from the cache): T5-XXL alone
+            # leaves the device; the runner's parking of both encoders is for frozen ones
+            flux.t5xxl.to("cpu")
+            logger.info("T5-XXL kept in CPU memory while training (outputs cached); CLIP-L trains")
+            return None
         return encode
 
     def sample_hook(self, run: RecipeRun) -> Optional[Callable[[Optional[int], int], None]]:
