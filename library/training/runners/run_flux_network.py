@@ -153,7 +153,7 @@ class FluxNetworkRecipe(NetworkRecipe):
         return t5_max_length(args.t5xxl_max_token_length, self.flux.name)
 
     def text_encoder_cache(self, run: RecipeRun) -> Optional[Callable]:
-        """--cache_text_encoder_outputs (in memory): every raw caption through CLIP-L and T5-XXL once."""
+        """--cache_text_encoder_outputs(_to_disk): every raw caption through CLIP-L and T5-XXL once."""
         args = run.args
         if not args.cache_text_encoder_outputs:
             return None
