@@ -451,3 +451,25 @@ def test_cached_t5_with_trained_clip_l_trains_as_without(tiny_flux, data, tmp_pa
     a, b = load_file(str(plain / "lora.safetensors")), load_file(str(cached / "lora.safetensors"))
     assert any(k.startswith("lora_te1_") for k in a) and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_loss_is_deterministic_and_leaves_training_unchanged(tiny_flux, tmp_path):
+    """validation_split: fixed noise and sigma = t / 1000 at the validator's 5 bands; the training losses and
+    weights equal a run without validation, and a pass gives the same number for the same weights."""
+    from tests.training.test_validation_loss import _scalars
+
+    data = make_shapes_folder(tmp_path / "data", repeats=1, n=5)
+    runs = {}
+    for name, extra in (("plain", ["--validate_every_n_epochs", "1000"]), ("val", ["--validate_every_n_steps", "1"]),
+                        ("val2", ["--validate_every_n_steps", "2"])):
+        out = tmp_path / name
+        flux_train_network.main(run_args(tiny_flux["dev"], data, out, 4, "--validation_split", "0.4", *extra,
+                                         "--logging_dir", str(tmp_path / f"log_{name}")))
+        runs[name] = (load_file(str(out / "lora.safetensors")), _scalars(tmp_path / f"log_{name}"))
+    plain, val, val2 = runs["plain"], runs["val"], runs["val2"]
+    assert plain[1]["loss/current"] == val[1]["loss/current"]
+    assert all(torch.equal(t, val[0][k]) for k, t in plain[0].items())
+    assert [s for s, _ in val[1]["loss/validation"]] == [1, 2, 3, 4]
+    assert dict(val2[1]["loss/validation"]) == {s: v for s, v in val[1]["loss/validation"] if s % 2 == 0}
+    bands = sorted(t for t in val[1] if t.startswith("loss/validation_t"))
+    assert len(bands) == 5 and len({dict(val[1][t])[4] for t in bands}) == 5  # the loss depends on sigma

@@ -10,15 +10,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from library.errors import UserError
 from library.models.bundle import SDModels
 from library.sampling.flux_sampling import FluxConditioning
 from library.sampling.flux_text import CLIP_MAX_LENGTH, encode_flux_prompts
 from library.training.methods.network import NetworkMethod, network_text_encoders
 from library.training.objective.diffusion_step import StepRandom
 from library.training.objective.flow_matching import FlowMatchingConfig
-from library.training.objective.flux_step import flux_latents, flux_loss
+from library.training.objective.flux_step import FlowValidationObjective, flux_latents, flux_loss
 from library.training.objective.losses import LossConfig
+from library.training.objective.noise import NoiseConfig
 from library.training.settings import TextSettings
 from networks.network_host import NetworkHost
 
@@ -38,17 +38,16 @@ class FluxNetworkMethod(NetworkMethod):
     def __init__(self, host: NetworkHost, models: SDModels, tokenizers: Sequence, flow: FlowMatchingConfig,
                  loss_cfg: LossConfig, text: TextSettings, accelerator, weight_dtype: torch.dtype, train_unet: bool,
                  train_text_encoder: bool, *, t5_max_length: int, apply_t5_attn_mask: bool, guidance_embeds: bool,
-                 scale_weight_norms: Optional[float] = None):
+                 noise_cfg: Optional[NoiseConfig] = None, scale_weight_norms: Optional[float] = None):
         super().__init__(host, models, None, text, accelerator, weight_dtype, train_unet, train_text_encoder,
                          scale_weight_norms=scale_weight_norms)
+        self.obj = FlowValidationObjective(noise_cfg)  # the validator's view of this objective
         self.tokenizers = list(tokenizers)  # [CLIP-L, T5]
         self.flow, self.loss_cfg = flow, loss_cfg
         self.t5_max_length, self.apply_t5_attn_mask = t5_max_length, apply_t5_attn_mask
         self.guidance_embeds = guidance_embeds
 
     def loss(self, batch: dict, rand: StepRandom) -> torch.Tensor:
-        if rand.fixed is not None:
-            raise UserError("validation loss is not supported for FLUX.1 training yet (validation_split)")
         m, dev = self.models, self.acc.device
         self._set_batch_multiplier(batch)
         self.host.on_step_start(network_text_encoders(m), m.unet)

@@ -16,9 +16,28 @@ from library.sampling.flux_sampling import (FluxConditioning, image_ids, joint_a
                                             unpack_latents)
 from library.training.loop import nonfinite_guard
 from library.training.objective.diffusion_step import StepRandom, batch_latents
-from library.training.objective.flow_matching import (FlowMatchingConfig, apply_prediction_type, huber_c_for_sigmas,
-                                                      noisy_model_input, sample_sigmas)
+from library.training.objective.flow_matching import (NUM_TRAIN_TIMESTEPS, FlowMatchingConfig, apply_prediction_type,
+                                                      huber_c_for_sigmas, noisy_model_input, sample_sigmas)
 from library.training.objective.losses import LossConfig, conditional_loss, loss_mask_from_batch, reduce_and_weight
+
+
+class FlowValidationObjective:
+    """What the validator (extras/validation.py) reads of an objective, for flow matching: timesteps 0..1000, its
+    Huber options, and ``sched.scheduler.add_noise`` as the flow-matching mix (the loss mixes again from the
+    noise and timesteps it is given)."""
+
+    num_train_timesteps = NUM_TRAIN_TIMESTEPS
+    alphas_cumprod = None  # --huber_schedule snr is refused for FLUX.1
+
+    def __init__(self, noise_cfg):
+        self.noise_cfg = noise_cfg
+        self.sched = self
+        self.scheduler = self
+
+    @staticmethod
+    def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        s = (timesteps.float() / NUM_TRAIN_TIMESTEPS).view(-1, *([1] * (latents.ndim - 1))).to(latents)
+        return (1 - s) * latents + s * noise
 
 
 def flux_latents(batch: Mapping[str, Any], ae, device, dtype, generator: torch.Generator) -> torch.Tensor:
@@ -48,12 +67,19 @@ def call_flux(transformer, packed: torch.Tensor, timesteps: torch.Tensor, cond: 
 
 def flux_loss(transformer, latents: torch.Tensor, cond: FluxConditioning, batch: Mapping[str, Any],
               flow: FlowMatchingConfig, loss_cfg: LossConfig, rand: StepRandom, guidance_embeds: bool) -> torch.Tensor:
-    """Scalar loss of one batch (``latents``: (B, 16, h, w), already shifted and scaled)."""
+    """Scalar loss of one batch (``latents``: (B, 16, h, w), already shifted and scaled).
+
+    ``rand.fixed`` (validation) gives the noise and timesteps t instead of drawing them: sigma = t / 1000."""
     nonfinite_guard.watch("text-encoder output", cond.t5)
     g = rand.generator
     bsz, _, h, w = latents.shape
-    noise = torch.randn(latents.shape, generator=g, device=g.device).to(latents)
-    sigmas, timesteps = sample_sigmas(flow, bsz, (h, w), g)
+    if rand.fixed is not None:
+        given = rand.fixed(latents)
+        noise, timesteps = given.noise.to(latents), given.timesteps.float()
+        sigmas = timesteps / NUM_TRAIN_TIMESTEPS
+    else:
+        noise = torch.randn(latents.shape, generator=g, device=g.device).to(latents)
+        sigmas, timesteps = sample_sigmas(flow, bsz, (h, w), g)
     noisy = noisy_model_input(latents, noise, sigmas.to(latents.device), flow, g)
     timesteps = timesteps.to(latents.device, latents.dtype)
     guidance = torch.full((bsz,), float(flow.guidance_scale), device=latents.device) if guidance_embeds else None

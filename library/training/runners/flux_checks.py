@@ -22,7 +22,6 @@ _REFUSED = {
     "blocks_to_swap": _NOT_YET,
     "split_mode": "is deprecated upstream (--blocks_to_swap, which " + _NOT_YET + ")",
     "controlnet_model_name_or_path": "belongs to upstream's flux_train_control_net.py",
-    "validation_split": "(validation loss) " + _NOT_YET,
     "dataset_class": _NOT_YET,
     "xformers": "is not used by FLUX.1 (PyTorch's attention)", "mem_eff_attn": "is not used by FLUX.1",
     "vae": "is an SD option; FLUX.1 takes its autoencoder from --ae",

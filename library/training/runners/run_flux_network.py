@@ -12,6 +12,7 @@ import torch
 from library.config.options_flux import FLUX_SCRIPT
 from library.data.latent_cache import cache_latents, npz_shapes
 from library.data.te_cache import cache_text_encoder_outputs
+from library.data.validation_split import wants_validation
 from library.errors import UserError
 from library.formats.flux_metadata import flux_training_keys
 from library.models.bundle import SDModels
@@ -112,8 +113,13 @@ class FluxNetworkRecipe(NetworkRecipe):
         flow_config(args)  # a bad choice from a config file is one line now
 
     def build_data(self, args: argparse.Namespace):
-        group = build_data(args, self.script, sdxl=True)[0]  # bucket steps of 32, as sd-scripts' FLUX trainer
+        group, params = build_data(args, self.script, sdxl=True)  # bucket steps of 32, as sd-scripts' FLUX trainer
         check_prepared_latents(group)
+        to_disk = [o for o in ("cache_latents_to_disk", "cache_text_encoder_outputs_to_disk") if getattr(args, o)]
+        if to_disk and any(wants_validation(p.subsets) for p in params):
+            # the validation images' caches would be written under SD's / SDXL's file names
+            raise UserError(f"validation_split with --{to_disk[0]} is not supported for FLUX.1 training yet "
+                            "(the in-memory caches work)")
         return group
 
     def cache_latents(self, args: argparse.Namespace, group, models: SDModels, acc) -> None:
@@ -204,7 +210,7 @@ class FluxNetworkRecipe(NetworkRecipe):
         return FluxNetworkMethod(host, run.models, self.flux.tokenizers, flow_config(args), settings.objective.loss,
                                  settings.text, run.acc, run.wdtype, train_unet, train_te,
                                  t5_max_length=self._t5_length(args), apply_t5_attn_mask=args.apply_t5_attn_mask,
-                                 guidance_embeds=not self.flux.is_schnell,
+                                 guidance_embeds=not self.flux.is_schnell, noise_cfg=settings.objective.noise,
                                  scale_weight_norms=settings.method.scale_weight_norms)
 
     def metadata_fn(self, run: RecipeRun, plan, opt_name: str) -> Callable[[str, int, int], dict]:
