@@ -36,13 +36,17 @@ _REFUSED = {
 }
 
 
+# values that change nothing (front-ends write them by default): no refusal
+_NEUTRAL = {"clip_skip": 1, "max_timestep": 1000}
+
+
 def reject_flux_options(args: argparse.Namespace) -> None:
     """One line for the first option set that flux_train_network.py does not support."""
     if getattr(args, "model_type", "flux") != "flux":
         raise UserError(f"--model_type {args.model_type} {_NOT_YET}: only flux")
     for option, why in _REFUSED.items():
         value = getattr(args, option, None)
-        if why is None or value in (None, False, 0, [], ""):
+        if why is None or value in (None, False, 0, [], "") or value == _NEUTRAL.get(option):
             continue
         raise UserError(f"--{option} {why}")
     module = getattr(args, "network_module", None)
