@@ -131,8 +131,8 @@ def check_family(tf: TensorFile, model_family: str, option: str = "--network_wei
     family = family_of(tf, option) if kind == "LoRA" else embedding_family(tf, option)
     if not families_agree(family, model_family):
         if family == FLUX and against is not None:  # a merge tool's hint names another SD tool: not for FLUX
-            against = ("this tool handles SD1/SD2/SDXL LoRAs only (FLUX.1 LoRAs are read by --network_module "
-                       "networks.lora_flux)")
+            against = ("this tool handles SD1/SD2/SDXL LoRAs only (FLUX.1 LoRAs: networks/flux_merge_lora.py merges "
+                       "them, --network_module networks.lora_flux reads them)")
         against = against or f"the model is {FAMILY_NAMES.get(model_family, model_family)}"
         article = "a" if family == FLUX else "an"
         raise UserError(f"{option} {tf.path} is {article} {FAMILY_NAMES[family]} {kind} but {against}")

@@ -43,3 +43,22 @@ def randomize(network, seed: int = 0, std: float = 0.1) -> None:
         for lora in network.text_encoder_loras + network.unet_loras:
             for w in (lora.lora_down.weight, lora.lora_up.weight):
                 w.copy_(torch.randn(w.shape, generator=gen) * std)
+
+
+def save_peft_lora(transformer, targets: list[str], folder, seed: int = 1):
+    """A random rank-3 PEFT LoRA on ``targets`` of ``transformer`` (left attached), written by
+    ``FluxPipeline.save_lora_weights`` into ``folder``; returns the file's path (diffusers' own FLUX format)."""
+    from pathlib import Path
+
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer.add_adapter(LoraConfig(r=3, lora_alpha=3, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    FluxPipeline.save_lora_weights(str(folder), transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return Path(folder) / "pytorch_lora_weights.safetensors"

@@ -12,14 +12,12 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 
 from library.formats.flux_metadata import flux_lora_metadata
 from networks import lora_flux
 from networks.lora_flux_targets import transformer_targets
 from networks.lora_fused import split_rows
-from tests.networks.flux_helpers import randomize, run_transformer, tiny_flux_models
+from tests.networks.flux_helpers import randomize, run_transformer, save_peft_lora, tiny_flux_models
 
 ARGS = dict(network_reg_dims=r"single_blocks_\d+_linear1=0")
 
@@ -113,15 +111,8 @@ def test_our_loader_reads_diffusers_format(tmp_path):
     targets = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "attn.add_k_proj", "ff.net.2", "norm1.linear",
                "proj_out", "x_embedder", "context_embedder"]
     targets = [t for t in targets if t != "proj_out"] + ["single_transformer_blocks.0.proj_out"]
-    ref.transformer.add_adapter(LoraConfig(r=3, lora_alpha=3, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(1)
-        for name, p in ref.transformer.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    path = save_peft_lora(ref.transformer, targets, tmp_path)
     want = run_transformer(ref.transformer)
-    FluxPipeline.save_lora_weights(str(tmp_path), transformer_lora_layers=get_peft_model_state_dict(ref.transformer))
-    path = tmp_path / "pytorch_lora_weights.safetensors"
 
     ours = tiny_flux_models()
     assert (want - run_transformer(ours.transformer)).abs().max() > 1e-3
