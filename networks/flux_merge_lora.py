@@ -32,7 +32,7 @@ from library.formats.tensor_file import TensorFile  # noqa: E402
 from library.formats.tensor_file import read_tensor_file  # noqa: E402
 from library.log import add_logging_arguments, setup_logging_from_args  # noqa: E402
 from library.models.architectures import infer_text_config  # noqa: E402
-from library.models.checkpoint_io import CheckpointReader, save_state_dict  # noqa: E402
+from library.models.checkpoint_io import SAFETENSORS_SUFFIXES, CheckpointReader, save_state_dict  # noqa: E402
 from library.models.flux_config import bfl_prefix, infer_flux_config, model_name  # noqa: E402
 from library.models.flux_preflight import check_flux_parts  # noqa: E402
 from networks.lora_family import FAMILY_NAMES, FLUX, SDXL, _check_widths_agree, family_of  # noqa: E402
@@ -112,6 +112,9 @@ def _read_model_file(option: str, path: str, save_to: str | None, save_option: s
     """Header of a model file: it must be the part its option says; its 2-D ``.weight`` keys get LoRA names."""
     if not save_to:
         raise UserError(f"{option} {path}: give {save_option} (where the merged file goes)")
+    if not save_to.lower().endswith(SAFETENSORS_SUFFIXES) or os.path.isdir(save_to):
+        raise UserError(f"{save_option} {save_to}: the merged file is written as safetensors: name a .safetensors "
+                        "or .sft file")
     if os.path.isdir(path):
         raise UserError(f"{option} {path}: is a folder; this tool merges into single files (BFL / sd-scripts layout)")
     reader = CheckpointReader(path)
@@ -145,6 +148,9 @@ def model_files(args: argparse.Namespace) -> list[ModelFile]:
     for option, path, _, _ in given:
         if path and not os.path.exists(path):
             raise UserError(f"{option}: no such file: {path}")
+    if args.save_to and not args.flux_model:
+        raise UserError(f"--save_to {args.save_to}: no --flux_model to merge into (CLIP-L and T5-XXL go to "
+                        "--clip_l_save_to / --t5xxl_save_to)")
     files = [_read_model_file(option, path, save_to, save_option)
              for option, path, save_to, save_option in given if path]
     if args.flux_model and (args.clip_l or args.t5xxl):
@@ -269,7 +275,7 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch
 
 def model_metadata(args: argparse.Namespace, model: ModelFile) -> dict[str, str] | None:
     """modelspec of a merged FLUX.1 transformer (upstream: none for CLIP-L / T5-XXL, none with --no_metadata)."""
-    if args.no_metadata or model.option != "--flux_model" or not model.save_to.lower().endswith(".safetensors"):
+    if args.no_metadata or model.option != "--flux_model":
         return None
     strip = bfl_prefix(model.shapes)
     name = model_name(infer_flux_config({k[len(strip):]: v for k, v in model.shapes.items()}, model.path))

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from library.errors import UserError
 from library.fileio import atomic_path
 
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # .sft: BFL's first FLUX.1 releases (flux1-dev.sft, ae.sft)
 _SD1_TE_OLD = "cond_stage_model.transformer."
 _SD1_TE_NEW = "cond_stage_model.transformer.text_model."
 
@@ -34,7 +35,7 @@ class CheckpointReader:
         self.metadata: dict[str, str] = {}
         self._st = None
         self._sd: dict[str, torch.Tensor] | None = None
-        if p.suffix.lower() == ".safetensors":
+        if p.suffix.lower() in SAFETENSORS_SUFFIXES:
             self._open_safetensors()
         else:
             self._open_pickle()
@@ -130,7 +131,7 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
     """
     path = str(path)
     with atomic_path(path) as tmp:
-        if path.lower().endswith(".safetensors"):
+        if path.lower().endswith(SAFETENSORS_SUFFIXES):
             safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=dict(metadata or {}))
         else:
             obj = {"state_dict": dict(sd), **ckpt_extra} if ckpt_extra is not None else dict(sd)

@@ -9,6 +9,7 @@ diffusers leave ``linear1`` out (see test_lora_flux_oracle.py); the formula test
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -80,12 +81,14 @@ def test_merge_into_model_files_is_the_formula(tiny_flux, tmp_path):
 
 
 def test_merge_save_precision_casts_every_tensor(tiny_flux, tmp_path):
-    files = tiny_flux["dev"]
+    """--save_precision applies to every tensor (upstream); BFL's .sft name is read and written as safetensors."""
+    sft = tmp_path / "flux1-dev.sft"
+    shutil.copy(tiny_flux["dev"]["transformer"], sft)
     a = write_lora(tmp_path / "a.safetensors", 4, 4.0, 0)
-    out = tmp_path / "merged.safetensors"
-    flux_merge_lora.main(["--flux_model", str(files["transformer"]), "--save_to", str(out), "--models", a,
+    out = tmp_path / "merged.sft"
+    flux_merge_lora.main(["--flux_model", str(sft), "--save_to", str(out), "--models", a,
                           "--ratios", "1", "--save_precision", "bf16", "--no_metadata"])
-    base, got = load_file(str(files["transformer"])), load_file(str(out))
+    base, got = load_file(str(sft)), load_file(str(out))
     want, touched = hand_merged(base, [(load_file(a), 1.0)], "lora_unet_")
     for key in base:
         assert got[key].dtype == torch.bfloat16
@@ -265,6 +268,10 @@ EXTRACT = flux_extract_lora
     (MERGE, ["--flux_model", "{flux}", "--save_to", "{out}", "--models", "{lora}", "--ratios", "1", "--concat"],
      "--concat"),
     (MERGE, ["--save_to", "{out}", "--models", "{peft}", "--ratios", "1"], "--flux_model"),
+    (MERGE, ["--clip_l", "{clip}", "--clip_l_save_to", "{tmp}/c.safetensors", "--save_to", "{out}",
+             "--models", "{lora}", "--ratios", "1"], "no --flux_model"),
+    (MERGE, ["--flux_model", "{flux}", "--save_to", "{tmp}/merged.ckpt", "--models", "{lora}", "--ratios", "1"],
+     "name a .safetensors or .sft file"),
     (EXTRACT, ["--model_org", "{flux}", "--model_tuned", "{tmp}/nope.safetensors", "--save_to", "{out}"],
      "nope.safetensors"),
     (EXTRACT, ["--model_org", "{sd_model}", "--model_tuned", "{flux}", "--save_to", "{out}"],
