@@ -29,7 +29,8 @@ from library.models.checkpoint_io import CheckpointReader  # noqa: E402
 from library.models.flux_config import bfl_prefix, infer_flux_config, model_name  # noqa: E402
 from networks.lora_flux_targets import PREFIX_FLUX, lora_name  # noqa: E402
 from networks.lora_svd import svd_factors  # noqa: E402
-from networks.lora_tool_io import check_inputs_exist, check_lora_output, precision_dtype, save_lora  # noqa: E402
+from networks.lora_tool_io import (check_device, check_inputs_exist, check_lora_output, precision_dtype,  # noqa: E402
+                                   save_lora)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--dim {args.dim}: must be at least 1")
     if not 0 < args.clamp_quantile <= 1:
         raise UserError(f"--clamp_quantile {args.clamp_quantile}: expected a value in (0, 1]")
+    check_device(args.device, "--device")
     check_inputs_exist([args.model_org], "--model_org")
     check_inputs_exist([args.model_tuned], "--model_tuned")
     check_lora_output(args.save_to)

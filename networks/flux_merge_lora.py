@@ -39,8 +39,8 @@ from networks.lora_family import FAMILY_NAMES, FLUX, SDXL, _check_widths_agree, 
 from networks.lora_flux_convert import diffusers_to_kohya, is_diffusers_format, layer_paths  # noqa: E402
 from networks.lora_flux_targets import PREFIX_CLIP, PREFIX_FLUX, PREFIX_T5, all_targets, lora_name  # noqa: E402
 from networks.lora_svd import module_delta  # noqa: E402
-from networks.lora_tool_io import (check_inputs_exist, check_lora_output, complete_modules, merged_from,  # noqa: E402
-                                   module_alpha, save_lora)
+from networks.lora_tool_io import (check_device, check_inputs_exist, check_lora_output, complete_modules,  # noqa: E402
+                                   merged_from, module_alpha, save_lora)
 from networks.merge_lora import merge_lora_files  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -353,6 +353,8 @@ def check_args(args: argparse.Namespace) -> tuple[torch.dtype, torch.dtype]:
     if args.ratios is None or len(args.ratios) != len(args.models):
         raise UserError(f"--ratios: give one ratio per model ({len(args.models)} models, "
                         f"{len(args.ratios or [])} ratios)")
+    check_device(args.loading_device, "--loading_device")
+    check_device(args.working_device, "--working_device")
     merge_dtype = _dtype(args.precision, "--precision")
     if merge_dtype not in MERGE_DTYPES:
         raise UserError(f"--precision {args.precision}: the merge arithmetic runs in float, fp16 or bf16")

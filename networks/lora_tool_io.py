@@ -116,3 +116,17 @@ def save_lora(sd: Mapping[str, torch.Tensor], path: str, dtype: torch.dtype | No
            for k, v in sd.items()}
     save_state_dict_file(out, path, metadata)
     return out
+
+
+def check_device(name: str | None, option: str) -> None:
+    """A device option names a device torch can use here (``cuda`` needs a CUDA build and a GPU)."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{option} {name!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{option} {name}: no CUDA device here (this torch build or machine has none)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{option} {name}: no MPS device here")
