@@ -1,4 +1,8 @@
-"""DeepSpeed through accelerate (--deepspeed, --zero_stage, offload), on the CPU with two processes."""
+"""DeepSpeed through accelerate (--deepspeed, --zero_stage, offload), on the CPU with two processes.
+
+The runs go through tests/training/deepspeed_cpu.py (accelerate counts no processes for DeepSpeed on the CPU) and
+would stop with exit code 2 if accelerate had not enabled DeepSpeed or saw another number of processes than were
+launched (accelerate_setup checks both), so a pass means DeepSpeed's engine trained with both processes."""
 import os
 import subprocess
 import sys
@@ -16,9 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_deepspeed_zero_on_cpu(tiny_sd, shapes_data, tmp_path, extra):
     pytest.importorskip("deepspeed")
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + os.getpid() % 1000), str(ROOT / "train_network.py"),
+                        str(29500 + os.getpid() % 1000), str(ROOT / "tests" / "training" / "deepspeed_cpu.py"),
+                        str(ROOT / "train_network.py"),
                         *base_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 2, "--deepspeed", *extra,
                                    "--learning_rate", "1e-2")],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -28,3 +33,29 @@ def test_deepspeed_zero_on_cpu(tiny_sd, shapes_data, tmp_path, extra):
     zero = [k for k, v in load_file(str(out / "lora.safetensors")).items() if k.endswith("lora_up.weight")
             and v.abs().sum() == 0 and not ("mid_block" in k and ("attn1_to_q" in k or "attn1_to_k" in k))]
     assert ups and not zero, zero[:5]  # every other module trained (zero-initialised up weights moved)
+
+
+def test_deepspeed_that_accelerate_drops_is_refused(tiny_sd, shapes_data, tmp_path):
+    """ACCELERATE_USE_CPU=1 makes accelerate drop the DeepSpeed plugin silently; the run must not go on without it.
+    (A subprocess: accelerate sets ACCELERATE_USE_DEEPSPEED in os.environ, which would leak into later tests.)"""
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "train_network.py"),
+                        *base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "o", 1, "--deepspeed")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 2 and "--deepspeed: accelerate did not enable DeepSpeed" in r.stderr
+    assert not (tmp_path / "o" / "lora.safetensors").exists()
+
+
+def test_a_launch_accelerate_does_not_see_is_refused(tiny_sd, shapes_data, tmp_path):
+    """Two processes started by torchrun, DeepSpeed on the CPU without the shim: accelerate sees one process in
+    each, so each would train alone and both write the same files; the run stops before loading a model."""
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(30500 + os.getpid() % 1000), str(ROOT / "train_network.py"),
+                        *base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "o", 1, "--deepspeed")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode != 0
+    assert "2 processes were launched but accelerate sees 1" in r.stderr
+    assert "loading SD1" not in r.stderr

@@ -10,6 +10,7 @@ import time
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedType
 
 from library.errors import UserError
 
@@ -65,6 +66,16 @@ def make_accelerator(args: argparse.Namespace):
                       mixed_precision=args.mixed_precision,
                       log_with=["tensorboard", "wandb"] if log_with == "all" else log_with,
                       project_dir=log_dir, kwargs_handlers=handlers, **kwargs)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        # accelerate counts no processes for DeepSpeed without GPUs, for one: each would train alone on the same
+        # batches and write the same files
+        raise UserError(f"{launched} processes were launched but accelerate sees {acc.num_processes} "
+                        f"({acc.distributed_type.value}{', DeepSpeed needs GPUs here' if getattr(args, 'deepspeed', False) else ''})")
+    if getattr(args, "deepspeed", False) and acc.distributed_type != DistributedType.DEEPSPEED:
+        # accelerate drops the plugin without a word (ACCELERATE_USE_CPU=1 / --cpu, for one): never train as if
+        raise UserError(f"--deepspeed: accelerate did not enable DeepSpeed (it chose {acc.distributed_type.value}; "
+                        "ACCELERATE_USE_CPU / accelerate launch --cpu turn it off)")
     if getattr(args, "full_fp16", False):
         allow_fp16_unscale(acc.scaler)
     return acc

@@ -47,6 +47,10 @@ def check_sharded_options(args: argparse.Namespace) -> None:
                         "(FSDP1 cannot wrap the U-Net and text encoders with one optimizer)")
     if kind == "deepspeed" and getattr(args, "zero_stage", 2) < 3:
         return  # ZeRO 0-2 keep whole weights on every process
+    if kind == "deepspeed" and not getattr(args, "zero3_save_16bit_model", False):
+        # DeepSpeed gathers ZeRO 3 shards into a state dict only with this flag: without it the first save fails
+        raise UserError("--zero_stage 3 needs --zero3_save_16bit_model: DeepSpeed gathers the sharded weights "
+                        "for a save only with it (they keep their training dtype)")
     where = "FSDP" if kind == "fsdp" else "DeepSpeed ZeRO 3"
     problems = [(getattr(args, "ema", False), "--ema"), (bool(getattr(args, "sample_prompts", None)), "--sample_prompts"),
                 ((getattr(args, "validation_split", 0) or 0) > 0, "--validation_split")]
