@@ -48,10 +48,36 @@ def test_none_found_offline_is_one_clear_error(tmp_path):
         load_t5_tokenizer(None, None, str(tmp_path))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sentencepiece") is not None, reason="sentencepiece is installed here")
-def test_spiece_model_without_sentencepiece_names_the_fix(tmp_path):
+def test_spiece_model_without_sentencepiece_names_the_fix(tmp_path, monkeypatch):
+    """Without the sentencepiece package (its absence simulated: the test environment has it)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real(name, *a))
     folder = tmp_path / CACHE_NAME
     folder.mkdir()
     (folder / "spiece.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(UserError, match=f"{CACHE_NAME}: .*no tokenizer.json.*pip install sentencepiece"):
         load_t5_tokenizer(None, None, str(tmp_path))
+
+
+def test_a_sentencepiece_model_file_alone(tmp_path):
+    """A T5 folder that has only spiece.model (as google/t5-v1_1-xxl's slow files): a small SentencePiece model
+    trained here with T5's special ids; the ids equal SentencePiece's own encoding plus </s>, padded with 0."""
+    spm = pytest.importorskip("sentencepiece")
+    import io
+
+    text = ["a red circle on a white background", "two blue squares and a green triangle", "a photo of a cat",
+            "the quick brown fox jumps over the lazy dog", "a small yellow star next to a big heart"] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=60,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False)
+    folder = tmp_path / CACHE_NAME
+    folder.mkdir()
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    oracle = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    tok = load_t5_tokenizer(None, None, str(tmp_path))
+    for prompt in ("a red circle", "a lazy cat jumps over a blue heart", "zebra!"):
+        want = oracle.encode(prompt) + [1]
+        got = tok(prompt, max_length=len(want) + 3, padding="max_length", truncation=True)
+        assert got.input_ids == want + [0, 0, 0], prompt
+        assert got.attention_mask == [1] * len(want) + [0, 0, 0]
