@@ -139,12 +139,17 @@ def extract(args: argparse.Namespace) -> None:
     """1. check both headers  2. SVD of each block weight's difference  3. save."""
     check_args(args)
     save_dtype = precision_dtype(args.save_precision, "--save_precision", torch.float32)
-    org, tuned = _open_flux(args.model_org, "--model_org"), _open_flux(args.model_tuned, "--model_tuned")
-    keys = extracted_keys(org, tuned)
-    flux_name = model_name(infer_flux_config(org[0].shapes(org[1]), args.model_org))
-    sd = extract_state_dict(org, tuned, keys, args.dim, args.clamp_quantile, args.device)
-    org[0].close()
-    tuned[0].close()
+    org = _open_flux(args.model_org, "--model_org")
+    try:
+        tuned = _open_flux(args.model_tuned, "--model_tuned")
+        try:
+            keys = extracted_keys(org, tuned)
+            flux_name = model_name(infer_flux_config(org[0].shapes(org[1]), args.model_org))
+            sd = extract_state_dict(org, tuned, keys, args.dim, args.clamp_quantile, args.device)
+        finally:
+            tuned[0].close()
+    finally:
+        org[0].close()
     save_lora(sd, args.save_to, save_dtype, extraction_metadata(args, flux_name))
     logger.info("LoRA weights saved to %s (%d modules)", args.save_to, len(keys))
 

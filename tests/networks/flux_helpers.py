@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from library.models.flux_tiny import build_tiny_flux
 
@@ -62,3 +63,35 @@ def save_peft_lora(transformer, targets: list[str], folder, seed: int = 1):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     FluxPipeline.save_lora_weights(str(folder), transformer_lora_layers=get_peft_model_state_dict(transformer))
     return Path(folder) / "pytorch_lora_weights.safetensors"
+
+
+def pipeline(m) -> FluxPipeline:
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=m.ae, text_encoder=m.clip_l,
+                        tokenizer=m.tokenizers[0], text_encoder_2=m.t5xxl, tokenizer_2=m.tokenizers[1],
+                        transformer=m.transformer)
+
+
+def peft_deltas(model) -> dict[str, torch.Tensor]:
+    """module path -> scaling · B @ A of every PEFT LoRA layer diffusers injected."""
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default_0" in getattr(module, "lora_A", {}):
+            found[name] = (module.lora_B["default_0"].weight @ module.lora_A["default_0"].weight
+                           * module.scaling["default_0"])
+    return found
+
+
+def our_deltas(network, model) -> dict[str, torch.Tensor]:
+    """module path -> the delta our network adds to that layer's weight."""
+    paths = {id(module): name for name, module in model.named_modules()}
+    return {paths[id(layer)]: delta for lora in network.text_encoder_loras + network.unet_loras
+            for layer, delta in lora.layer_deltas() if id(layer) in paths}
+
+def assert_same_deltas(network, pairs) -> None:
+    """For each (our model, diffusers' model): the PEFT layers diffusers injected are exactly our network's
+    layers, each with our weight delta."""
+    for ours, theirs in pairs:
+        want, got = our_deltas(network, ours), peft_deltas(theirs)
+        assert sorted(got) == sorted(want)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)

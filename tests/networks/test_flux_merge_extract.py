@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from library.models.flux_loading import load_clip_l, load_flux_transformer
 from networks import flux_extract_lora, flux_merge_lora, lora_flux
-from tests.networks.flux_helpers import randomize, run_transformer, save_peft_lora, tiny_flux_models
-from tests.networks.test_lora_flux_oracle import clip_out, peft_deltas, pipeline
+from tests.networks.flux_helpers import (peft_deltas, pipeline, randomize, run_transformer, save_peft_lora,
+                                         tiny_flux_models)
+from tests.networks.test_lora_flux_oracle import clip_out
 
 NO_LINEAR1 = r"single_blocks_\d+_linear1=0"
 

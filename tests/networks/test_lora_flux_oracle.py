@@ -10,39 +10,17 @@ for diffusers has none; our loader's handling of them is tested in test_lora_flu
 from __future__ import annotations
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
 from library.formats.flux_metadata import flux_lora_metadata
 from networks import lora_flux
 from networks.lora_flux_targets import transformer_targets
 from networks.lora_fused import split_rows
-from tests.networks.flux_helpers import randomize, run_transformer, save_peft_lora, tiny_flux_models
+from tests.networks.flux_helpers import (assert_same_deltas, pipeline, randomize, run_transformer, save_peft_lora,
+                                         tiny_flux_models)
 
 ARGS = dict(network_reg_dims=r"single_blocks_\d+_linear1=0")
-
-
-def pipeline(m) -> FluxPipeline:
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=m.ae, text_encoder=m.clip_l,
-                        tokenizer=m.tokenizers[0], text_encoder_2=m.t5xxl, tokenizer_2=m.tokenizers[1],
-                        transformer=m.transformer)
-
-
-def peft_deltas(model) -> dict[str, torch.Tensor]:
-    """module path -> scaling · B @ A of every PEFT LoRA layer diffusers injected."""
-    found = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "default_0" in getattr(module, "lora_A", {}):
-            found[name] = (module.lora_B["default_0"].weight @ module.lora_A["default_0"].weight
-                           * module.scaling["default_0"])
-    return found
-
-
-def our_deltas(network, model) -> dict[str, torch.Tensor]:
-    """module path -> the delta our network adds to that layer's weight."""
-    paths = {id(module): name for name, module in model.named_modules()}
-    return {paths[id(layer)]: delta for lora in network.text_encoder_loras + network.unet_loras
-            for layer, delta in lora.layer_deltas() if id(layer) in paths}
 
 
 @torch.no_grad()
@@ -61,11 +39,7 @@ def test_diffusers_reads_our_file_with_every_key(tmp_path):
     # diffusers: every module of the file becomes PEFT layers (a fused one: one per part) with our deltas
     ref = tiny_flux_models()
     pipeline(ref).load_lora_weights(str(path))
-    for ours_model, theirs_model in ((m.transformer, ref.transformer), (m.clip_l, ref.clip_l)):
-        want, got = our_deltas(network, ours_model), peft_deltas(theirs_model)
-        assert sorted(got) == sorted(want)
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert_same_deltas(network, ((m.transformer, ref.transformer), (m.clip_l, ref.clip_l)))
     assert len(network.unet_loras) == 2 * 10 + 2 * 2 and len(network.text_encoder_loras) == 18
 
     # ... and its outputs are ours: hooks on diffusers' layers, and our merge into the weights

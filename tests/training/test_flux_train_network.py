@@ -23,7 +23,7 @@ from library.models.flux_loading import load_flux_models
 from library.training.objective.diffusion_step import StepRandom
 from library.training.runners.run_flux_network import FluxNetworkRecipe
 from networks import lora_flux
-from tests.networks.test_lora_flux_oracle import our_deltas, peft_deltas, pipeline
+from tests.networks.flux_helpers import assert_same_deltas, pipeline
 from tests.training.train_helpers import make_shapes_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,11 +177,7 @@ def test_short_run_trains_and_diffusers_loads_the_file(tiny_flux, data, tmp_path
     assert not network.load_state_dict(weights, strict=False).unexpected_keys
     theirs = load_flux_models(str(tiny_flux["dev"]["diffusers"]))
     pipeline(theirs).load_lora_weights(str(path))
-    for model_ours, model_theirs in ((ours.transformer, theirs.transformer), (ours.clip_l, theirs.clip_l)):
-        want, got = our_deltas(network, model_ours), peft_deltas(model_theirs)
-        assert sorted(got) == sorted(want)
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert_same_deltas(network, ((ours.transformer, theirs.transformer), (ours.clip_l, theirs.clip_l)))
     assert len(network.unet_loras) == 2 * 10 + 2 * 2 and len(network.text_encoder_loras) == 18
 
 
