@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.training.train_helpers import base_args
+from tests.training.train_helpers import base_args, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def test_deepspeed_zero_on_cpu(tiny_sd, shapes_data, tmp_path, extra):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + os.getpid() % 1000), str(ROOT / "tests" / "training" / "deepspeed_cpu.py"),
+                        str(free_port()), str(ROOT / "tests" / "training" / "deepspeed_cpu.py"),
                         str(ROOT / "train_network.py"),
                         *base_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 2, "--deepspeed", *extra,
                                    "--learning_rate", "1e-2")],
@@ -53,7 +53,7 @@ def test_a_launch_accelerate_does_not_see_is_refused(tiny_sd, shapes_data, tmp_p
     pytest.importorskip("deepspeed")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(30500 + os.getpid() % 1000), str(ROOT / "train_network.py"),
+                        str(free_port()), str(ROOT / "train_network.py"),
                         *base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "o", 1, "--deepspeed")],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode != 0

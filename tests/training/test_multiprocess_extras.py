@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import train_network
 from tests.training.test_validation_loss import _scalars
-from tests.training.train_helpers import base_args, make_shapes_folder
+from tests.training.train_helpers import base_args, free_port, make_shapes_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = Path(__file__).resolve().parent / "mp_probe.py"
@@ -32,7 +32,8 @@ def _launch(model, data, out, probe, *extra):
     probe.mkdir(parents=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(PROBE),
+                        "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+                        "--dynamo_backend", "no", str(PROBE),
                         str(probe), str(ROOT / "train_network.py"),
                         *base_args(model, data, out, STEPS, *EXTRA, *extra)],
                        capture_output=True, text=True, env=env, cwd=out.parent, timeout=400)

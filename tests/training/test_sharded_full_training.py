@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.training.full_train_helpers import UNET, common_args, weights
-from tests.training.train_helpers import make_shapes_folder
+from tests.training.train_helpers import free_port, make_shapes_folder
 from tools.make_tiny_model import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,11 +40,12 @@ def _launch(mode: str, script: str, args: list[str], cwd: Path) -> subprocess.Co
         # without GPUs starts one process: torchrun starts the two, as sd-scripts' docs launch DeepSpeed
         del env["ACCELERATE_USE_CPU"]
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(29600 + os.getpid() % 1000), str(DS_SHIM), str(ROOT / script), *args,
+                               "--master_port", str(free_port()), str(DS_SHIM), str(ROOT / script), *args,
                                "--deepspeed", "--zero_stage", mode[len("zero"):]],
                               capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     how = [*FSDP, str(SHIM)] if mode == "fsdp" else ["--multi_gpu"]
     return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                           "--main_process_port", str(free_port()),
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *how,
                            str(ROOT / script), *args],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=600)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_network
-from tests.training.train_helpers import base_args, make_shapes_folder
+from tests.training.train_helpers import base_args, free_port, make_shapes_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,7 +144,8 @@ def test_two_processes_on_cpu(tiny_sd, shapes_data, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+                        "--dynamo_backend", "no",
                         str(ROOT / "train_network.py"), *base_args(tiny_sd["sd1"]["safetensors"], shapes_data, out, 2)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,6 +1,7 @@
 """Shared helpers for trainer end-to-end tests: a tiny model and a generated DreamBooth folder."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -28,3 +29,11 @@ def base_args(model: Path, data: Path, out: Path, steps: int = 4, *extra: str) -
             "--output_dir", str(out), "--output_name", "lora", "--network_module", "networks.lora",
             "--network_dim", "4", "--network_alpha", "4", "--max_train_steps", str(steps), "--learning_rate", "1e-3",
             "--seed", "7", "--max_data_loader_n_workers", "0", "--console_log_simple", *extra]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now. Multi-process tests run side by side under xdist, so a fixed rendezvous
+    port (accelerate's and torchrun's default 29500, or one derived from the pid) collides: EADDRINUSE."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
