@@ -3,7 +3,7 @@
 Prints images per subset (repeats, regularization balancing, validation hold-out), a bucket table per
 dataset (resolution, images, with repeats, upscaled, cropped), the step arithmetic of the real run
 (the same ``LoopPlan``), when samples, saves and validation happen, and a rough peak-memory estimate
-(``memory_estimate``). Every number comes from the code the real run uses, so they agree.
+(``memory_estimate``, ``flux_memory_estimate``). Every number comes from the code the real run uses, so they agree.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Optional
 
 from library.data.dataset import build_dataset_group, scan_mode
 from library.training.loop import output_names as names
+from library.training.runners.flux_memory_estimate import caching_note, estimate_flux
 from library.training.runners.memory_estimate import GIB, estimate
 from library.training.runners.run_common import build_data
 from library.training.settings import LoopPlan, LoopSettings, loop_plan
@@ -30,7 +31,7 @@ TRAINER_KIND.update(train_controlnet="full", sdxl_train_control_net_lllite="netw
 def report(args: argparse.Namespace, loop: LoopSettings, script: str, sdxl: bool = False,
            family: Optional[str] = None) -> None:
     """Build datasets and plan, print the report (main process only); returns None, loads no model.
-    ``family``: the model family when the options do not say it (``flux``: no memory model yet)."""
+    ``family``: the model family when the options do not say it (``flux``: ``flux_memory_estimate``)."""
     group, params = build_data(args, script, sdxl)  # the real run's own step: the same checks, the same answer
     vgroup = build_dataset_group(params, [], part="validation", seed=args.seed, max_train_steps=args.max_train_steps,
                                  max_token_length=args.max_token_length,
@@ -45,7 +46,7 @@ def report(args: argparse.Namespace, loop: LoopSettings, script: str, sdxl: bool
     lines += schedule_lines(args, plan, vgroup is not None)
     family = family or ("sdxl" if sdxl else ("sd2" if args.v2 else "sd1"))
     if family == "flux":
-        lines += ["peak accelerator memory estimate: not modelled for FLUX.1 yet"]
+        lines += flux_memory_lines(args, group)
     else:
         lines += memory_lines(args, family, TRAINER_KIND[script], group)
     print("\n".join(lines))
@@ -149,3 +150,13 @@ def memory_lines(args: argparse.Namespace, family: str, trainer: str, group) -> 
     lines += [f"  {label:<70} {size / GIB:8.2f} GiB" for label, size in rows]
     return lines
 
+
+def flux_memory_lines(args: argparse.Namespace, group) -> list[str]:
+    """FLUX.1: image tokens are the 2x2 patches of the 8x smaller latents, (W / 16) x (H / 16)."""
+    tokens = max(((w // 16) * (h // 16) for d in group.datasets for (w, h) in d.buckets.resos), default=64 * 64)
+    batch = max(d.params.batch_size for d in group.datasets)
+    rows = estimate_flux(args, tokens, batch)
+    lines = ["peak accelerator memory estimate (flux; rough model, see docs/flux.md)"]
+    lines += [f"  {label:<70} {size / GIB:8.2f} GiB" for label, size in rows]
+    note = caching_note(args)
+    return lines + ([note] if note else [])
