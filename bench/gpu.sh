@@ -8,7 +8,9 @@
 # 2. the GPU tests: pytest -m gpu tests/gpu (precision matrix against fp32, fp16 scaler, resume; sdxl_train under
 #    FSDP2 and DeepSpeed ZeRO 2 / 3 against the plain run, tests/gpu/test_sharded_gpu.py), log in OUTDIR;
 # 3. bench/gpu_bench.py: real-size random SD 1.5 / SDXL LoRA training and gen vs diffusers, into
-#    OUTDIR/gpu_bench.md and OUTDIR/gpu_bench.json.
+#    OUTDIR/gpu_bench.md and OUTDIR/gpu_bench.json;
+# 4. bench/flux_bench.py: a FLUX.1-dev-size random-weight LoRA step at 1024 px, bf16 / --fp8_base / block swapping
+#    (s/step, peak VRAM; targets 24 GiB with fp8, 12 GiB with swapping), into OUTDIR/flux_bench.md.
 # Budget on one H100/H200: under 8 minutes wall. The exit code is the first failing step's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +36,7 @@ if [ "$smoke" = 1 ]; then
     # pytest -m gpu tests/gpu, minutes)
     SDT_GPU_TESTS_ON_CPU=1 step gpu_tests.log "$py" -m pytest -q -m gpu tests/gpu -k sdpa
     step gpu_bench.log "$py" bench/gpu_bench.py --out "$out" --cpu-smoke
+    step flux_bench.log "$py" bench/flux_bench.py --out "$out" --cpu-smoke
 else
     py=python3
     if ls .whl/*.whl >/dev/null 2>&1; then
@@ -48,6 +51,7 @@ else
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$out/gpu.txt"
     step gpu_tests.log "$py" -m pytest -q -m gpu tests/gpu -rs
     step gpu_bench.log "$py" bench/gpu_bench.py --out "$out"
+    step flux_bench.log "$py" bench/flux_bench.py --out "$out"
 fi
 echo "gpu.sh: done in $(( $(date +%s) - start )) s, exit $status; results in $out"
 exit "$status"

@@ -40,14 +40,16 @@ def write_tiny_model(family: str, out: str | Path, seed: int = 0, v_parameteriza
 
 
 def write_tiny_flux(name: str, out: str | Path, seed: int = 0,
-                    formats: tuple[str, ...] = ("diffusers", "safetensors")) -> dict[str, Path]:
-    """Tiny FLUX.1 ``name`` (dev / schnell): a Diffusers folder and / or BFL files; returns their paths."""
+                    formats: tuple[str, ...] = ("diffusers", "safetensors"),
+                    blocks: tuple[int, int] = (2, 2)) -> dict[str, Path]:
+    """Tiny FLUX.1 ``name`` (dev / schnell): a Diffusers folder and / or BFL files; returns their paths.
+    ``blocks``: (double, single) transformer block counts."""
     from library.models.flux_config import T5_TOKENIZER_HUB_ID
     from library.models.flux_saving import save_flux_diffusers, save_flux_files
     from library.models.flux_tiny import build_tiny_flux
 
     out = Path(out)
-    models = build_tiny_flux(name, seed=seed)
+    models = build_tiny_flux(name, seed=seed, blocks=blocks)
     stem = f"flux-{name}"
     paths: dict[str, Path] = {}
     if "diffusers" in formats:

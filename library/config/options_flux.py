@@ -37,8 +37,10 @@ def add_dit_training_arguments(parser: Container) -> None:
     ranged(g.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode weighting scheme"),
            Range(note="any scale (0 = uniform)"))
     ranged(g.add_argument("--blocks_to_swap", type=int, default=None,
-                          help="swap this many transformer blocks to the CPU (not supported for FLUX.1 here yet: "
-                               "refused)"), at_least(0))
+                          help="keep this many transformer blocks in CPU memory, each copied to the device just "
+                               "before it runs (FLUX.1: half of them, rounded down, double blocks and twice the "
+                               "rest single blocks, as sd-scripts; at most 35): less device memory, slower "
+                               "steps"), at_least(0))
 
 
 def add_flux_train_arguments(parser: Container) -> None:
@@ -81,7 +83,7 @@ def add_flux_train_arguments(parser: Container) -> None:
                    help="store the transformer's Linear weights in fp8 (T5-XXL stays in the training dtype); "
                         "needs --mixed_precision fp16 or bf16")
     g.add_argument("--split_mode", action="store_true",
-                   help="deprecated upstream (use --blocks_to_swap); refused here")
+                   help="deprecated (as upstream): --blocks_to_swap 18 unless --blocks_to_swap is given")
 
 
 def add_flux_arguments(parser: Container) -> None:

@@ -17,12 +17,13 @@ _WORDS = ("a an the of in on with and photo picture image drawing red green blue
           "three").split()
 
 
-def tiny_flux_config(name: str) -> dict:
+def tiny_flux_config(name: str, blocks: tuple[int, int] = (2, 2)) -> dict:
+    """``blocks``: (double, single) block counts (block-swap tests need more than two of each)."""
     if name not in ("dev", "schnell"):
         raise ValueError(f"unknown FLUX model {name!r}; expected dev or schnell")
-    return dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32,
-                num_attention_heads=2, joint_attention_dim=T5_WIDTH, pooled_projection_dim=CLIP_WIDTH,
-                guidance_embeds=name == "dev", axes_dims_rope=(4, 14, 14))
+    return dict(patch_size=1, in_channels=64, num_layers=blocks[0], num_single_layers=blocks[1],
+                attention_head_dim=32, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
+                pooled_projection_dim=CLIP_WIDTH, guidance_embeds=name == "dev", axes_dims_rope=(4, 14, 14))
 
 
 def tiny_ae_config() -> dict:
@@ -50,7 +51,7 @@ def tiny_t5_tokenizer():
     return build_unigram_t5_tokenizer(pieces)
 
 
-def build_tiny_flux(name: str = "dev", seed: int = 0) -> FluxModels:
+def build_tiny_flux(name: str = "dev", seed: int = 0, blocks: tuple[int, int] = (2, 2)) -> FluxModels:
     """Random-weight tiny FLUX.1 ``name`` with both tokenizers (no files written)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel  # start-up (diffusers: ~2 s)
     from transformers import CLIPTextModel, T5EncoderModel  # start-up (transformers: ~1 s)
@@ -58,7 +59,7 @@ def build_tiny_flux(name: str = "dev", seed: int = 0) -> FluxModels:
     from .tokenizers import load_tokenizers  # start-up (imports transformers: ~1 s)
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**tiny_flux_config(name))
+    transformer = FluxTransformer2DModel(**tiny_flux_config(name, blocks))
     ae = AutoencoderKL(**tiny_ae_config())
     clip_l = CLIPTextModel(_text_config(CLIP_WIDTH, 3, "quick_gelu"))
     t5 = T5EncoderModel(tiny_t5_config())

@@ -30,6 +30,10 @@ def test_gpu_script_cpu_smoke(tmp_path):
     assert [g["name"].split()[1] for g in results["gen"]] == ["ours", "diffusers"]
     md = (out / "gpu_bench.md").read_text()
     assert "| sdxl_b1_fp8 |" in md and "torch.profiler: sd1_b8" in md and "ours / diffusers images/s" in md
+    flux = json.loads((out / "flux_bench.json").read_text())["rows"]
+    assert [(r["fp8_base"], r["blocks_to_swap"] > 0) for r in flux] == [(False, False), (True, False), (True, True),
+                                                                       (True, True)]
+    assert all(r["s_per_step"] > 0 and r["loss"] == r["loss"] for r in flux)  # steps ran, the loss is a number
 
 
 def test_gpu_script_needs_an_output_folder():

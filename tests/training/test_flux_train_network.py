@@ -271,7 +271,8 @@ def test_bad_inputs_are_one_line(tiny_flux, tiny_sd, data, tmp_path):
     wrong_ae = [str(tiny_sd["sd1"]["safetensors"]) if a == str(p["ae"]) else a for a in base]
     assert "--ae" in _fails(wrong_ae, tmp_path)
     for extra, words in ((["--fp8_base"], "--fp8_base needs --mixed_precision"),
-                         (["--blocks_to_swap", "4"], "--blocks_to_swap is not supported"),
+                         (["--blocks_to_swap", "1"], "--blocks_to_swap 1: this model has 2 double and 2 single"),
+                         (["--split_mode"], "--blocks_to_swap 18: this model has 2 double"),  # upstream's alias
                          (["--fp8_base_unet"], "--fp8_base_unet needs --mixed_precision"),
                          (["--model_type", "chroma"], "--model_type chroma"),
                          (["--network_module", "networks.lora"], "networks.lora_flux only"),

@@ -10,6 +10,7 @@ from library.errors import UserError
 from library.models.flux_loading import is_flux
 from library.models.flux_preflight import check_flux_parts
 from library.models.loading import peek_family
+from library.training.memory.block_swap import flux_block_split
 from networks.network_host import parse_network_args
 
 logger = logging.getLogger(__name__)
@@ -19,8 +20,6 @@ _NOT_YET = "is not supported for FLUX.1 training yet"
 # option -> why it is refused (a true flag or a value other than None)
 _REFUSED = {
     "model_type": None,  # checked by value below
-    "blocks_to_swap": _NOT_YET,
-    "split_mode": "is deprecated upstream (--blocks_to_swap, which " + _NOT_YET + ")",
     "controlnet_model_name_or_path": "belongs to upstream's flux_train_control_net.py",
     "dataset_class": _NOT_YET,
     "xformers": "is not used by FLUX.1 (PyTorch's attention)", "mem_eff_attn": "is not used by FLUX.1",
@@ -92,5 +91,7 @@ def check_flux_model_inputs(args: argparse.Namespace) -> str:
     missing = [f"--{p}" for p, v in parts.items() if v is None]
     if missing:
         raise UserError(f"{path}: a FLUX.1 single file holds only the transformer; give {', '.join(missing)}")
-    check_flux_parts(path, parts)
+    cfg = check_flux_parts(path, parts)
+    if getattr(args, "blocks_to_swap", None):
+        flux_block_split(args.blocks_to_swap, cfg["num_layers"], cfg["num_single_layers"])  # fits this model
     return "flux"

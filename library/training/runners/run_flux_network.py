@@ -22,12 +22,13 @@ from library.sampling.flux_pipeline import FluxGenerator
 from library.sampling.flux_text import encode_flux_prompts, t5_max_length
 from library.sampling.flux_training_samples import sample_flux_images_for_training
 from library.sampling.prompt_file import load_sample_prompts
+from library.training.memory.block_swap import enable_flux_block_swap
 from library.training.memory.fp8_storage import store_in_fp8
 from library.training.methods.flux_network import FluxNetworkMethod, cached_flux_outputs
 from library.training.objective.flow_matching import FlowMatchingConfig
 from library.training.runners.dry_run import report
 from library.training.runners.flux_checks import FLUX_NETWORK_MODULE, reject_flux_options
-from library.training.runners.recipe import RecipeRun, run_recipe
+from library.training.runners.recipe import RecipeRun, Training, run_recipe
 from library.training.runners.run_common import build_data, encode_latents_fn, make_sample_hook
 from library.training.runners.run_network import NetworkRecipe, _metadata_fn
 from library.training.settings import TrainSettings
@@ -106,6 +107,7 @@ class FluxNetworkRecipe(NetworkRecipe):
         super().__init__(sdxl=False)
         self.script = FLUX_SCRIPT
         self.flux: Optional[FluxModels] = None
+        self.block_swaps: tuple = ()
 
     def check_options(self, args: argparse.Namespace) -> None:
         reject_flux_options(args)
@@ -143,8 +145,11 @@ class FluxNetworkRecipe(NetworkRecipe):
             m.eval()
         merge_base_weights(args.base_weights or [], args.base_weights_multiplier or [], flux)
         flux.ae.to(acc.device, torch.float32 if args.no_half_vae else wdtype)
-        for m in (flux.transformer, flux.clip_l, flux.t5xxl):
+        for m in (flux.clip_l, flux.t5xxl):
             m.to(acc.device, wdtype)
+        # with --blocks_to_swap the transformer stays in CPU memory until prepare() places it block by block:
+        # the whole of it never has to fit on the device
+        flux.transformer.to(wdtype) if args.blocks_to_swap else flux.transformer.to(acc.device, wdtype)
         if args.fp8_base or args.fp8_base_unet:
             # the transformer's Linear weights in fp8, computed in the training dtype; upstream's --fp8_base also
             # stores T5-XXL in fp8 (with its own T5 forward patch), here T5-XXL stays in the training dtype
@@ -204,6 +209,17 @@ class FluxNetworkRecipe(NetworkRecipe):
                                             epoch=epoch, steps=steps)
 
         return sample
+
+    def prepare(self, run: RecipeRun) -> Training:
+        """The network as for SD, then --blocks_to_swap: the transformer's blocks placed on the device or in CPU
+        memory (after the network wraps its layers, which reads every layer's shape)."""
+        training = super().prepare(run)
+        if run.args.blocks_to_swap:
+            if run.acc.device.type == "cpu":
+                logger.warning("--blocks_to_swap on the CPU saves no memory (the blocks are swapped all the same)")
+            self.block_swaps = enable_flux_block_swap(self.flux.transformer, run.args.blocks_to_swap,
+                                                      run.acc.device)
+        return training
 
     def make_method(self, run: RecipeRun, host: NetworkHost, train_unet: bool, train_te: bool):
         args, settings = run.args, run.settings

@@ -55,6 +55,13 @@ def derived_values(options: Any, script: str, announce_seed: bool = False) -> di
             out[name] = None
     if script in TEXTUAL_INVERSION_SCRIPTS and _opt(options, "output_name") is None:
         out["output_name"] = _opt(options, "token_string")  # the file is named after the new word
+    if _opt(options, "split_mode", False):  # FLUX.1, deprecated upstream: an alias of --blocks_to_swap 18
+        if _opt(options, "blocks_to_swap"):
+            logger.warning("--split_mode is deprecated; --blocks_to_swap %d is set, so --split_mode changes nothing",
+                           options.blocks_to_swap)
+        else:
+            logger.warning("--split_mode is deprecated: --blocks_to_swap 18 is used instead, as in sd-scripts")
+            out["blocks_to_swap"] = 18
     if _opt(options, "deepspeed", False):
         out["max_data_loader_n_workers"] = 1  # sd-scripts forces one worker with DeepSpeed
     if hasattr(options, "seed") and options.seed is None:
