@@ -210,3 +210,19 @@ def test_released_flux_dev_sizes_when_no_header_is_readable():
     assert _row(rows, "weights network") == 4 * 4 * (19 * 2 * double + 38 * single + clip)
     rows16 = fme.estimate_flux(_args(network_train_unet_only=True, network_dim=16), 4096, 1)
     assert _row(rows16, "weights network") == 4 * 16 * (19 * 2 * double + 38 * single)
+
+
+# ------------------------------------------------------------------ the LoRA row = the network networks.lora_flux builds
+
+@pytest.mark.parametrize("network_args,unet_only", [
+    (None, False), (None, True), (["train_blocks=single"], False), (["train_t5xxl=True"], False),
+    (["train_double_block_indices=1", "img_attn_dim=8", "single_mod_dim=0"], True),
+    (["in_dims=2,0,3,0,5", r"network_reg_dims=single_blocks_\d+_linear2=6,double_blocks_0_txt=2"], False)])
+def test_network_row_equals_the_networks_parameters(tiny_flux, loaded, network_args, unet_only):
+    rows = fme.estimate_flux(_args(tiny_flux["dev"], network_args=network_args, network_train_unet_only=unet_only,
+                                   network_dim=4), 16, 1)
+    kwargs = dict(a.split("=", 1) for a in network_args or [])
+    net = create_network(1.0, 4, 1.0, loaded.ae, [loaded.clip_l, loaded.t5xxl], loaded.transformer, **kwargs)
+    modules = net.unet_loras + ([] if unet_only else net.text_encoder_loras)
+    n = sum(p.numel() for m in modules for p in m.parameters())
+    assert _row(rows, "weights network") == 4 * n  # float32

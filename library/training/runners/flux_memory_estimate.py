@@ -46,6 +46,7 @@ from safetensors import safe_open
 from library.models.flux_keys import BFL_PREFIX, flux_rules
 from library.sampling.flux_text import t5_max_length
 from library.training.runners.memory_estimate import DTYPE_BYTES, FIXED_BYTES, OPTIMIZER_STATE_BYTES, _gradient_row
+from networks.lora_flux_targets import IN_GROUPS, PREFIX_CLIP, PREFIX_FLUX, PREFIX_T5
 
 PARTS = ("transformer", "clip_l", "t5xxl", "ae")
 FOLDERS = {"transformer": "transformer", "clip_l": "text_encoder", "t5xxl": "text_encoder_2", "ae": "vae"}
@@ -206,23 +207,54 @@ def swap_split(blocks_to_swap: int, num_double: int, num_single: int) -> tuple[i
 
 
 def lora_params(args, shapes: FluxShapes) -> float:
-    """rank x (in + out) over the layers networks.lora_flux adapts by default (block Linears of the kinds
-    ``train_blocks`` names, CLIP-L unless --network_train_unet_only, T5-XXL with ``train_t5xxl``)."""
-    from networks.lora_flux_options import parse_flux_options  # start-up (networks: torch)
+    """rank x (in + out) over the layers networks.lora_flux adapts, named and ranked as it does from the BFL
+    names: block Linears of the kinds and indices ``--network_args`` selects, the embedders with ``in_dims``, CLIP-L
+    unless --network_train_unet_only, T5-XXL with ``train_t5xxl``; ``network_reg_dims`` and the ``*_dim`` ranks."""
+    from networks.lora_flux_options import parse_block_selection, parse_flux_options  # start-up (networks: torch)
 
     kwargs = dict(a.split("=", 1) for a in (getattr(args, "network_args", None) or []) if "=" in a)
     opts = parse_flux_options({k.strip(): v.strip() for k, v in kwargs.items()})
-    kinds = {"all": ("double", "single"), "double": ("double",), "single": ("single",)}[opts.train_blocks]
     rank = getattr(args, "network_dim", None) or 4
-    pairs = [s for k, s in shapes.shapes["transformer"].items()
-             if len(s) == 2 and k.endswith(".weight") and (_block_of(k) or ("", 0))[0] in kinds]
+    tshapes = shapes.shapes["transformer"]
+    counts = {kind: 1 + max((w[1] for w in map(_block_of, tshapes) if w and w[0] == kind), default=-1)
+              for kind in ("double", "single")}
+    keep = {"all": ("double", "single"), "double": ("double",), "single": ("single",)}[opts.train_blocks]
+    chosen = {kind: [kind in keep] * n for kind, n in counts.items()}
+    for kind, selection, key in (("double", opts.double_indices, "train_double_block_indices"),
+                                 ("single", opts.single_indices, "train_single_block_indices")):
+        if selection is not None and kind in keep:
+            chosen[kind] = parse_block_selection(selection, counts[kind], key)
+    layers: list[tuple[str, tuple, Optional[int]]] = []  # (lora name, shape, in_dims group)
+    if not getattr(args, "network_train_text_encoder_only", False):
+        for key, shape in tshapes.items():
+            if len(shape) != 2 or not key.endswith(".weight"):
+                continue
+            module, where = key[: -len(".weight")], _block_of(key)
+            group = next((g for g, names in enumerate(IN_GROUPS) if module in names), None)
+            if (where and chosen[where[0]][where[1]]) or (not where and group is not None and opts.in_dims):
+                layers.append((f"{PREFIX_FLUX}_{module}", shape, None if where else group))
     if not getattr(args, "network_train_unet_only", False):
-        pairs += [s for k, s in shapes.shapes["clip_l"].items() if len(s) == 2 and _CLIP_LORA.search(k)]
+        layers += [(f"{PREFIX_CLIP}_{k[:-7]}", s, None) for k, s in shapes.shapes["clip_l"].items()
+                   if len(s) == 2 and _CLIP_LORA.search(k)]
         if opts.train_t5xxl:
-            pairs += [s for k, s in shapes.shapes["t5xxl"].items() if len(s) == 2 and _T5_LORA.match(k)]
-    if getattr(args, "network_train_text_encoder_only", False):
-        pairs = [s for k, s in shapes.shapes["clip_l"].items() if len(s) == 2 and _CLIP_LORA.search(k)]
-    return float(sum(rank * (o + i) for o, i in pairs))
+            layers += [(f"{PREFIX_T5}_{k[:-7]}", s, None) for k, s in shapes.shapes["t5xxl"].items()
+                       if len(s) == 2 and _T5_LORA.match(k)]
+    return float(sum(_rank(name.replace(".", "_"), group, opts, rank) * (s[0] + s[1]) for name, s, group in layers))
+
+
+def _rank(name: str, group: Optional[int], opts, rank: int) -> int:
+    """networks.lora_flux's choice: a matching ``network_reg_dims`` first, then ``in_dims`` for an embedder,
+    the ``*_dim`` of a transformer layer's type, else ``--network_dim`` (0: no module)."""
+    for pattern, dim in opts.reg_dims:
+        if re.search(pattern, name):
+            return dim
+    if group is not None:
+        return opts.in_dims[group]
+    if name.startswith(PREFIX_FLUX):
+        for parts, dim in opts.type_dims:
+            if all(p in name for p in parts):
+                return dim
+    return rank
 
 
 def _parked(args) -> dict[str, bool]:
