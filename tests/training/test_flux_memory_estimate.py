@@ -15,11 +15,14 @@ import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 
+import flux_train_network
 from library.models.flux_loading import load_flux_models
 from library.models.flux_tiny import tiny_flux_config
 from library.training.memory.fp8_storage import store_in_fp8
 from library.training.runners import flux_memory_estimate as fme
 from networks.lora_flux import create_network
+from tests.training.train_helpers import make_shapes_folder
+from tools.make_tiny_model import write_tiny_flux
 
 # black-forest-labs/FLUX.1-dev transformer/config.json
 RELEASED_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -226,3 +229,26 @@ def test_network_row_equals_the_networks_parameters(tiny_flux, loaded, network_a
     modules = net.unet_loras + ([] if unet_only else net.text_encoder_loras)
     n = sum(p.numel() for m in modules for p in m.parameters())
     assert _row(rows, "weights network") == 4 * n  # float32
+
+
+# ------------------------------------------------------------------ (4) through flux_train_network.py --dry_run
+
+def test_dry_run_prints_the_estimate_with_blocks_to_swap(tmp_path, capsys):
+    """A tiny FLUX.1 of 4 double and 6 single blocks: --blocks_to_swap 3 parks 1 double and 4 single blocks (the
+    option checks pass; the rows say so)."""
+    p = write_tiny_flux("dev", tmp_path / "m", formats=("safetensors",), blocks=(4, 6))
+    data = make_shapes_folder(tmp_path / "data", repeats=1, n=2, name="sks shape")
+    argv = ["--pretrained_model_name_or_path", str(p["transformer"]), "--ae", str(p["ae"]), "--clip_l",
+            str(p["clip_l"]), "--t5xxl", str(p["t5xxl"]), "--tokenizer_cache_dir", str(p["tokenizer_cache_dir"]),
+            "--train_data_dir", str(data), "--resolution", "64", "--output_dir", str(tmp_path / "out"),
+            "--network_module", "networks.lora_flux", "--max_train_steps", "2", "--mixed_precision", "bf16",
+            "--cache_latents", "--gradient_checkpointing", "--t5xxl_max_token_length", "16", "--dry_run"]
+    flux_train_network.main(argv)
+    plain = capsys.readouterr().out
+    flux_train_network.main(argv + ["--blocks_to_swap", "3"])
+    swapped = capsys.readouterr().out
+    assert "--blocks_to_swap 3: 1 double + 4 single in CPU memory, 1 of each in transfer" in swapped
+    assert "--blocks_to_swap" not in plain and "estimated peak" in plain
+    assert "weights ae (1.0M; in CPU memory while training)" in swapped  # --cache_latents
+    assert "(while caching, ae are on the device as well" in swapped
+    # the bytes (too few for the printed GiB) are checked in test_blocks_to_swap_drops_the_swapped_blocks_...

@@ -45,6 +45,7 @@ from safetensors import safe_open
 
 from library.models.flux_keys import BFL_PREFIX, flux_rules
 from library.sampling.flux_text import t5_max_length
+from library.training.memory.block_swap import flux_block_split
 from library.training.runners.memory_estimate import DTYPE_BYTES, FIXED_BYTES, OPTIMIZER_STATE_BYTES, _gradient_row
 from networks.lora_flux_targets import IN_GROUPS, PREFIX_CLIP, PREFIX_FLUX, PREFIX_T5
 
@@ -199,13 +200,6 @@ def transformer_bytes(shapes: dict[str, tuple], wbytes: int, fp8: bool) -> dict:
     return out
 
 
-def swap_split(blocks_to_swap: int, num_double: int, num_single: int) -> tuple[int, int]:
-    """(double, single) blocks in CPU memory: sd-scripts' split, capped so that 2 of each kind stay resident."""
-    double = blocks_to_swap // 2
-    single = (blocks_to_swap - double) * 2
-    return min(double, max(num_double - 2, 0)), min(single, max(num_single - 2, 0))
-
-
 def lora_params(args, shapes: FluxShapes) -> float:
     """rank x (in + out) over the layers networks.lora_flux adapts, named and ranked as it does from the BFL
     names: block Linears of the kinds and indices ``--network_args`` selects, the embedders with ``in_dims``, CLIP-L
@@ -299,7 +293,7 @@ def estimate_flux(args, image_tokens: int, batch_size: int, shapes: Optional[Flu
     label = f"weights transformer ({n_t / 1e6:.1f}M, {'fp8 Linear weights' if fp8 else f'{wbytes} B'})"
     swap = int(getattr(args, "blocks_to_swap", None) or 0)
     if swap:
-        sd, ss = swap_split(swap, nd, ns)
+        sd, ss = flux_block_split(swap, nd, ns)  # more than the model allows was refused before the dry run
         gone = sum(tb["double"][nd - sd:]) + sum(tb["single"][ns - ss:])
         headroom = (max(tb["double"]) if sd else 0) + (max(tb["single"]) if ss else 0)
         label += f"; --blocks_to_swap {swap}: {sd} double + {ss} single in CPU memory, 1 of each in transfer"
