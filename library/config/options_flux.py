@@ -86,7 +86,34 @@ def add_flux_train_arguments(parser: Container) -> None:
                    help="deprecated (as upstream): --blocks_to_swap 18 unless --blocks_to_swap is given")
 
 
+# Options current sd-scripts gives flux_train_network.py that v0.8.7's train_network.py has not (its newer
+# train_network.py and train_util.py): declared with upstream's defaults, so a front-end's FLUX config that carries
+# them at their defaults loads; any other value is refused in one line (library/training/runners/flux_checks.py).
+# name -> (argparse keywords, what upstream does with it)
+NEWER_UPSTREAM_OPTIONS: dict[str, tuple[dict, str]] = {
+    "cpu_offload_checkpointing": (dict(action="store_true"), "gradient checkpoints kept in CPU memory"),
+    "initial_epoch": (dict(type=int, default=None), "the epoch number to start counting from"),
+    "initial_step": (dict(type=int, default=None), "the step number to start counting from"),
+    "skip_until_initial_step": (dict(action="store_true"), "skip the batches before --initial_step"),
+    "fused_backward_pass": (dict(action="store_true"), "the optimizer step inside backward (sdxl_train has it)"),
+    "huber_scale": (dict(type=float, default=1.0), "the Huber loss scale (here always 1)"),
+    "lr_decay_steps": (dict(type=float, default=0), "decay steps of the warmup-stable-decay schedule"),
+    "lr_scheduler_timescale": (dict(type=int, default=None), "the inverse-sqrt schedule's time scale"),
+    "lr_scheduler_min_lr_ratio": (dict(type=float, default=None), "the minimum rate of cosine-with-min-lr"),
+    "resize_interpolation": (dict(type=str, default=None), "the image resize filter"),
+    "skip_cache_check": (dict(action="store_true"), "skip checking the contents of cache files"),
+    "log_config": (dict(action="store_true"), "log the training configuration"),
+}
+
+
+def add_newer_upstream_arguments(parser: Container) -> None:
+    g = section(parser, "current sd-scripts (declared; refused unless at upstream's default)")
+    for name, (kwargs, what) in NEWER_UPSTREAM_OPTIONS.items():
+        g.add_argument(f"--{name}", **kwargs, help=f"upstream: {what}; not supported here yet")
+
+
 def add_flux_arguments(parser: Container) -> None:
     """Everything flux_train_network.py adds to train_network.py's options."""
     add_dit_training_arguments(parser)
     add_flux_train_arguments(parser)
+    add_newer_upstream_arguments(parser)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+from library.config.options_flux import NEWER_UPSTREAM_OPTIONS
 from library.errors import UserError
 from library.models.flux_loading import is_flux
 from library.models.flux_preflight import check_flux_parts
@@ -35,8 +36,11 @@ _REFUSED = {
 }
 
 
+_REFUSED.update({name: "is an option of current sd-scripts that is not supported here yet"
+                 for name in NEWER_UPSTREAM_OPTIONS})
+
 # values that change nothing (front-ends write them by default): no refusal
-_NEUTRAL = {"clip_skip": 1, "max_timestep": 1000}
+_NEUTRAL = {"clip_skip": 1, "max_timestep": 1000, "huber_scale": 1.0}
 
 
 def reject_flux_options(args: argparse.Namespace) -> None:
