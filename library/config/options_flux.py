@@ -109,7 +109,9 @@ NEWER_UPSTREAM_OPTIONS: dict[str, tuple[dict, str]] = {
 def add_newer_upstream_arguments(parser: Container) -> None:
     g = section(parser, "current sd-scripts (declared; refused unless at upstream's default)")
     for name, (kwargs, what) in NEWER_UPSTREAM_OPTIONS.items():
-        g.add_argument(f"--{name}", **kwargs, help=f"upstream: {what}; not supported here yet")
+        action = g.add_argument(f"--{name}", **kwargs, help=f"upstream: {what}; not supported here yet")
+        if kwargs.get("type") in (int, float):
+            ranged(action, Range(note="refused unless at upstream's default"))
 
 
 def add_flux_arguments(parser: Container) -> None:

@@ -39,7 +39,9 @@ def test_a_freed_block_is_reused_without_page_faults():
     pages = 3 * (40 + 64 + 100 + 64) * 2**20 // 4096  # what three steps touch
     assert applied
     assert default > pages // 2  # glibc's default: every block was unmapped and faults in again
-    assert kept < default // 5  # kept: the heap's memory is reused (measured: 8 % of the default's faults)
+    # kept: the heap's memory is reused (measured: 8 % of the default's faults on an idle machine, 20 % once in
+    # a CI run next to a process building a 4 GB model)
+    assert kept < default // 3
 
 
 def test_opt_out(monkeypatch):
