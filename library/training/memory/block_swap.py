@@ -54,8 +54,8 @@ class BlockSwap:
         self.name = name
         self.cuda = self.device.type == "cuda"
         self.params = [[p for p in b.parameters() if not p.requires_grad] for b in blocks]
-        pin = self.cuda
-        self.host = [[(p.data.pin_memory() if pin else p.data.to("cpu")) for p in ps] for ps in self.params]
+        # pinned: the copies to the GPU can run on the side stream while the GPU computes
+        self.host = [[_host_copy(p.data, pin=self.cuda) for p in ps] for ps in self.params]
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.resident: set[int] = set()
         self.loading: dict[int, Optional[torch.cuda.Event]] = {}
@@ -176,6 +176,11 @@ class BlockSwap:
 
     def _count(self) -> None:
         self.peak_resident = max(self.peak_resident, len(self.resident) + len(self.loading))
+
+
+def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    t = t.to("cpu")
+    return t.pin_memory() if pin else t
 
 
 def move_except_blocks(model: nn.Module, block_lists: Sequence[nn.ModuleList], device: torch.device | str) -> None:
