@@ -41,12 +41,12 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from safetensors import safe_open
-
-from library.models.flux_keys import BFL_PREFIX, flux_rules
+from library.models.flux_config import bfl_prefix
+from library.models.flux_keys import flux_rules
 from library.sampling.flux_text import t5_max_length
 from library.training.memory.block_swap import flux_block_split
-from library.training.runners.memory_estimate import DTYPE_BYTES, FIXED_BYTES, OPTIMIZER_STATE_BYTES, _gradient_row
+from library.training.runners.memory_estimate import (DTYPE_BYTES, FIXED_BYTES, OPTIMIZER_STATE_BYTES, _gradient_row,
+                                                      _header_shapes, _numel)
 from networks.lora_flux_targets import IN_GROUPS, PREFIX_CLIP, PREFIX_FLUX, PREFIX_T5
 
 PARTS = ("transformer", "clip_l", "t5xxl", "ae")
@@ -115,11 +115,6 @@ def _bfl_from_diffusers(shapes: dict[str, tuple]) -> dict[str, tuple]:
     return out
 
 
-def _header(path: str) -> dict[str, tuple]:
-    with safe_open(path, "pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
 def _folder_files(folder: str) -> list[str]:
     """A Diffusers component folder's weight files: the shards its index names, else its one safetensors file."""
     names = sorted(os.listdir(folder))
@@ -141,16 +136,16 @@ def _part_shapes(part: str, path: Optional[str]) -> Optional[dict[str, tuple]]:
         files = _folder_files(folder)
         if not files:
             return None
-        shapes = {k: s for f in files for k, s in _header(f).items()}
+        shapes = {k: s for f in files for k, s in _header_shapes(f).items()}
         return _bfl_from_diffusers(shapes) if part == "transformer" else shapes
     if not path.endswith(".safetensors"):
         return None
-    shapes = _header(path)
+    shapes = _header_shapes(path)
     if part == "transformer":
-        prefix = BFL_PREFIX if any(k.startswith(BFL_PREFIX) for k in shapes) else ""
-        shapes = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
-        if "double_blocks.0.img_attn.qkv.weight" not in shapes:
+        prefix = bfl_prefix(shapes)
+        if prefix is None:
             return None
+        shapes = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
     return shapes
 
 
@@ -172,13 +167,6 @@ def read_flux_shapes(args) -> FluxShapes:
 
 
 # ---------------------------------------------------------------- the estimate
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
 
 def _block_of(key: str) -> Optional[tuple[str, int]]:
     m = _BLOCK.match(key)

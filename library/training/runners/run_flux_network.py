@@ -149,7 +149,10 @@ class FluxNetworkRecipe(NetworkRecipe):
             m.to(acc.device, wdtype)
         # with --blocks_to_swap the transformer stays in CPU memory until prepare() places it block by block:
         # the whole of it never has to fit on the device
-        flux.transformer.to(wdtype) if args.blocks_to_swap else flux.transformer.to(acc.device, wdtype)
+        if args.blocks_to_swap:
+            flux.transformer.to(wdtype)
+        else:
+            flux.transformer.to(acc.device, wdtype)
         if args.fp8_base or args.fp8_base_unet:
             # the transformer's Linear weights in fp8, computed in the training dtype; upstream's --fp8_base also
             # stores T5-XXL in fp8 (with its own T5 forward patch), here T5-XXL stays in the training dtype
