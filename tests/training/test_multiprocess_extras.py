@@ -71,7 +71,8 @@ def test_validation_with_two_processes_is_the_one_process_value(two_processes, t
                                      "--learning_rate", "0", "--logging_dir", str(tmp_path / f"log{step}"),
                                      "--network_weights", str(run["out"] / f"lora-step{step:08d}.safetensors")))
         oracle = dict(_scalars(tmp_path / f"log{step}")["loss/validation"])[1]
-        assert run["val"][step] == pytest.approx(oracle, rel=1e-6, abs=1e-7), step
+        # float32 summation order differs between CPU kernels (2.3e-6 relative measured on an AMD EPYC)
+        assert run["val"][step] == pytest.approx(oracle, rel=1e-5, abs=1e-6), step
     assert run["val"][1] != run["val"][STEPS]  # the weights did change
 
 
