@@ -118,6 +118,9 @@ def _deepspeed_plugin(args: argparse.Namespace):
                              offload_param_device=args.offload_param_device,
                              offload_param_nvme_path=args.offload_param_nvme_path, zero3_init_flag=args.zero3_init_flag,
                              zero3_save_16bit_model=args.zero3_save_16bit_model)
+    # accelerate writes gradient_clipping only when it is truthy, and fills a missing one with 1.0 at prepare:
+    # --max_grad_norm 0 (no clipping, as everywhere else) must reach DeepSpeed as 0.0
+    plugin.deepspeed_config["gradient_clipping"] = float(args.max_grad_norm or 0.0)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     plugin.deepspeed_config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * world
