@@ -1,8 +1,10 @@
 """Fixed-seed short runs of every trainer, reduced to per-tensor fingerprints (issue 17 item 6).
 
-``python -m tests.golden.cases`` writes ``tests/golden/golden.json`` from the code as it is; the test
-compares today's code with that file. A fingerprint is the SHA-256 of the tensor's bytes (bit for bit) plus
-its float64 sum and absolute sum (for a machine whose CPU kernels round differently, see the test).
+``python -m tests.golden.cases`` writes ``tests/golden/golden.json`` from the code as it is, recorded on this
+machine kind; ``python -m tests.golden.cases --add`` adds this machine kind's record to the file instead, after
+checking that it agrees with the records there (same code, other CPU kernels). The test compares today's code with
+the file. A fingerprint is the SHA-256 of the tensor's bytes (bit for bit) plus its float64 sum and absolute sum
+(for a machine kind with no record, whose CPU kernels round differently, see the test).
 """
 from __future__ import annotations
 
@@ -121,16 +123,42 @@ def machine() -> dict:
             "machine": platform.machine(), **_cpu_kernel_facts()}
 
 
-def main() -> None:
+def agreement(got: dict[str, list], want: dict[str, list]) -> float:
+    """The median over tensors of the relative difference of their absolute sums: 2e-6 or less between an Intel
+    Xeon (AVX-512, AMX) and an AMD EPYC (AVX2) on the same code; 4e-5 or more when the learning rate moves 5 %,
+    4e-4 or more for another seed (measured). A median, as Adam's first steps move a weight with a near-zero
+    gradient by about ``lr`` whichever way rounding tips it: a few LoRA-up tensors differ by 20 % between CPUs."""
+    rel = sorted(abs(got[k][4] - want[k][4]) / max(want[k][4], 1e-30) for k in want if k != "__metadata__")
+    return rel[len(rel) // 2] if rel else 0.0
+
+
+AGREEMENT = 2e-5  # see agreement(): 10x the cross-CPU figure, half the smallest real change measured
+
+
+def record() -> dict:
     result = {"machine": machine(), "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in NAMES:
             result["cases"][name] = run_case(name, Path(tmp) / name)
             print(name, len(result["cases"][name]), "tensors", flush=True)
-    GOLDEN.write_text(json.dumps(result, indent=0) + "\n", encoding="utf-8")
-    print("wrote", GOLDEN)
+    return result
+
+
+def main(argv: list[str]) -> None:
+    runs = []
+    this = record()
+    if "--add" in argv:
+        runs = [r for r in json.loads(GOLDEN.read_text(encoding="utf-8"))["runs"] if r["machine"] != this["machine"]]
+        for run in runs:
+            for name in NAMES:
+                a = agreement(this["cases"][name], run["cases"][name])
+                if a > AGREEMENT:
+                    sys.exit(f"{name}: differs from the record of {run['machine']['model']} by {a:.2g} "
+                             "(the code changed: rewrite the file without --add)")
+    GOLDEN.write_text(json.dumps({"runs": [*runs, this]}, indent=0) + "\n", encoding="utf-8")
+    print("wrote", GOLDEN, "with", len(runs) + 1, "machine kinds")
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    main()
+    main(sys.argv[1:])

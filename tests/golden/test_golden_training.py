@@ -1,10 +1,12 @@
 """Behaviour unchanged (issue 17 item 6): every trainer's fixed-seed 3-step run saves the tensors the code
 produced when tests/golden/golden.json was written (``python -m tests.golden.cases``, before a refactor).
 
-On the machine kind the file was written on (same torch build and CPU kernels, recorded in it) the tensors
-must be bit for bit the same, and the metadata identical. Elsewhere CPU kernels may round differently, so
-there the per-tensor sums must agree to 1e-5 (relative) and only metadata that does not hash the tensors
-is compared.
+The file holds one record per machine kind it was run on (torch build, CPU model, cache and the ISA flags that pick
+oneDNN kernels: an Intel Xeon with AVX-512 / AMX and an AMD EPYC with AVX2 so far). On a recorded kind the tensors
+must be bit for bit the same and the metadata identical. Elsewhere CPU kernels round differently and Adam turns
+that rounding into whole steps for near-zero gradients, so there the shapes, dtypes and tensor-free metadata must
+match and the median relative difference of the per-tensor absolute sums must stay under ``cases.AGREEMENT``
+(measured between the two kinds and against real changes, see ``cases.agreement``).
 """
 import json
 
@@ -12,8 +14,9 @@ import pytest
 
 from tests.golden import cases
 
-GOLDEN = json.loads(cases.GOLDEN.read_text(encoding="utf-8"))
-SAME_MACHINE = GOLDEN["machine"] == cases.machine()
+RUNS = json.loads(cases.GOLDEN.read_text(encoding="utf-8"))["runs"]
+HERE = cases.machine()
+SAME = [r for r in RUNS if r["machine"] == HERE]
 
 
 def _tensor_free(meta: dict) -> dict:
@@ -22,17 +25,26 @@ def _tensor_free(meta: dict) -> dict:
 
 @pytest.mark.parametrize("name", cases.NAMES)
 def test_trainer_output_is_unchanged(name, tmp_path):
-    want = dict(GOLDEN["cases"][name])
     got = cases.run_case(name, tmp_path)
-    want_meta, got_meta = want.pop("__metadata__"), got.pop("__metadata__")
-    assert got.keys() == want.keys()
-    if SAME_MACHINE:
-        assert got_meta == want_meta
-        changed = [k for k in want if got[k] != want[k]]
-        assert not changed, f"{len(changed)} tensors differ from the golden run, first: {changed[:3]}"
-        return
-    assert _tensor_free(got_meta) == _tensor_free(want_meta)
-    for k, (_, dtype, shape, total, abs_total) in want.items():
-        assert got[k][1:3] == [dtype, shape], k
-        assert got[k][3] == pytest.approx(total, rel=1e-5, abs=1e-6 * max(abs_total, 1.0)), k
-        assert got[k][4] == pytest.approx(abs_total, rel=1e-5), k
+    for run in SAME or RUNS:
+        want = dict(run["cases"][name])
+        want_meta, got_meta = want.pop("__metadata__"), dict(got)["__metadata__"]
+        assert got.keys() - {"__metadata__"} == want.keys()
+        if SAME:
+            assert got_meta == want_meta
+            changed = [k for k in want if got[k] != want[k]]
+            assert not changed, f"{len(changed)} tensors differ from the golden run, first: {changed[:3]}"
+            continue
+        assert _tensor_free(got_meta) == _tensor_free(want_meta)
+        for k, (_, dtype, shape, _, _) in want.items():
+            assert got[k][1:3] == [dtype, shape], k
+        a = cases.agreement(got, want)
+        assert a <= cases.AGREEMENT, f"median difference {a:.2g} from the {run['machine']['model']} record"
+
+
+def test_the_records_agree_with_each_other():
+    """The records of different machine kinds are of the same code (``--add`` checks this when it writes)."""
+    assert len({json.dumps(r["machine"], sort_keys=True) for r in RUNS}) == len(RUNS)
+    for a in RUNS[1:]:
+        for name in cases.NAMES:
+            assert cases.agreement(a["cases"][name], RUNS[0]["cases"][name]) <= cases.AGREEMENT / 4, name
