@@ -15,6 +15,7 @@ import torch
 
 from library.errors import UserError
 from library.training.loop import nonfinite_guard
+from library.training.objective.latent_memo import memo_for
 from library.training.objective.losses import LossConfig, conditional_loss, loss_mask_from_batch, reduce_and_weight
 from library.training.objective.noise import NoiseConfig, compute_target, make_noisy_latents
 from library.training.objective.noise_schedule import TrainingSchedule, build_training_schedule
@@ -63,13 +64,21 @@ class DiffusionObjective:
 
 
 def batch_latents(batch: Mapping[str, Any], vae, scale: float, device, dtype, generator: torch.Generator) -> torch.Tensor:
-    """Scaled latents: cached ones (stored unscaled) or a VAE sample of the images, spec losses §2."""
+    """Scaled latents: cached ones (stored unscaled) or a VAE sample of the images, spec losses §2 (the
+    distribution of an image seen before comes from :mod:`latent_memo`; the sample is drawn each step)."""
     if batch.get("latents") is not None:
         latents = batch["latents"].to(device)
     else:
+        memo = memo_for(vae)
         with torch.no_grad():
-            images = batch["images"].to(device, vae.dtype)
-            latents = vae.encode(images).latent_dist.sample(generator=generator)
+            if memo is not None:
+                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+                params = memo.parameters(vae, batch["images"], device)
+                latents = DiagonalGaussianDistribution(params).sample(generator=generator)
+            else:
+                images = batch["images"].to(device, vae.dtype)
+                latents = vae.encode(images).latent_dist.sample(generator=generator)
     # checked by the loop's non-finite guard together with the loss: no device sync here
     nonfinite_guard.watch("VAE latents", latents)
     return (latents * scale).to(dtype)

@@ -1,0 +1,84 @@
+"""The latent memo (training without --cache_latents): an image seen again reuses its VAE moments, and the
+latents equal encoding it again, bit for bit (the oracle is the plain encode + sample with the same generator)."""
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+import train_network
+from library.training.objective import latent_memo
+from library.training.objective.diffusion_step import batch_latents
+from tests.training.train_helpers import base_args
+
+
+@pytest.fixture
+def vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1).eval()
+
+
+def _plain(vae, images, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return vae.encode(images).latent_dist.sample(generator=g) * 0.5
+
+
+def _memo(vae, images, seed):
+    return batch_latents({"images": images}, vae, 0.5, "cpu", torch.float32, torch.Generator().manual_seed(seed))
+
+
+def test_repeated_images_reuse_moments_and_draw_the_same_latents(vae):
+    pictures = [torch.rand(1, 3, 32, 32) * 2 - 1 for _ in range(3)]
+    order = [0, 1, 0, 2, 1, 1, 0]  # batches of one image, as a DreamBooth folder's repeats give them
+    for step, i in enumerate(order):
+        assert torch.equal(_memo(vae, pictures[i], step), _plain(vae, pictures[i], step)), step
+    memo = latent_memo.memo_for(vae)
+    assert (memo.misses, memo.hits) == (3, 4)
+    # the draw still comes from the step's generator: the same image at two steps gives two samples
+    assert not torch.equal(_memo(vae, pictures[0], 100), _memo(vae, pictures[0], 101))
+
+
+def test_changed_pixels_are_encoded_again(vae):
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    flipped, nudged = image.flip(-1), image.clone()
+    nudged[0, 0, 0, 0] += 1e-3
+    for step, x in enumerate((image, flipped, nudged)):
+        assert torch.equal(_memo(vae, x, step), _plain(vae, x, step))
+    memo = latent_memo.memo_for(vae)
+    assert (memo.misses, memo.hits) == (3, 0)
+    # both seen before, each in a batch of one: a batch of two may round the encoder's last bit differently
+    pair = torch.cat([image, nudged])
+    torch.testing.assert_close(_memo(vae, pair, 5), _plain(vae, pair, 5), rtol=1e-5, atol=1e-6)
+    assert (memo.misses, memo.hits) == (3, 2)
+    mixed = torch.cat([image, flipped.flip(-2)])  # one seen, one new: only the new one goes to the VAE
+    _memo(vae, mixed, 9)
+    assert (memo.misses, memo.hits) == (4, 3)
+
+
+def test_budget_limits_what_is_kept_and_zero_turns_it_off(vae, monkeypatch):
+    row_bytes = 2 * 4 * 16 * 16 * 4  # moments of one 32 px image: 2 x 4 channels x 16 x 16 fp32
+    monkeypatch.setenv(latent_memo.BUDGET_ENV, str(1.5 * row_bytes / 2**20))
+    images = [torch.rand(1, 3, 32, 32) for _ in range(2)]
+    for step, x in enumerate(images + images):
+        assert torch.equal(_memo(vae, x, step), _plain(vae, x, step))
+    memo = latent_memo.memo_for(vae)
+    assert memo.used == row_bytes and len(memo.moments) == 1 and (memo.misses, memo.hits) == (3, 1)
+    monkeypatch.setenv(latent_memo.BUDGET_ENV, "0")
+    assert latent_memo.memo_for(vae) is None
+
+
+def test_training_without_latent_cache_equals_encoding_every_step(tiny_sd, shapes_data, tmp_path, monkeypatch):
+    """train_network.py on a folder with 2 repeats (each image twice per epoch), 8 steps: the LoRA with the memo
+    equals the LoRA with it turned off, tensor for tensor."""
+    model = tiny_sd["sd1"]["safetensors"]
+    memos, memo_for = [], latent_memo.memo_for
+    monkeypatch.setattr(latent_memo, "memo_for", lambda vae: memos.append(memo_for(vae)) or memos[-1])
+    monkeypatch.setattr("library.training.objective.diffusion_step.memo_for", latent_memo.memo_for)
+    train_network.main(base_args(model, shapes_data, tmp_path / "memo", 8))
+    assert memos and memos[-1].hits == 5 and memos[-1].misses == 3  # 3 images x 2 repeats, 8 batches of one
+    monkeypatch.setenv(latent_memo.BUDGET_ENV, "0")
+    train_network.main(base_args(model, shapes_data, tmp_path / "plain", 8))
+    a, b = load_file(str(tmp_path / "memo" / "lora.safetensors")), load_file(str(tmp_path / "plain" / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
