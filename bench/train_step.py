@@ -4,6 +4,8 @@
     python bench/train_step.py [--family sd1] [--steps 20] [--batch 1] [--resolution 64] [--device cpu]
 Each variant runs in its own process (peak RSS is per process); prints a table: s/step, images/s,
 peak memory, and our/reference ratio. Model: the tiny test model unless --model points to a real one.
+Both loops encode the same batch with the VAE every step: ours runs with its latent memo off
+(``SDT_LATENT_MEMO_MB=0``), which would otherwise skip the encoder from the second step on.
 """
 from __future__ import annotations
 
@@ -132,7 +134,8 @@ def main() -> None:
             "--batch", str(args.batch), "--resolution", str(args.resolution), "--rank", str(args.rank),
             "--device", args.device]
     for variant in ("reference", "ours"):
-        out = subprocess.run(base + ["--variant", variant], capture_output=True, text=True, env=os.environ)
+        env = dict(os.environ, SDT_LATENT_MEMO_MB="0")
+        out = subprocess.run(base + ["--variant", variant], capture_output=True, text=True, env=env)
         if out.returncode != 0:
             sys.exit(f"{variant} failed:\n{out.stderr[-2000:]}")
         rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
