@@ -82,3 +82,17 @@ def test_training_without_latent_cache_equals_encoding_every_step(tiny_sd, shape
     train_network.main(base_args(model, shapes_data, tmp_path / "plain", 8))
     a, b = load_file(str(tmp_path / "memo" / "lora.safetensors")), load_file(str(tmp_path / "plain" / "lora.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_moments_do_not_depend_on_batch_mates_or_history(vae):
+    """Each image's moments are its own batch-of-one encoding: a process that saw other images first (a straight
+    run) and a fresh one (a resumed run, another rank) give the same bits for the same batch."""
+    a, b, c = (torch.rand(1, 3, 32, 32) * 2 - 1 for _ in range(3))
+    with torch.no_grad():
+        alone = {name: vae.encode(x).latent_dist.parameters[0] for name, x in (("a", a), ("b", b))}
+    warm = latent_memo.LatentMemo(2**20)
+    warm.parameters(vae, torch.cat([a, c]), "cpu")  # a seen before, next to another image
+    mixed = warm.parameters(vae, torch.cat([a, b]), "cpu")  # a: kept moments; b: new
+    fresh = latent_memo.LatentMemo(2**20).parameters(vae, torch.cat([a, b]), "cpu")
+    assert torch.equal(mixed, fresh)
+    assert torch.equal(fresh[0], alone["a"]) and torch.equal(fresh[1], alone["b"])

@@ -72,7 +72,7 @@ def batch_latents(batch: Mapping[str, Any], vae, scale: float, device, dtype, ge
         memo = memo_for(vae)
         with torch.no_grad():
             if memo is not None:
-                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # start-up (diffusers)
 
                 params = memo.parameters(vae, batch["images"], device)
                 latents = DiagonalGaussianDistribution(params).sample(generator=generator)

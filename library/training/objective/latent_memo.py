@@ -7,10 +7,11 @@ draw from them differs. So the moments are kept, keyed by the pixels' own bytes,
 sample from the step's generator: the latents are the ones encoding again would give. An augmentation that changes
 the pixels (``random_crop``, ``color_aug``) gives new bytes and is encoded, never matched by mistake.
 
-Bit for bit: an image's moments are computed in the batch it first came in. Encoding it again inside another
-batch can round differently in the last bit (the convolution kernels may block a batch of 2 differently from a
-batch of 1), just as the same image already does between two uncached runs whose batches differ; with batches
-of one image, or the same batches, the latents are identical to encoding every step.
+Bit for bit: every image is encoded on its own (a batch of one) the first time it is seen, so its moments never
+depend on the images that share its batch or on what the process saw before: a resumed run, or a process of a
+multi-process run, draws exactly the latents of a straight run. With batches of one image the latents are also
+identical to encoding every step with the memo off; with larger batches they can differ from encoding the whole
+batch at once in the last bit (the convolution kernels block a batch of 2 differently from a batch of 1).
 
 Kept on the host, up to ``SDT_LATENT_MEMO_MB`` MiB (default 1024; ``0`` turns it off): 2 KiB per 64 px image,
 512 KiB per 1024 px image in fp32.
@@ -53,21 +54,22 @@ class LatentMemo:
         self.hits = self.misses = 0
 
     def parameters(self, vae, images: torch.Tensor, device) -> torch.Tensor:
-        """``vae.encode(images).latent_dist.parameters`` (the moments, batch first) on ``device``, encoding only
-        the images not seen before. ``images`` is the loader's batch, on any device."""
-        keys = [_pixel_key(image) for image in images]
-        missing = [i for i, key in enumerate(keys) if key not in self.moments]
-        fresh = {}
-        if missing:
-            new_images = images[missing] if len(missing) < len(keys) else images
-            with torch.no_grad():
-                params = vae.encode(new_images.to(device, vae.dtype)).latent_dist.parameters
-            for row, i in zip(params, missing):
-                fresh[i] = row
-                self._keep(keys[i], row)
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        rows = [fresh[i] if i in fresh else self.moments[key].to(device) for i, key in enumerate(keys)]
+        """``vae.encode(images).latent_dist.parameters`` (the moments, batch first) on ``device``, each image
+        encoded on its own the first time it is seen. ``images`` is the loader's batch, on any device."""
+        rows, fresh = [], {}
+        for i, key in enumerate(_pixel_key(image) for image in images):
+            row = self.moments.get(key)
+            row = row.to(device) if row is not None else fresh.get(key)
+            if row is None:
+                # a batch of one: the moments never depend on the images that share the batch
+                with torch.no_grad():
+                    row = vae.encode(images[i:i + 1].to(device, vae.dtype)).latent_dist.parameters[0]
+                fresh[key] = row
+                self._keep(key, row)
+                self.misses += 1
+            else:
+                self.hits += 1
+            rows.append(row)
         return torch.stack(rows)
 
     def _keep(self, key: bytes, row: torch.Tensor) -> None:
