@@ -7,8 +7,8 @@ Both tools step a ``torch.optim`` optimizer once per training step, so a global 
 stamps the same point of the loop in either without changing a line of it. The intervals between stamps are
 the steps' own time: model loading, start-up and the saves after the last step drop out, which a difference of
 two whole-process wall times cannot guarantee on a noisy machine. Standard library and torch only: it also runs
-in upstream's venv. One line per step (``perf_counter``, user and system CPU seconds, minor page faults so far), flushed at once so
-a crash keeps what was timed.
+in upstream's venv. One line per step (``perf_counter``, user and system CPU seconds, minor page faults so far),
+flushed at once so a crash keeps what was timed.
 """
 from __future__ import annotations
 

@@ -17,6 +17,13 @@ import bench_speed  # noqa: E402
 import kohya_oracle  # noqa: E402
 
 
+def with_bucket_limit(options: list[str], resolution: int) -> list[str]:
+    """``options`` with ``--max_bucket_reso`` (when given) raised to twice ``resolution``, at least 128."""
+    if "--max_bucket_reso" in options:
+        options[options.index("--max_bucket_reso") + 1] = str(max(128, 2 * resolution))
+    return options
+
+
 def _resolution(argv: list[str]) -> int:
     return int(argv[argv.index("--resolution") + 1]) if "--resolution" in argv else 64
 
@@ -27,10 +34,7 @@ def main() -> None:
 
     def run_options(name, **paths):
         options, out_name = original(name, **paths)
-        options = list(options)
-        if "--max_bucket_reso" in options:
-            options[options.index("--max_bucket_reso") + 1] = str(max(128, 2 * resolution))
-        return options, out_name
+        return with_bucket_limit(list(options), resolution), out_name
 
     kohya_oracle.run_options = run_options
     bench_speed.main()

@@ -27,9 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT.parent / "shared" / "upstream-bench"
-sys.path.insert(0, str(HARNESS))
+sys.path[:0] = [str(ROOT), str(HARNESS)]
 
 import kohya_oracle as ko  # noqa: E402
+
+from bench.upstream_speed import with_bucket_limit  # noqa: E402
 
 CLOCK = ROOT / "bench" / "step_clock.py"
 TOOLS = ("ours", "upstream")
@@ -49,10 +51,9 @@ def run_options(run: str, steps: int, resolution: int, **paths: str) -> list[str
     options, _ = ko.run_options(run, **paths)
     options = list(options)
     options[options.index("--max_train_steps") + 1] = str(steps)
-    for name, value in (("--resolution", resolution), ("--max_bucket_reso", max(128, 2 * resolution))):
-        if name in options:
-            options[options.index(name) + 1] = str(value)
-    return options
+    if "--resolution" in options:
+        options[options.index("--resolution") + 1] = str(resolution)
+    return with_bucket_limit(options, resolution)
 
 
 def start(run: Run, core: int | None) -> subprocess.Popen:

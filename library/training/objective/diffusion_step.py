@@ -72,10 +72,7 @@ def batch_latents(batch: Mapping[str, Any], vae, scale: float, device, dtype, ge
         memo = memo_for(vae)
         with torch.no_grad():
             if memo is not None:
-                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # start-up (diffusers)
-
-                params = memo.parameters(vae, batch["images"], device)
-                latents = DiagonalGaussianDistribution(params).sample(generator=generator)
+                latents = memo.sample(vae, batch["images"], device, generator)
             else:
                 images = batch["images"].to(device, vae.dtype)
                 latents = vae.encode(images).latent_dist.sample(generator=generator)

@@ -40,7 +40,7 @@ def _pixel_key(image: torch.Tensor) -> bytes:
     data = image.detach().to("cpu").contiguous()
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((tuple(data.shape), str(data.dtype))).encode())
-    h.update(data.view(torch.uint8).numpy().tobytes() if data.dtype == torch.bfloat16 else data.numpy().tobytes())
+    h.update(data.view(torch.uint8).numpy().tobytes())  # raw bytes: also for bfloat16, which numpy lacks
     return h.digest()
 
 
@@ -72,9 +72,15 @@ class LatentMemo:
             rows.append(row)
         return torch.stack(rows)
 
+    def sample(self, vae, images: torch.Tensor, device, generator: torch.Generator) -> torch.Tensor:
+        """``vae.encode(images).latent_dist.sample(generator)`` through the kept moments."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # start-up (diffusers)
+
+        return DiagonalGaussianDistribution(self.parameters(vae, images, device)).sample(generator=generator)
+
     def _keep(self, key: bytes, row: torch.Tensor) -> None:
         size = row.numel() * row.element_size()
-        if key in self.moments or self.used + size > self.budget:
+        if self.used + size > self.budget:
             return
         self.moments[key] = row.detach().to("cpu", copy=True)
         self.used += size
