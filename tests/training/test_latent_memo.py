@@ -96,3 +96,30 @@ def test_moments_do_not_depend_on_batch_mates_or_history(vae):
     fresh = latent_memo.LatentMemo(2**20).parameters(vae, torch.cat([a, b]), "cpu")
     assert torch.equal(mixed, fresh)
     assert torch.equal(fresh[0], alone["a"]) and torch.equal(fresh[1], alone["b"])
+
+
+@pytest.mark.parametrize("augment", ["--random_crop", "--color_aug"])
+def test_dataset_whose_pixels_never_repeat_skips_the_memo(tiny_sd, shapes_data, tmp_path, monkeypatch, augment):
+    """random_crop / color_aug give new pixels every step: nothing is hashed or kept, every batch is encoded."""
+    monkeypatch.setattr(latent_memo.LatentMemo, "parameters", lambda *a, **k: pytest.fail("memo used"))
+    calls = []
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, *a, **k: calls.append(1) or encode(self, *a, **k))
+    train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "out", 3, augment))
+    assert len(calls) == 3 and (tmp_path / "out" / "lora.safetensors").exists()
+
+
+@pytest.mark.parametrize("value", ["1G", "-5", "nan", "inf"])
+def test_unreadable_budget_is_one_line_before_models_load(tiny_sd, shapes_data, tmp_path, capsys, monkeypatch, value):
+    from library.training.runners import run_common
+
+    monkeypatch.setattr(run_common, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    monkeypatch.setenv(latent_memo.BUDGET_ENV, value)
+    with pytest.raises(SystemExit) as e:
+        train_network.main(base_args(tiny_sd["sd1"]["safetensors"], shapes_data, tmp_path / "out", 2))
+    assert e.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert latent_memo.BUDGET_ENV in line and repr(value) in line, line
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv(latent_memo.BUDGET_ENV, " 64 ")
+    assert latent_memo.check_budget() == 64 * 2**20

@@ -5,7 +5,9 @@ The encoder's output, the distribution's moments, is a function of the pixels al
 next epoch, a DreamBooth folder's ``num_repeats``, the same side of a flip) has the same moments, and only the
 draw from them differs. So the moments are kept, keyed by the pixels' own bytes, and every step still draws its
 sample from the step's generator: the latents are the ones encoding again would give. An augmentation that changes
-the pixels (``random_crop``, ``color_aug``) gives new bytes and is encoded, never matched by mistake.
+the pixels (``random_crop``, ``color_aug``) gives new bytes and is encoded, never matched by mistake; the runner
+also turns the memo off for such a dataset (:func:`set_pixels_repeat`), since hashing and keeping images that never
+come back costs time and host memory for nothing.
 
 Bit for bit: every image is encoded on its own (a batch of one) the first time it is seen, so its moments never
 depend on the images that share its batch or on what the process saw before: a resumed run, or a process of a
@@ -14,7 +16,8 @@ identical to encoding every step with the memo off; with larger batches they can
 batch at once in the last bit (the convolution kernels block a batch of 2 differently from a batch of 1).
 
 Kept on the host, up to ``SDT_LATENT_MEMO_MB`` MiB (default 1024; ``0`` turns it off): 2 KiB per 64 px image,
-512 KiB per 1024 px image in fp32.
+512 KiB per 1024 px image in fp32. A value that is not a number is refused before any model loads
+(:func:`check_budget`, called by the preflight).
 """
 from __future__ import annotations
 
@@ -24,16 +27,26 @@ import weakref
 
 import torch
 
+from library.errors import UserError
+
 BUDGET_ENV = "SDT_LATENT_MEMO_MB"
 DEFAULT_BUDGET_MB = 1024
 
 
-def _budget_bytes() -> int:
-    raw = os.environ.get(BUDGET_ENV, "")
-    try:
-        return max(0, int(float(raw) * 2**20)) if raw else DEFAULT_BUDGET_MB * 2**20
-    except ValueError:
+def check_budget() -> int:
+    """The memo's host budget in bytes from ``SDT_LATENT_MEMO_MB``; a value that is not a number >= 0 is one
+    ``UserError`` naming the variable (a typo must not quietly become the default)."""
+    raw = os.environ.get(BUDGET_ENV, "").strip()
+    if not raw:
         return DEFAULT_BUDGET_MB * 2**20
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = float("nan")
+    if not mb >= 0 or mb == float("inf"):
+        raise UserError(f"{BUDGET_ENV}={raw!r}: expected the latent memo's host budget in MiB, a number >= 0 "
+                        f"(0 turns the memo off; default {DEFAULT_BUDGET_MB})")
+    return int(mb * 2**20)
 
 
 def _pixel_key(image: torch.Tensor) -> bytes:
@@ -87,12 +100,24 @@ class LatentMemo:
 
 
 _MEMOS: "weakref.WeakKeyDictionary[torch.nn.Module, LatentMemo]" = weakref.WeakKeyDictionary()
+_PIXELS_VARY: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def set_pixels_repeat(vae, repeat: bool) -> None:
+    """Told by the runner once the dataset is known: ``repeat=False`` (``random_crop``, ``color_aug``, a custom
+    dataset class) means an image's pixels are new every time, so this VAE's batches skip the memo."""
+    if repeat:
+        _PIXELS_VARY.discard(vae)
+    else:
+        _PIXELS_VARY.add(vae)
+        _MEMOS.pop(vae, None)
 
 
 def memo_for(vae) -> LatentMemo | None:
-    """The memo of this VAE (one per model object, so two VAEs never share moments); None when turned off."""
-    budget = _budget_bytes()
-    if budget == 0:
+    """The memo of this VAE (one per model object, so two VAEs never share moments); None when turned off by the
+    budget or because the dataset's pixels never repeat."""
+    budget = check_budget()
+    if budget == 0 or vae in _PIXELS_VARY:
         return None
     memo = _MEMOS.get(vae)
     if memo is None:

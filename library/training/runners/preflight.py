@@ -25,6 +25,7 @@ from library.models.checkpoint_io import CheckpointReader
 from library.models.flux_loading import is_flux
 from library.models.loading import check_family_flags, peek_family
 from library.training.loop.state_checks import check_rng_file, read_train_state
+from library.training.objective.latent_memo import check_budget as check_latent_memo_budget
 from library.training.optim.lr_schedules import check_scheduler
 from library.training.optim.optimizers import check_optimizer, parse_kwargs
 from library.training.runners.flux_checks import FLUX_NETWORK_MODULE, check_flux_model_inputs
@@ -49,6 +50,7 @@ _PIP_NAMES = {"xformers": "xformers", "deepspeed": "deepspeed", "wandb": "wandb"
 def preflight(args: argparse.Namespace, script: str) -> None:
     """Run every check of this module for ``script`` (e.g. "train_network")."""
     check_ranges(args, build_parser(script))
+    check_latent_memo_budget()
     if not getattr(args, "max_train_steps", 1) and not getattr(args, "max_train_epochs", None):
         raise UserError("--max_train_steps 0 trains nothing: give a number of steps, or --max_train_epochs")
     family = check_model_inputs(args, script)

@@ -20,6 +20,7 @@ from library.models.bundle import SDModels
 from library.training.loop.checkpointing import Checkpointer, resume_state
 from library.training.loop.train_loop import LoopHooks
 from library.training.memory.device_memory import park_unused_models
+from library.training.objective.latent_memo import set_pixels_repeat
 from library.training.runners import accelerate_setup as setup
 from library.training.runners import run_lock
 from library.training.runners.checks import verify_training_args
@@ -168,4 +169,6 @@ def _load(args: argparse.Namespace, settings: TrainSettings, recipe: Recipe) -> 
     recipe.after_load(run)
     attach_tokenizers(args, group, models)
     recipe.cache_latents(args, group, models, acc)
+    if models.vae is not None:  # a --dataset_class group cannot promise that its pixels repeat
+        set_pixels_repeat(models.vae, bool(getattr(group, "is_latent_cacheable", lambda: False)()))
     return run
