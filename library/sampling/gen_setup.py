@@ -18,6 +18,7 @@ from library.models.bundle import SDModels
 from library.models.flux_bundle import FluxModels
 from library.models.flux_loading import load_flux_models
 from library.models.loading import load_models
+from library.models.small_map_conv import use_matrix_convs
 from library.sampling.textual_inversion import load_textual_inversion
 from networks.lora_family import check_fits_layers, embedding_family, family_of, read_tensor_file
 from networks.lora_targets import target_weight_shapes
@@ -90,6 +91,7 @@ def set_attention(args: argparse.Namespace, models: SDModels) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0  # start-up (diffusers: ~2 s)
 
         models.unet.set_attn_processor(AttnProcessor2_0())
+    use_matrix_convs(models.unet)  # CPU: wide layers on small maps as one product (small_map_conv.py)
     if args.opt_channels_last:
         models.unet.to(memory_format=torch.channels_last)
     if args.vae_slices:

@@ -21,6 +21,7 @@ from library.errors import UserError
 from library.formats.metadata import DatasetFacts, SubsetFacts, TrainingFacts
 from library.models.bundle import SDModels
 from library.models.loading import load_models
+from library.models.small_map_conv import use_matrix_convs
 from library.sampling.prompt_file import load_sample_prompts
 from library.sampling.training_samples import sample_images_for_training
 from library.training.loop.train_loop import train
@@ -56,6 +57,7 @@ def load_base_models(args: argparse.Namespace, acc, wdtype: torch.dtype, sdxl: b
         for te in models.text_encoders:
             te.to(acc.device, wdtype)
     setup.set_attention(models.unet, args)
+    use_matrix_convs(models.unet)  # CPU: wide layers on small maps as one product (small_map_conv.py)
     if getattr(args, "fp8_base", False):
         store_in_fp8(models.unet, wdtype)  # frozen weights in fp8, computed in the training dtype
     return models

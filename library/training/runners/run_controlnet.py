@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from library.errors import UserError
+from library.models.small_map_conv import use_matrix_convs
 from library.sampling.controlnet import ControlNetOption, LoadedControlNet, load_control_net
 from library.training.loop.checkpointing import Checkpointer
 from library.training.methods.controlnet import ControlNetMethod
@@ -82,6 +83,7 @@ class ControlNetRecipe(Recipe):
         unet.requires_grad_(False)
         unet.to(acc.device, run.wdtype)
         self.controlnet = controlnet.to(acc.device).train().requires_grad_(True)
+        use_matrix_convs(self.controlnet)  # as the U-Net's (small_map_conv.py); its weights' gradients too
 
     def prepare(self, run: RecipeRun) -> Training:
         args, acc, models, settings = run.args, run.acc, run.models, run.settings
