@@ -175,6 +175,9 @@ class CustomDatasetGroup(Dataset):
     def add_replacement(self, source: str, target) -> None:
         self.user.add_replacement(source, target)
 
+    def is_latent_cacheable(self) -> bool:
+        return False  # a user's class cannot promise that an image's pixels repeat (the latent memo stays off)
+
     @property
     def num_train_images(self) -> int:
         return int(getattr(self.user, "num_train_images", 0))

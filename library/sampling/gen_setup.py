@@ -80,7 +80,8 @@ def load_gen_flux_models(args: argparse.Namespace, device: torch.device) -> Flux
 
 def set_attention(args: argparse.Namespace, models: SDModels) -> None:
     """`--xformers`/`--diffusers_xformers` (only if importable), `--sdpa` (the default), `--opt_channels_last`,
-    `--vae_slices` (diffusers' sliced + tiled VAE decode: memory-saving like upstream's, not bit-identical)."""
+    `--vae_slices` (diffusers' sliced + tiled VAE decode: memory-saving like upstream's, not bit-identical); on the
+    CPU the U-Net's wide convolutions on small maps as one product (``small_map_conv``)."""
     if args.xformers or args.diffusers_xformers:
         if importlib.util.find_spec("xformers") is None:
             flag = "--xformers" if args.xformers else "--diffusers_xformers"

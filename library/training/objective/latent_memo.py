@@ -99,27 +99,25 @@ class LatentMemo:
         self.used += size
 
 
-_MEMOS: "weakref.WeakKeyDictionary[torch.nn.Module, LatentMemo]" = weakref.WeakKeyDictionary()
-_PIXELS_VARY: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+# one memo per VAE object; None: the runner turned it off for this VAE (the dataset's pixels never repeat)
+_MEMOS: "weakref.WeakKeyDictionary[torch.nn.Module, LatentMemo | None]" = weakref.WeakKeyDictionary()
 
 
 def set_pixels_repeat(vae, repeat: bool) -> None:
     """Told by the runner once the dataset is known: ``repeat=False`` (``random_crop``, ``color_aug``, a custom
     dataset class) means an image's pixels are new every time, so this VAE's batches skip the memo."""
-    if repeat:
-        _PIXELS_VARY.discard(vae)
-    else:
-        _PIXELS_VARY.add(vae)
-        _MEMOS.pop(vae, None)
+    if not repeat:
+        _MEMOS[vae] = None
+    elif vae in _MEMOS and _MEMOS[vae] is None:
+        del _MEMOS[vae]
 
 
 def memo_for(vae) -> LatentMemo | None:
     """The memo of this VAE (one per model object, so two VAEs never share moments); None when turned off by the
     budget or because the dataset's pixels never repeat."""
     budget = check_budget()
-    if budget == 0 or vae in _PIXELS_VARY:
+    if budget == 0:
         return None
-    memo = _MEMOS.get(vae)
-    if memo is None:
-        memo = _MEMOS[vae] = LatentMemo(budget)
-    return memo
+    if vae not in _MEMOS:
+        _MEMOS[vae] = LatentMemo(budget)
+    return _MEMOS[vae]

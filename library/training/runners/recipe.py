@@ -169,6 +169,6 @@ def _load(args: argparse.Namespace, settings: TrainSettings, recipe: Recipe) -> 
     recipe.after_load(run)
     attach_tokenizers(args, group, models)
     recipe.cache_latents(args, group, models, acc)
-    if models.vae is not None:  # a --dataset_class group cannot promise that its pixels repeat
-        set_pixels_repeat(models.vae, bool(getattr(group, "is_latent_cacheable", lambda: False)()))
+    if models.vae is not None:
+        set_pixels_repeat(models.vae, group.is_latent_cacheable())
     return run
