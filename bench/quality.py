@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does the loss function change what training learns? Prompt accuracy against training steps.
 
-    python bench/quality.py [--steps 600] [--every 100] [--out bench_out/quality]
+    python bench/quality.py [--steps 5000] [--every 1000] [--out bench_out/quality]
 
 The demo's job (a LoRA that teaches the shapes base model the heart, trigger ``sks``) is trained once per
 loss setting, from the same seed, data and batches, with a LoRA saved every ``--every`` steps. Each saved
@@ -84,8 +84,9 @@ def markdown(table: dict, steps: int, every: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_out/quality", help="working folder (default bench_out/quality)")
-    p.add_argument("--steps", type=int, default=600, help="LoRA training steps per setting (default 600)")
-    p.add_argument("--every", type=int, default=100, help="evaluate every N steps (default 100)")
+    p.add_argument("--steps", type=int, default=5000,
+                   help="LoRA training steps per setting (default 5000, the demo's)")
+    p.add_argument("--every", type=int, default=1000, help="evaluate every N steps (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, training and sampling (default 0)")
     p.add_argument("--prompts_per_color", type=int, default=5,
                    help="new-concept prompts per colour, 8 colours (default 5)")
