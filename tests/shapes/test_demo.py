@@ -115,8 +115,8 @@ def test_committed_base_model_composes_colour_and_shape_pairs_it_never_saw(tmp_p
     assert trained["n"] == 35 and trained["prompt_accuracy"] >= 0.9, trained
 
 
-# the demo's own 40 new-concept prompts (5 per colour: its headline figure), fewer old ones
-SHORT = dict(prompts_per_color=5, heldout_prompts_per_pair=2, train_prompts_per_pair=1)
+# the demo's own new-concept prompts (its default, 5 per colour: the headline figure), fewer old ones
+SHORT = dict(heldout_prompts_per_pair=2, train_prompts_per_pair=1)
 
 
 @pytest.fixture(scope="module")
